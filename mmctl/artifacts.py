@@ -1,0 +1,193 @@
+"""Output directories, manifests, atomic writes and up-to-date checks (DESIGN §5).
+
+Every stage writes one output directory. `manifest.json` is written last and atomically, so its presence means
+the stage finished; it records the resolved recipe and the sha256 of every input, which is what makes a re-run
+with the same recipe and inputs "up to date". Every file is written to a temporary name beside its target,
+flushed and fsynced, then renamed over it: a killed process leaves the old file or the new one, never half of
+one (the lesson of Lightning #688 and HF Trainer #35782).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import mmctl
+from mmctl.errors import DataError
+
+MANIFEST = "manifest.json"
+# Libraries whose versions a manifest records when they are installed.
+LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes", "datasets", "numpy")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_path(path: str | Path) -> str:
+    """sha256 of a file, or of a directory as the hash of its files' relative names and hashes."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: input not found")
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` via a temporary file beside it, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Move a fully written directory `tmp` to `final`, replacing any old one, never leaving a mix of the two."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def read_manifest(out: str | Path) -> dict | None:
+    """The manifest of a finished stage, or None if there is none (or it is unreadable)."""
+    path = Path(out) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "mmctl": mmctl.__version__}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the mmctl source tree when it is a git checkout (editable installs), else None."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Run:
+    """One stage's output directory: up-to-date check, recipe.yaml, metrics.jsonl and the final manifest.
+
+    Usage in a stage: `run = Run(out, "pretrain", recipe_dict, inputs={"shards": path}, seed=cfg.run.seed)`;
+    `if run.up_to_date(): return`; `run.start()`; ... `run.log(step=..., loss=...)`; `run.finish(results)`.
+    """
+
+    def __init__(self, out: str | Path, stage: str, recipe: dict, inputs: dict[str, str | Path] | None = None,
+                 seed: int | None = None):
+        self.out = Path(out)
+        self.stage, self.recipe, self.seed = stage, recipe, seed
+        self.inputs = {name: {"path": str(p), "sha256": sha256_path(p)} for name, p in (inputs or {}).items()}
+        self.started: float | None = None
+
+    def up_to_date(self) -> bool:
+        """True if a finished run of this stage with the same resolved recipe and input hashes is here."""
+        manifest = read_manifest(self.out)
+        if manifest is None or manifest.get("stage") != self.stage:
+            return False
+        same_inputs = {k: v["sha256"] for k, v in manifest.get("inputs", {}).items()} == {
+            k: v["sha256"] for k, v in self.inputs.items()}
+        return manifest.get("recipe") == self.recipe and same_inputs
+
+    def start(self) -> None:
+        """Claim the directory: drop any old manifest first, so a half-done re-run never looks finished."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / MANIFEST).unlink(missing_ok=True)
+        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True))
+        self.started = time.time()
+
+    def log(self, **record: Any) -> None:
+        """Append one JSON object to metrics.jsonl (a log; the manifest, not this file, marks completion)."""
+        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def finish(self, results: dict, device: str = "cpu") -> Path:
+        """Write manifest.json, last and atomically."""
+        manifest = {
+            "stage": self.stage,
+            "mmctl_version": mmctl.__version__,
+            "recipe": self.recipe,
+            "inputs": self.inputs,
+            "seed": self.seed,
+            "git_commit": git_commit(),
+            "versions": library_versions(),
+            "device": device,
+            "started": _iso(self.started or time.time()),
+            "finished": _iso(time.time()),
+            "results": results,
+        }
+        return atomic_write_json(self.out / MANIFEST, manifest)
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))

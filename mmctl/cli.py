@@ -1,0 +1,199 @@
+"""The `mmctl` command line: one short command per pipeline stage.
+
+Each command parses its options, loads the recipe (flags become recipe overrides, so one validator checks
+everything), and hands the config to its stage's `run()`. Heavy libraries are imported inside the commands so
+`mmctl --help` stays instant. Failures the user can fix are `MmctlError`s: one line per problem on stderr and
+the exit code of DESIGN §6; anything else is a bug and keeps its traceback (exit 1).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import typer
+
+import mmctl
+from mmctl.errors import MmctlError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Build language and vision-language models from scratch, one reproducible stage at a time.",
+)
+
+# stage name → (module, config class): what `mmctl validate` reads a recipe's `stage:` against.
+STAGES = {"account": ("mmctl.stages.account", "AccountConfig")}
+
+SET_HELP = "Override a recipe field: --set section.field=value (repeatable; the value is read as YAML)."
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mmctl {mmctl.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Build language and vision-language models from scratch, one reproducible stage at a time."""
+
+
+def reports_errors(fn):
+    """Turn MmctlError into its one-line messages and exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MmctlError as e:
+            from mmctl.console import console
+
+            for problem in e.problems:
+                console.print(f"[red]error:[/red] {problem}", soft_wrap=True, markup=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _load(stage: str, recipe_path: str | None, overrides: list[str]):
+    import importlib
+
+    from mmctl import recipe
+
+    module, cls_name = STAGES[stage]
+    cls = getattr(importlib.import_module(module), cls_name)
+    if recipe_path is None:
+        return recipe.build(cls, {}, recipe.Source("(command line)", {}, set()), overrides, stage=stage)
+    return recipe.load(recipe_path, cls, overrides, stage=stage)
+
+
+@app.command()
+@reports_errors
+def validate(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="A recipe YAML file."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+) -> None:
+    """Check a recipe without running it: every problem at once, one line each (exit 2)."""
+    from mmctl import recipe
+    from mmctl.console import console
+
+    data, _ = recipe.parse(_read(recipe_path), str(recipe_path))
+    stage = data.get("stage")
+    if stage not in STAGES:
+        raise UsageError(f"{recipe_path}: stage: expected one of {', '.join(STAGES)} (the command the recipe is "
+                         f"for), got {stage!r}")
+    _load(stage, str(recipe_path), set_)
+    console.print(f"ok: {recipe_path} is a valid `mmctl {stage}` recipe")
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise UsageError(f"{path}: recipe not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read recipe: {e}") from None
+
+
+@app.command()
+@reports_errors
+def account(
+    target: str | None = typer.Argument(
+        None, help="A preset name (llama-7b), a Hugging Face config.json or a directory holding one, or an "
+                   "account recipe (.yaml)."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Context length T in tokens."),
+    batch: int | None = typer.Option(None, "--batch", help="Sequences per GPU per micro-step."),
+    tokens: float | None = typer.Option(None, "--tokens", help="Training tokens D (default: 20·N)."),
+    gpu: str | None = typer.Option(None, "--gpu", help="Accelerator preset, e.g. h100-sxm, a100."),
+    num_gpus: int | None = typer.Option(None, "--num-gpus", help="Data-parallel GPUs."),
+    mfu: float | None = typer.Option(None, "--mfu", help="Model FLOPs utilization for the time estimate."),
+    precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true."),
+    zero: int | None = typer.Option(None, "--zero", help="ZeRO stage 0-3."),
+    activation_checkpointing: str | None = typer.Option(
+        None, "--activation-checkpointing", help="none | selective | full."),
+    attention: str | None = typer.Option(None, "--attention", help="flash | eager (eager keeps T×T scores)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    explain: bool = typer.Option(False, "--explain", help="Show each number's formula and source."),
+    verify: bool = typer.Option(False, "--verify", help="Check against transformers on the meta device and "
+                                                        "torch's FlopCounterMode (needs torch)."),
+    list_: bool = typer.Option(False, "--list", help="List the model and hardware presets."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop."),
+    force: bool = typer.Option(False, "--force", help="Re-run even if run.out is up to date."),
+) -> None:
+    """Parameters, FLOPs, memory, training time and scaling for a model: `mmctl account llama-7b`."""
+    from mmctl.stages import account as stage
+
+    if list_:
+        stage.list_presets()
+        return
+    if target is None:
+        raise UsageError("account: give a preset name, a config.json, or a recipe (or --list)")
+    flags = {"train.seq_len": seq_len, "train.batch_size": batch, "train.tokens": tokens, "hardware.gpu": gpu,
+             "hardware.num_gpus": num_gpus, "hardware.mfu": mfu, "train.precision": precision, "train.zero": zero,
+             "train.activation_checkpointing": activation_checkpointing, "train.attention": attention}
+    selects = stage.target_overrides(target)
+    overrides = (selects or []) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + set_
+    cfg = _load("account", None if selects is not None else target, overrides)
+    if dry_run:
+        _print_resolved(cfg, "account")
+        return
+    report = stage.run(cfg, force=force)
+    checks = None
+    if verify:
+        from mmctl.accounting.verify import verify as run_checks
+
+        checks = run_checks(report.arch, report.sections, cfg.train.seq_len)
+    if as_json:
+        from mmctl.console import emit_json
+
+        out = dict(report.json)
+        if checks is not None:
+            out["verify"] = [c.__dict__ for c in checks]
+        emit_json(out)
+    else:
+        stage.render(report.sections, report.arch, explain)
+        if checks is not None:
+            _render_checks(checks)
+    if cfg.run.out:
+        from mmctl.console import console
+
+        console.print(f"{'up to date' if report.up_to_date else 'wrote'}: {Path(cfg.run.out) / 'manifest.json'}")
+    if checks and any(c.ok is False for c in checks):
+        raise typer.Exit(1)
+
+
+def _render_checks(checks) -> None:
+    from rich.table import Table
+
+    from mmctl.console import console
+
+    table = Table(title="Self-check (--verify)", title_justify="left")
+    for col in ("check", "mmctl", "reference", "result", "how"):
+        table.add_column(col)
+    for c in checks:
+        result = {True: "[green]agree[/green]", False: "[red]DISAGREE[/red]", None: "—"}[c.ok]
+        table.add_row(c.name, "—" if c.mmctl is None else f"{c.mmctl:,.0f}",
+                      "—" if c.reference is None else f"{c.reference:,.0f}", result, c.note)
+    console.print(table)
+
+
+def _print_resolved(cfg, stage: str) -> None:
+    from mmctl import recipe
+    from mmctl.console import console
+
+    typer.echo(recipe.dump(cfg, stage), nl=False)
+    console.print(f"dry run: the recipe is valid; `mmctl {stage}` would run it")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

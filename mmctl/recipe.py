@@ -1,0 +1,347 @@
+"""Recipes: YAML files → strict, typed, nested dataclasses (DESIGN §4).
+
+A stage declares its recipe as dataclasses whose fields are made with `option(default, doc, ...)`. `load()` reads
+the YAML (safe loader only), applies `--set a.b=value` overrides, and builds the dataclasses, collecting every
+problem before failing: unknown keys (with a did-you-mean), wrong types, missing required values, bad choices,
+out-of-range values, duplicate keys, and the cross-field rules a config states in its `check()` method. Each
+problem is one line naming the recipe file, the line, and the field path in CLI spelling (`train.optim.lr`);
+together they raise one `UsageError` (exit code 2).
+
+Type rules, chosen so a recipe means exactly one thing: an int field takes only integers (never `true` or
+`2.5`); a float field takes integers too; a string field takes only strings. YAML 1.1 reads `1e-3` as a string,
+a classic trap, so the loader here reads it as the float it looks like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mmctl.errors import UsageError
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """The safe loader, plus floats written without a dot (`1e-3`, `3E8`)."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def option(default: Any = None, doc: str = "", *, required: bool = False, ge: float | None = None,
+           gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A recipe field: its default, a one-line doc with units, and optional range limits.
+
+    `required=True` means the recipe must set it (the default is then None). Mutable defaults (dataclass
+    sections, lists, dicts) are passed as a factory: `option(ModelConfig, "...")`.
+    """
+    meta = {"doc": doc, "required": required, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if callable(default) and (dataclasses.is_dataclass(default) or default in (list, dict)):
+        return dataclasses.field(default_factory=default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class Source:
+    """Where each value came from, to point errors at a file and line or at a `--set` flag."""
+
+    file: str
+    lines: dict[str, int]  # field path → 1-based line in the file
+    overridden: set[str]  # field paths set by --set
+
+    def where(self, path: str) -> str:
+        if path in self.overridden or any(path.startswith(p + ".") for p in self.overridden):
+            return "--set"
+        parts = path.split(".")
+        while parts:  # fall back to the nearest enclosing section that has a line
+            line = self.lines.get(".".join(parts))
+            if line is not None:
+                return f"{self.file}:{line}"
+            parts.pop()
+        return self.file
+
+
+def load(path: str | Path, cls: type, overrides: list[str] | tuple[str, ...] = (), *, stage: str | None = None):
+    """Read recipe `path` into an instance of dataclass `cls`, applying `--set` overrides.
+
+    If the recipe names its `stage:` it must be `stage`. Raises UsageError listing every problem.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: recipe not found" if not path.exists() else f"{path}: not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read recipe: {e}") from None
+    data, source = parse(text, str(path))
+    return build(cls, data, source, overrides, stage=stage)
+
+
+def parse(text: str, file: str) -> tuple[dict, Source]:
+    """YAML text → (plain data, Source with the line of every key). Duplicate keys are errors."""
+    loader = RecipeLoader(text)
+    try:
+        node = loader.get_single_node()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else file
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UsageError(f"{where}: YAML syntax error: {problem}") from None
+    try:
+        lines: dict[str, int] = {}
+        problems: list[str] = []
+        if node is None:
+            return {}, Source(file, lines, set())
+        if not isinstance(node, yaml.MappingNode):
+            raise UsageError(f"{file}:{node.start_mark.line + 1}: the recipe must be a mapping of sections, "
+                             f"got {_yaml_kind(node)}")
+        data = _to_data(loader, node, "", lines, problems, file)
+        if problems:
+            raise UsageError(*problems)
+        return data, Source(file, lines, set())
+    finally:
+        loader.dispose()
+
+
+def _to_data(loader: RecipeLoader, node: yaml.Node, path: str, lines: dict, problems: list, file: str) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        out: dict = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                problems.append(f"{file}:{key_node.start_mark.line + 1}: {path or 'recipe'}: keys must be "
+                                f"strings, got {key!r}")
+                continue
+            sub = f"{path}.{key}" if path else key
+            if key in out:
+                problems.append(f"{file}:{key_node.start_mark.line + 1}: {sub}: duplicate key (first on line "
+                                f"{lines[sub]})")
+                continue
+            lines[sub] = key_node.start_mark.line + 1
+            out[key] = _to_data(loader, value_node, sub, lines, problems, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_data(loader, item, path, lines, problems, file) for item in node.value]
+    return loader.construct_object(node, deep=True)
+
+
+def _yaml_kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    return f"the value {node.value!r}"
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`a.b=value` → ("a.b", value parsed as a YAML scalar)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UsageError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set optim.lr=1e-3")
+    try:
+        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UsageError(f"--set {item}: cannot parse the value {raw!r}") from None
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: Source) -> dict:
+    """Merge `--set` overrides into the recipe data (in order; the last one wins)."""
+    for item in overrides:
+        key, value = parse_override(item)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                if part in node and node[part] is not None:
+                    raise UsageError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a section")
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        source.overridden.add(key)
+    return data
+
+
+def build(cls: type, data: dict, source: Source, overrides: list[str] | tuple[str, ...] = (), *,
+          stage: str | None = None):
+    """Plain data (+ overrides) → an instance of `cls`, or UsageError with every problem."""
+    data = apply_overrides(dict(data), overrides, source)
+    problems: list[str] = []
+    declared = data.pop("stage", None)
+    if stage is not None and declared is not None and declared != stage:
+        problems.append(f"{source.where('stage')}: stage: this recipe is for `mmctl {declared}`, not `mmctl {stage}`")
+    cfg = _build(cls, data, "", source, problems)
+    if not problems:
+        _check(cfg, "", source, problems)
+    if problems:
+        raise UsageError(*problems)
+    return cfg
+
+
+def _build(cls: type, data: Any, path: str, source: Source, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{source.where(path)}: {path or 'recipe'}: expected a mapping of fields, got "
+                        f"{_describe(data)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    allowed = set(known) | ({"stage"} if not path else set())
+    for key in data:
+        if key not in known:
+            sub = f"{path}.{key}" if path else key
+            hint = difflib.get_close_matches(str(key), sorted(allowed), n=1, cutoff=0.6)
+            suffix = f"; did you mean `{hint[0]}`?" if hint else f"; expected one of: {', '.join(sorted(known))}"
+            problems.append(f"{source.where(sub)}: {sub}: unknown key{suffix}")
+    values = {}
+    for name, f in known.items():
+        sub = f"{path}.{name}" if path else name
+        typ = hints[name]
+        if name in data:
+            if dataclasses.is_dataclass(typ):
+                value = _build(typ, data[name] if data[name] is not None else {}, sub, source, problems)
+            else:
+                value = _convert(data[name], typ, sub, source, problems)
+                _check_range(value, f, sub, source, problems)
+        else:
+            value = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.metadata.get("required") and value is None:
+            problems.append(f"{source.where(sub)}: {sub}: missing required value ({f.metadata['doc']})")
+        values[name] = value
+    return cls(**values)
+
+
+_BAD = object()
+
+
+def _convert(value: Any, typ: Any, path: str, source: Source, problems: list[str]) -> Any:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    where = f"{source.where(path)}: {path}"
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        typ = inner[0] if len(inner) == 1 else typ
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Literal:
+        if value in args and type(value) is type(args[args.index(value)]):
+            return value
+        hint = difflib.get_close_matches(str(value), [str(a) for a in args], n=1, cutoff=0.6)
+        suffix = f"; did you mean `{hint[0]}`?" if hint else ""
+        problems.append(f"{where}: {value!r} is not one of {', '.join(str(a) for a in args)}{suffix}")
+        return _BAD
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {_describe(value)}")
+            return _BAD
+        return [_convert(v, args[0] if args else Any, f"{path}[{i}]", source, problems)
+                for i, v in enumerate(value)]
+    if origin is dict or typ is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {_describe(value)}")
+            return _BAD
+        return value
+    if typ is Any:
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected true or false, got {_describe(value)}")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        problems.append(f"{where}: expected an integer, got {_describe(value)}")
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{where}: expected a number, got {_describe(value)}")
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        problems.append(f"{where}: expected a string, got {_describe(value)}")
+    else:  # pragma: no cover - a config declared a type this module does not know
+        raise TypeError(f"recipe field {path} has unsupported type {typ!r}")
+    return _BAD
+
+
+def _check_range(value: Any, f: dataclasses.Field, path: str, source: Source, problems: list[str]) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    m = f.metadata
+    for key, ok, words in (("ge", lambda a, b: a >= b, "≥"), ("gt", lambda a, b: a > b, ">"),
+                           ("le", lambda a, b: a <= b, "≤"), ("lt", lambda a, b: a < b, "<")):
+        bound = m.get(key)
+        if bound is not None and not ok(value, bound):
+            problems.append(f"{source.where(path)}: {path}: {value!r} is out of range (must be {words} {bound:g})")
+
+
+def _check(cfg: Any, path: str, source: Source, problems: list[str]) -> None:
+    """Run each section's cross-field rules: `check()` returns (field, message) pairs, field relative."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check(value, f"{path}.{f.name}" if path else f.name, source, problems)
+    if hasattr(cfg, "check"):
+        for name, message in cfg.check():
+            sub = f"{path}.{name}" if path else name
+            problems.append(f"{source.where(sub)}: {sub}: {message}")
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def to_dict(cfg: Any, stage: str | None = None) -> dict:
+    """The resolved recipe as plain data (what manifest.json and recipe.yaml record)."""
+    data = dataclasses.asdict(cfg)
+    return {"stage": stage, **data} if stage else data
+
+
+def dump(cfg: Any, stage: str | None = None) -> str:
+    """The resolved recipe as YAML."""
+    return yaml.safe_dump(to_dict(cfg, stage), sort_keys=False, allow_unicode=True)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every field of a recipe class as (path, type, default, doc), for `--help`-style listings and tests."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            rows.extend(describe(typ, path + "."))
+        else:
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            rows.append((path, _type_name(typ), default, f.metadata.get("doc", "")))
+    return rows
+
+
+def _type_name(typ: Any) -> str:
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    return getattr(typ, "__name__", str(typ))

@@ -1,0 +1,232 @@
+"""`mmctl account`: what does this model cost — parameters, FLOPs, memory, time — before you run it.
+
+The target is a preset name (`llama-7b`), a Hugging Face config.json (or a directory holding one, such as a
+checkpoint dir), or an account recipe. All three become one `AccountConfig`; command-line flags are overrides
+of its fields, so they are validated like the recipe is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mmctl import presets, recipe
+from mmctl.accounting import SECTIONS, Arch, Line, Workload, account, from_hf_config, nest
+from mmctl.artifacts import Run, atomic_write_json
+from mmctl.errors import DataError
+from mmctl.recipe import option
+
+STAGE = "account"
+JSON_SCHEMA = "mmctl.account/1"
+
+
+@dataclass
+class RunSection:
+    out: str | None = option(None, "output directory for account.json and manifest.json; unset: print only")
+
+
+@dataclass
+class ModelSection:
+    preset: str | None = option(None, "a named architecture (`mmctl account --list`)")
+    config: str | None = option(None, "a Hugging Face config.json, or a directory holding one (a checkpoint)")
+    hf: dict = option(dict, "config.json fields written inline (model_type, hidden_size, …)")
+
+    def check(self) -> list[tuple[str, str]]:
+        given = [name for name in ("preset", "config", "hf") if getattr(self, name)]
+        if not given:
+            return [("preset", "missing required value: set one of model.preset, model.config or model.hf")]
+        if len(given) > 1:
+            return [(given[1], f"conflicts with model.{given[0]}: set only one of model.preset, model.config, "
+                               "model.hf")]
+        if self.preset and self.preset not in presets.model_names():
+            return [("preset", f"unknown preset {self.preset!r}; `mmctl account --list` shows them")]
+        return []
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = option(2048, "context length T in tokens", ge=1)
+    batch_size: int = option(1, "sequences per GPU per micro-step (activations and KV cache scale with it)", ge=1)
+    tokens: float | None = option(None, "training tokens D; unset: Chinchilla-optimal 20·N", gt=0)
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = option(
+        "bf16-mixed", "fp32 | bf16-mixed / fp16-mixed (16-bit compute, fp32 master weights) | bf16-true")
+    zero: int = option(0, "ZeRO stage over the GPUs: 0 none, 1 optimizer states, 2 + gradients, 3 + weights",
+                       ge=0, le=3)
+    activation_checkpointing: Literal["none", "selective", "full"] = option(
+        "none", "none | selective (recompute attention scores) | full (recompute each layer)")
+    attention: Literal["flash", "eager"] = option(
+        "flash", "flash: fused kernels keep no T×T scores | eager: scores kept for the backward pass")
+
+
+@dataclass
+class HardwareSection:
+    gpu: str = option("h100-sxm", "accelerator preset (`mmctl account --list`)")
+    num_gpus: int = option(1, "data-parallel GPUs", ge=1)
+    mfu: float = option(0.4, "model FLOPs utilization assumed for the time estimate", gt=0, le=1)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.gpu not in presets.hardware():
+            return [("gpu", f"unknown GPU {self.gpu!r}; `mmctl account --list` shows them")]
+        return []
+
+
+@dataclass
+class AccountConfig:
+    run: RunSection = option(RunSection, "where results go")
+    model: ModelSection = option(ModelSection, "the architecture to account for")
+    train: TrainSection = option(TrainSection, "the workload: context, batch, tokens, precision, memory savers")
+    hardware: HardwareSection = option(HardwareSection, "the accelerators and the utilization assumed")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.train.zero and self.hardware.num_gpus == 1:
+            problems.append(("train.zero", f"ZeRO stage {self.train.zero} shards over GPUs; it needs "
+                                           "hardware.num_gpus > 1"))
+        spec = presets.hardware().get(self.hardware.gpu)
+        dtype = {"fp32": "fp32", "fp16-mixed": "fp16"}.get(self.train.precision, "bf16")
+        if spec and dtype not in spec["peak_flops"]:
+            problems.append(("train.precision", f"{self.train.precision} needs {dtype}, which "
+                                                f"{self.hardware.gpu} does not have; try fp16-mixed"))
+        return problems
+
+
+def target_overrides(target: str) -> list[str] | None:
+    """A non-recipe target as the `--set` that selects it, or None if `target` is a recipe file."""
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml"):
+        return None
+    if path.suffix == ".json" or path.is_dir() or "/" in target:
+        return [f"model.config={json.dumps(target)}"]
+    return [f"model.preset={json.dumps(target)}"]
+
+
+def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:
+    """The architecture, and the file it was read from (an input to hash) if any."""
+    if model.preset:
+        return from_hf_config(presets.load_model(model.preset)["config"], model.preset, "preset config"), \
+            presets.model_path(model.preset)
+    if model.hf:
+        return from_hf_config(model.hf, model.hf.get("model_type", "model"), "model.hf"), None
+    path = Path(model.config)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise DataError(f"{path}: config.json not found")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({e})") from None
+    name = path.parent.name if path.name == "config.json" else path.stem
+    return from_hf_config(config, name or "model", str(path)), path
+
+
+@dataclass
+class Report:
+    sections: dict[str, list[Line]]
+    arch: Arch
+    json: dict
+    up_to_date: bool = False  # run.out already held this exact result
+
+
+def run(cfg: AccountConfig, force: bool = False) -> Report:
+    """Account for the model under the workload; if run.out is set, write account.json and the manifest."""
+    arch, source = resolve_arch(cfg.model)
+    t, h = cfg.train, cfg.hardware
+    workload = Workload(seq_len=t.seq_len, batch_size=t.batch_size, tokens=t.tokens, precision=t.precision,
+                        zero=t.zero, num_gpus=h.num_gpus, activation_checkpointing=t.activation_checkpointing,
+                        attention=t.attention)
+    sections = account(arch, workload, h.gpu, presets.load_hardware(h.gpu), h.mfu)
+    report = Report(sections, arch, to_json(sections, arch, cfg))
+    if cfg.run.out:
+        out = Run(cfg.run.out, STAGE, recipe.to_dict(cfg, STAGE), inputs={"model": source} if source else {})
+        if not force and out.up_to_date():
+            report.up_to_date = True
+        else:
+            out.start()
+            atomic_write_json(out.out / "account.json", report.json)
+            out.finish({"params.total": report.json["params"]["total"],
+                        "params.active": report.json["params"]["active"]})
+    return report
+
+
+def to_json(sections: dict[str, list[Line]], arch: Arch, cfg: AccountConfig) -> dict:
+    """The documented `--json` object (README: "mmctl account --json")."""
+    body = nest([line for lines in sections.values() for line in lines])
+    return {
+        "schema": JSON_SCHEMA,
+        "model": {"name": arch.name, "family": arch.family},
+        "workload": {"seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size,
+                     "tokens": body["flops"]["tokens"],
+                     "precision": cfg.train.precision, "zero": cfg.train.zero,
+                     "activation_checkpointing": cfg.train.activation_checkpointing,
+                     "attention": cfg.train.attention, "gpu": cfg.hardware.gpu,
+                     "num_gpus": cfg.hardware.num_gpus, "mfu": cfg.hardware.mfu},
+        **body,
+    }
+
+
+def render(sections: dict[str, list[Line]], arch: Arch, explain: bool) -> None:
+    """Rich tables on the console (stderr), one per section."""
+    from rich.table import Table
+
+    from mmctl.console import console
+
+    console.print(f"[bold]{arch.name}[/bold] ({arch.family}): d={arch.hidden_size} L={arch.num_layers} "
+                  f"H={arch.num_heads} K={arch.num_kv_heads} Dh={arch.head_dim} F={arch.intermediate_size} "
+                  f"V={arch.vocab_size}" + (f" E={arch.num_experts} k={arch.experts_per_token}"
+                                            if arch.num_experts else ""))
+    for title in SECTIONS:
+        table = Table(title=title, title_justify="left", show_header=explain)
+        table.add_column("quantity")
+        table.add_column("value", justify="right")
+        if explain:
+            table.add_column("formula", overflow="fold")
+            table.add_column("source", overflow="fold")
+        for line in sections[title]:
+            row = [line.label, human(line.value, line.unit)]
+            table.add_row(*(row + [line.formula, line.source] if explain else row))
+        console.print(table)
+
+
+def human(value: float, unit: str) -> str:
+    if unit == "params":
+        return f"{int(value):,}" + (f" ({value / 1e9:.2f}B)" if value >= 1e9 else
+                                    f" ({value / 1e6:.1f}M)" if value >= 1e6 else "")
+    if unit == "bytes":
+        for size, name in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+            if value >= size:
+                return f"{value / size:.2f} {name}"
+        return f"{value:.0f} B"
+    if unit in ("FLOP", "FLOP/s", "tokens"):
+        return f"{value:.3e} {unit}"
+    if unit == "s":
+        days = value / 86400
+        return f"{value:,.0f} s ({days:.1f} days)" if days >= 1 else f"{value:,.1f} s ({value / 3600:.2f} h)"
+    if unit == "hours":
+        return f"{value:,.1f} h"
+    return f"{value:.4g}" + (f" {unit}" if unit not in ("ratio",) else "")
+
+
+def list_presets() -> None:
+    from rich.table import Table
+
+    from mmctl.console import console
+
+    table = Table(title="Model presets (mmctl account NAME)", title_justify="left")
+    for col in ("name", "family", "description", "source"):
+        table.add_column(col)
+    for name in presets.model_names():
+        p = presets.load_model(name)
+        table.add_row(name, p["config"]["model_type"], p["description"], p["source"])
+    console.print(table)
+    gpus = Table(title="Hardware presets (--gpu NAME; dense peak FLOP/s)", title_justify="left")
+    for col in ("name", "description", "bf16", "fp32", "memory", "bandwidth"):
+        gpus.add_column(col)
+    for name, spec in presets.hardware().items():
+        peak = spec["peak_flops"]
+        gpus.add_row(name, spec["description"], f"{peak.get('bf16', 0) / 1e12:g} TFLOP/s" if "bf16" in peak else "—",
+                     f"{peak['fp32'] / 1e12:g} TFLOP/s" if "fp32" in peak else "—", f"{spec['memory_gb']} GB",
+                     f"{spec['bandwidth'] / 1e12:g} TB/s")
+    console.print(gpus)
