@@ -63,7 +63,7 @@ class Source:
     def where(self, path: str) -> str:
         if path in self.overridden or any(path.startswith(p + ".") for p in self.overridden):
             return "--set"
-        parts = path.split(".")
+        parts = re.sub(r"\[\d+\]", "", path).split(".")  # list items point at their list's line
         while parts:  # fall back to the nearest enclosing section that has a line
             line = self.lines.get(".".join(parts))
             if line is not None:
@@ -208,12 +208,12 @@ def _build(cls: type, data: Any, path: str, source: Source, problems: list[str])
     for name, f in known.items():
         sub = f"{path}.{name}" if path else name
         typ = hints[name]
-        if name in data:
-            if dataclasses.is_dataclass(typ):
-                value = _build(typ, data[name] if data[name] is not None else {}, sub, source, problems)
-            else:
-                value = _convert(data[name], typ, sub, source, problems)
-                _check_range(value, f, sub, source, problems)
+        if dataclasses.is_dataclass(typ):  # absent sections are built too, so their required fields are checked
+            section = data.get(name)
+            value = _build(typ, {} if section is None else section, sub, source, problems)
+        elif name in data and not (data[name] is None and f.metadata.get("required")):
+            value = _convert(data[name], typ, sub, source, problems)
+            _check_range(value, f, sub, source, problems)
         else:
             value = f.default_factory() if f.default_factory is not MISSING else f.default
         if f.metadata.get("required") and value is None:

@@ -400,11 +400,14 @@ CHINCHILLA_FIT = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 def scaling(total_params: int, tokens: float) -> list[Line]:
     f = CHINCHILLA_FIT
     loss = f["E"] + f["A"] / total_params ** f["alpha"] + f["B"] / tokens ** f["beta"]
+    # The fit saw models of 70M-16B parameters trained on 5B-500B tokens; outside that it extrapolates.
+    inside = 70e6 <= total_params <= 16e9 and 5e9 <= tokens <= 500e9
     return [
         Line("scaling.chinchilla_tokens", "Chinchilla-optimal tokens", 20 * total_params, "tokens",
              "20·N", "Hoffmann et al. 2022"),
         Line("scaling.tokens_per_param", "tokens per parameter (this run)", tokens / total_params, "ratio", "D / N"),
-        Line("scaling.predicted_loss", f"predicted loss L(N, D={tokens:.3g})", loss, "nats",
+        Line("scaling.predicted_loss", f"predicted loss L(N, D={tokens:.3g})"
+             + ("" if inside else " (extrapolated: outside the fit's N, D)"), loss, "nats",
              f"E + A/N^α + B/D^β with E={f['E']}, A={f['A']}, B={f['B']}, α={f['alpha']}, β={f['beta']} "
              "(fit to Chinchilla's data and tokenizer; other data shifts it)", CHINCHILLA),
     ]

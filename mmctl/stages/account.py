@@ -108,7 +108,7 @@ def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:
         return from_hf_config(presets.load_model(model.preset)["config"], model.preset, "preset config"), \
             presets.model_path(model.preset)
     if model.hf:
-        return from_hf_config(model.hf, model.hf.get("model_type", "model"), "model.hf"), None
+        return from_hf_config(model.hf, f"inline {model.hf.get('model_type', 'model')}", "model.hf"), None
     path = Path(model.config)
     if path.is_dir():
         path = path / "config.json"

@@ -1,0 +1,30 @@
+# The README's two commands. Each makes a virtual environment in .venv (Python ≥ 3.10 and pip, no GPU, no
+# network but the package registry) and installs what it needs:
+#   make demo    install mmctl and run the tiny end-to-end pipeline (make -C recipes/tiny)
+#   make test    install mmctl with its test extras and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+export HF_HUB_OFFLINE = 1
+export HF_DATASETS_OFFLINE = 1
+
+demo: $(BIN)/mmctl
+	$(MAKE) -C recipes/tiny MMCTL=$(abspath $(BIN))/mmctl
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest
+
+$(BIN)/mmctl: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) recipes/*/out
+
+.PHONY: demo test clean

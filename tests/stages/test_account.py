@@ -1,0 +1,71 @@
+"""The account stage: targets, recipe sections and cross-field rules, outputs."""
+
+import json
+
+import pytest
+
+from mmctl import recipe
+from mmctl.errors import DataError, UsageError
+from mmctl.stages import account
+
+
+def load(data: dict):
+    return recipe.build(account.AccountConfig, data, recipe.Source("r.yaml", {}, set()), stage="account")
+
+
+def test_targets():
+    assert account.target_overrides("recipes/tiny/account.yaml") is None
+    assert account.target_overrides("llama-7b") == ['model.preset="llama-7b"']
+    assert account.target_overrides("ckpt/config.json") == ['model.config="ckpt/config.json"']
+    assert account.target_overrides("runs/pretrain/model") == ['model.config="runs/pretrain/model"']
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({}, "model.preset: missing required value: set one of model.preset, model.config or model.hf"),
+    ({"model": {"preset": "llama-7b", "hf": {"model_type": "llama"}}}, "model.hf: conflicts with model.preset"),
+    ({"model": {"preset": "llama-7"}}, "model.preset: unknown preset 'llama-7'"),
+    ({"model": {"preset": "gpt2"}, "train": {"zero": 2}}, "train.zero: ZeRO stage 2 shards over GPUs"),
+    ({"model": {"preset": "gpt2"}, "hardware": {"gpu": "t4"}}, "train.precision: bf16-mixed needs bf16"),
+    ({"model": {"preset": "gpt2"}, "train": {"zero": 4}}, "train.zero: 4 is out of range (must be ≤ 3)"),
+])
+def test_recipe_rules(data, fragment):
+    with pytest.raises(UsageError) as e:
+        load(data)
+    assert any(fragment in p for p in e.value.problems), e.value.problems
+
+
+def test_inline_config_errors_name_the_field():
+    cfg = load({"model": {"hf": {"model_type": "llama", "hidden_size": 100, "num_attention_heads": 3}}})
+    with pytest.raises(UsageError, match=r"model\.hf\.hidden_size: 100 is not divisible"):
+        account.run(cfg)
+
+
+def test_config_dir_is_an_input_with_its_hash(tmp_path):
+    model = tmp_path / "ckpt"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    cfg = load({"model": {"config": str(model)}, "run": {"out": str(tmp_path / "out")}})
+    report = account.run(cfg)
+    assert report.arch.name == "ckpt" and report.arch.num_layers == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"]["model"]["path"].endswith("config.json")
+    assert json.loads((tmp_path / "out" / "account.json").read_text())["params"]["total"] == \
+        manifest["results"]["params.total"]
+    assert account.run(cfg).up_to_date
+    (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 3}))
+    assert not account.run(cfg).up_to_date  # the input changed
+
+
+def test_missing_config_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="config.json not found"):
+        account.run(load({"model": {"config": str(tmp_path)}}))
+
+
+def test_json_keys_are_stable():
+    report = account.run(load({"model": {"preset": "mixtral-8x7b"}}))
+    j = report.json
+    assert set(j) == {"schema", "model", "workload", "params", "flops", "time", "memory", "scaling"}
+    assert isinstance(j["params"]["total"], int) and isinstance(j["params"]["active"], int)
+    assert j["params"]["active"] < j["params"]["total"]
+    assert set(j["memory"]["training"]) == {"weights", "gradients", "master_weights", "optimizer", "activations",
+                                            "logits", "peak"}

@@ -1,0 +1,108 @@
+"""Atomic writes, published directories, manifests and the up-to-date rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mmctl import artifacts
+from mmctl.artifacts import Run
+
+
+def test_atomic_write_leaves_no_temp_and_survives_a_failed_replace(tmp_path, monkeypatch):
+    target = tmp_path / "a.json"
+    artifacts.atomic_write_json(target, {"v": 1})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        artifacts.atomic_write_json(target, {"v": 2})
+    assert json.loads(target.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_sigkill_during_a_write_keeps_the_old_file(tmp_path):
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"old")
+    child = (
+        "import os, sys, time\n"
+        "import mmctl.artifacts as a\n"
+        "os.fsync = lambda fd: time.sleep(60)  # stall after the bytes are written, before the rename\n"
+        f"a.atomic_write_bytes({str(target)!r}, b'new' * 100000)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    deadline = time.time() + 30
+    while not any(p.name.startswith(".weights.bin.tmp") for p in tmp_path.iterdir()):
+        assert time.time() < deadline, "the child never started writing"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_bytes() == b"old"
+
+
+def test_publish_dir_replaces_whole(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    staging = tmp_path / ".model.tmp"
+    staging.mkdir()
+    (staging / "new.txt").write_text("new")
+    artifacts.publish_dir(staging, final)
+    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_sha256_path_of_a_directory_depends_on_names_and_contents(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_text("1")
+    h1 = artifacts.sha256_path(tmp_path / "d")
+    (tmp_path / "d" / "a").write_text("2")
+    h2 = artifacts.sha256_path(tmp_path / "d")
+    (tmp_path / "d" / "a").rename(tmp_path / "d" / "b")
+    h3 = artifacts.sha256_path(tmp_path / "d")
+    assert len({h1, h2, h3}) == 3
+
+
+def test_run_up_to_date_rule(tmp_path):
+    data = tmp_path / "data.txt"
+    data.write_text("hello")
+    out = tmp_path / "out"
+
+    def run(recipe):
+        return Run(out, "tokenize", recipe, inputs={"data": data}, seed=1)
+
+    r = run({"a": 1})
+    assert not r.up_to_date()
+    r.start()
+    r.log(step=1, loss=2.0)
+    assert not r.up_to_date()  # no manifest yet: a half-done run is never done
+    r.finish({"tokens": 5})
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "tokenize" and manifest["results"] == {"tokens": 5}
+    assert manifest["inputs"]["data"]["sha256"] == artifacts.sha256_file(data)
+    assert {"python", "mmctl"} <= set(manifest["versions"])
+    assert (out / "recipe.yaml").exists() and (out / "metrics.jsonl").read_text().count("\n") == 1
+    assert run({"a": 1}).up_to_date()
+    assert not run({"a": 2}).up_to_date()
+    assert not Run(out, "pretrain", {"a": 1}, inputs={"data": data}).up_to_date()
+    data.write_text("changed")
+    assert not run({"a": 1}).up_to_date()
+    run({"a": 1}).start()  # a re-run claims the directory: the old manifest is gone at once
+    assert not (out / "manifest.json").exists()
+
+
+def test_missing_input_is_a_data_error(tmp_path):
+    from mmctl.errors import DataError
+
+    with pytest.raises(DataError, match="input not found"):
+        Run(tmp_path / "out", "x", {}, inputs={"data": tmp_path / "nope"})

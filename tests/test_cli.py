@@ -1,0 +1,126 @@
+"""The command line as a user meets it: real processes, exit codes, stdout vs stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def mmctl(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmctl", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def test_version_and_help():
+    out = mmctl("--version")
+    assert out.returncode == 0 and out.stdout.strip().startswith("mmctl 0.")
+    out = mmctl("--help")
+    assert out.returncode == 0 and "account" in out.stdout and "validate" in out.stdout
+
+
+def test_light_commands_do_not_import_torch():
+    code = ("import sys\nfrom mmctl.cli import app\nsys.argv = ['mmctl', 'account', 'llama-7b', '--json']\n"
+            "try:\n    app()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules), file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stderr.strip().endswith("[]"), out.stderr
+
+
+def test_account_json_on_stdout_only():
+    out = mmctl("account", "llama-7b", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["params"]["total"] == 6_738_415_616
+    assert report["params"]["active"] == 6_738_415_616
+    assert report["schema"] == "mmctl.account/1"
+    assert out.stderr == ""
+
+
+def test_account_tables_go_to_stderr():
+    out = mmctl("account", "qwen2.5-0.5b", "--explain")
+    assert out.returncode == 0 and out.stdout == ""
+    assert "494,032,768" in out.stderr and "Korthikanti" in out.stderr
+
+
+@pytest.mark.parametrize("args, code, fragment", [
+    (["account", "llama-8b"], 2, "unknown preset 'llama-8b'; `mmctl account --list`"),
+    (["account", "llama-7b", "--mfu", "2"], 2, "hardware.mfu: 2.0 is out of range (must be ≤ 1)"),
+    (["account", "llama-7b", "--zero", "3"], 2, "train.zero: ZeRO stage 3 shards over GPUs"),
+    (["account", "llama-7b", "--gpu", "h10"], 2, "unknown GPU 'h10'"),
+    (["account", "llama-7b", "--gpu", "v100"], 2, "train.precision: bf16-mixed needs bf16"),
+    (["account", "llama-7b", "--precision", "bf16"], 2, "'bf16' is not one of fp32, bf16-mixed"),
+    (["account", "llama-7b", "--set", "train.seqlen=5"], 2, "train.seqlen: unknown key; did you mean `seq_len`?"),
+    (["account", "missing/config.json"], 3, "config.json not found"),
+    (["account", "nope.yaml"], 2, "nope.yaml: recipe not found"),
+    (["account"], 2, "give a preset name"),
+    (["validate", "nope.yaml"], 2, "recipe not found"),
+])
+def test_errors_are_one_line_with_exit_codes(args, code, fragment):
+    out = mmctl(*args)
+    assert out.returncode == code, out.stderr
+    assert fragment in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_corrupt_config_json_is_a_data_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    out = mmctl("account", str(tmp_path))
+    assert out.returncode == 3 and "not a readable JSON file" in out.stderr
+
+
+def test_validate_reports_every_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stage: account\nmodel:\n  preset: llama-7b\ntrain:\n  seq_len: 0\n  precison: fp32\n"
+                   "hardware:\n  mfu: -1\n")
+    out = mmctl("validate", str(bad))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 3, lines
+    assert f"{bad}:5: train.seq_len: 0 is out of range" in lines[0] or any(f"{bad}:5:" in x for x in lines)
+    assert any("train.precison: unknown key; did you mean `precision`?" in x for x in lines)
+    assert any(f"{bad}:8: hardware.mfu" in x for x in lines)
+    good = mmctl("validate", "recipes/tiny/account.yaml")
+    assert good.returncode == 0 and "valid `mmctl account` recipe" in good.stderr
+
+
+def test_up_to_date_and_force(tmp_path):
+    recipe = tmp_path / "a.yaml"
+    recipe.write_text(f"stage: account\nrun:\n  out: {tmp_path / 'out'}\nmodel:\n  preset: smollm2-135m\n")
+    first = mmctl("account", str(recipe))
+    assert first.returncode == 0 and "wrote" in first.stderr
+    manifest = (tmp_path / "out" / "manifest.json").read_text()
+    assert json.loads(manifest)["results"]["params.total"] == 134_515_008
+    again = mmctl("account", str(recipe))
+    assert again.returncode == 0 and "up to date" in again.stderr
+    assert (tmp_path / "out" / "manifest.json").read_text() == manifest
+    forced = mmctl("account", str(recipe), "--force")
+    assert "wrote" in forced.stderr
+    changed = mmctl("account", str(recipe), "--seq-len", "4096")
+    assert "wrote" in changed.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["recipe"]["train"]["seq_len"] == 4096
+
+
+def test_dry_run_prints_the_resolved_recipe():
+    out = mmctl("account", "recipes/tiny/account.yaml", "--set", "train.seq_len=128", "--dry-run")
+    assert out.returncode == 0
+    assert "stage: account" in out.stdout and "seq_len: 128" in out.stdout and "mfu: 0.25" in out.stdout
+
+
+def test_verify_agrees_on_a_config_dir(tmp_path):
+    pytest.importorskip("transformers")
+    config = {"model_type": "qwen2", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = mmctl("account", str(tmp_path), "--verify", "--json", "--seq-len", "16")
+    assert out.returncode == 0, out.stderr
+    checks = json.loads(out.stdout)["verify"]
+    assert [c["ok"] for c in checks] == [True, True, True]
+
+
+def test_list_presets():
+    out = mmctl("account", "--list")
+    assert out.returncode == 0 and "deepseek-v3" in out.stderr and "h100-sxm" in out.stderr
