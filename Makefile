@@ -1,4 +1,4 @@
-# The README's two commands. Each makes a virtual environment in .venv (Python ≥ 3.10 and pip, no GPU, no
+# The README's two commands. Each makes a virtual environment in .venv (Python ≥ 3.11 and pip, no GPU, no
 # network but the package registry) and installs what it needs:
 #   make demo    install mmctl and run the tiny end-to-end pipeline (make -C recipes/tiny)
 #   make test    install mmctl with its test extras and run the test suite

@@ -26,7 +26,10 @@ app = typer.Typer(
 )
 
 # stage name → (module, config class): what `mmctl validate` reads a recipe's `stage:` against.
-STAGES = {"account": ("mmctl.stages.account", "AccountConfig")}
+STAGES = {
+    "account": ("mmctl.stages.account", "AccountConfig"),
+    "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
+}
 
 SET_HELP = "Override a recipe field: --set section.field=value (repeatable; the value is read as YAML)."
 
@@ -166,6 +169,42 @@ def account(
         console.print(f"{'up to date' if report.up_to_date else 'wrote'}: {Path(cfg.run.out) / 'manifest.json'}")
     if checks and any(c.ok is False for c in checks):
         raise typer.Exit(1)
+
+
+RECIPE_ARG = typer.Argument(..., metavar="RECIPE", help="The stage's recipe (YAML).")
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop.")
+FORCE = typer.Option(False, "--force", help="Re-run even if the output is up to date.")
+JSON = typer.Option(False, "--json", help="Print the results as one JSON object on stdout.")
+
+
+def _report(out: Path, results: dict | None, as_json: bool, render) -> None:
+    """The end of every stage command: "up to date", or the results (tables on stderr, or JSON on stdout)."""
+    from mmctl.console import console, emit_json
+
+    if results is None:
+        console.print(f"up to date: {out / 'manifest.json'} (--force re-runs)")
+        if as_json:
+            emit_json(json.loads((out / "manifest.json").read_text())["results"])
+        return
+    if as_json:
+        emit_json(results)
+    else:
+        render(results, out)
+    console.print(f"wrote: {out / 'manifest.json'}")
+
+
+@app.command()
+@reports_errors
+def tokenize(recipe_path: Path = RECIPE_ARG, set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+             dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON) -> None:
+    """Train a byte-level BPE tokenizer and encode corpora into verified token shards."""
+    from mmctl.stages import tokenize as stage
+
+    cfg = _load("tokenize", str(recipe_path), set_)
+    if dry_run:
+        return _print_resolved(cfg, "tokenize")
+    out, results = stage.run(cfg, force=force)
+    _report(out, results, as_json, stage.render)
 
 
 def _render_checks(checks) -> None:

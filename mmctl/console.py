@@ -40,7 +40,7 @@ class Progress:
     Use as a context manager and call `update(done, loss=..., ...)`; the extra fields are shown after the count.
     """
 
-    def __init__(self, total: int, description: str, *, every: float = 5.0, out: Console | None = None,
+    def __init__(self, total: int | None, description: str, *, every: float = 5.0, out: Console | None = None,
                  clock: Callable[[], float] = time.monotonic):
         self.total, self.description, self.every = total, description, every
         self.out = out or console
@@ -67,8 +67,11 @@ class Progress:
             self._bar.update(self._task, completed=done, info=info)
             return
         now = self.clock()
-        if now - self._last >= self.every or done >= self.total:
+        if now - self._last >= self.every or (self.total is not None and done >= self.total):
             self._last = now
+            if self.total is None:  # open-ended work (a stream of documents): count and fields only
+                self.out.print(f"{self.description}: {done}  {info}".rstrip(), soft_wrap=True)
+                return
             elapsed = now - self._start
             eta = elapsed / done * (self.total - done) if done else float("nan")
             pct = 100.0 * done / self.total if self.total else 100.0

@@ -241,6 +241,8 @@ def _convert(value: Any, typ: Any, path: str, source: Source, problems: list[str
         suffix = f"; did you mean `{hint[0]}`?" if hint else ""
         problems.append(f"{where}: {value!r} is not one of {', '.join(str(a) for a in args)}{suffix}")
         return _BAD
+    if dataclasses.is_dataclass(typ):  # an item of a list of sections (e.g. data.sources)
+        return _build(typ, value, path, source, problems)
     if origin is list:
         if not isinstance(value, list):
             problems.append(f"{where}: expected a list, got {_describe(value)}")
@@ -290,8 +292,13 @@ def _check(cfg: Any, path: str, source: Source, problems: list[str]) -> None:
     """Run each section's cross-field rules: `check()` returns (field, message) pairs, field relative."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
+        sub = f"{path}.{f.name}" if path else f.name
         if dataclasses.is_dataclass(value):
-            _check(value, f"{path}.{f.name}" if path else f.name, source, problems)
+            _check(value, sub, source, problems)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    _check(item, f"{sub}[{i}]", source, problems)
     if hasattr(cfg, "check"):
         for name, message in cfg.check():
             sub = f"{path}.{name}" if path else name

@@ -1,0 +1,198 @@
+"""Corpus sources: where documents come from, how mixtures weight them, and the train/val split.
+
+A source is one entry of a recipe's `data.sources` list: local text files (globs allowed), a jsonl field, a
+parquet column, a `datasets` dataset (a local `save_to_disk` directory, or `hf:org/name` for users with network),
+or one of the built-in offline corpora — Python's bundled `pydoc_data.topics` reference text and the procedural
+generators of `mmctl.data.synthetic`.
+
+The split is by document and by content: a document goes to `val` when a seeded hash of its text falls under
+`val_fraction`, so repeated documents always land on the same side and the split does not depend on order.
+Mixture weights are repetition counts: weight 2 uses each training document twice, 0.5 a seeded half of them
+(the "epochs per source" of GPT-3-style mixtures). Validation documents are never repeated.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mmctl.errors import DataError, UsageError
+from mmctl.recipe import option
+
+FILE_KINDS = ("text", "jsonl", "parquet", "datasets")
+GENERATORS = ("stories", "arithmetic")
+
+
+@dataclass
+class SourceConfig:
+    kind: Literal["text", "jsonl", "parquet", "datasets", "pydoc", "stories", "arithmetic"] = option(
+        None, "text | jsonl | parquet | datasets | pydoc (Python's reference text) | stories | arithmetic",
+        required=True)
+    path: str | None = option(None, "file, glob or directory (text, jsonl, parquet); a save_to_disk directory or "
+                                    "hf:org/name (datasets)")
+    field: str = option("text", "the jsonl field, parquet column or datasets column that holds the text")
+    split: str = option("train", "the datasets split to read")
+    separator: str | None = option(None, "text files: split each file into documents at this string (e.g. a "
+                                         "blank line); unset: one document per file")
+    documents: int | None = option(None, "documents to generate (stories, arithmetic), or at most to read", ge=1)
+    weight: float = option(1.0, "mixture weight: each training document is used this many times (0.5: half)",
+                           gt=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.kind in FILE_KINDS and not self.path:
+            return [("path", f"missing required value: a {self.kind} source needs a path")]
+        if self.kind not in FILE_KINDS and self.path:
+            return [("path", f"a {self.kind} source is built in and takes no path")]
+        if self.kind in GENERATORS and not self.documents:
+            return [("documents", f"missing required value: how many {self.kind} documents to generate")]
+        if self.separator is not None and self.kind != "text":
+            return [("separator", "only text sources are split at a separator")]
+        if self.separator == "":
+            return [("separator", "must not be empty")]
+        return []
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.path}" if self.path else f"{self.kind}({self.documents or 'all'})"
+
+
+def read(source: SourceConfig, seed: int) -> Iterator[str]:
+    """The documents of one source, in a deterministic order (empty documents are skipped)."""
+    documents = _read(source, seed)
+    count = 0
+    for doc in documents:
+        if not doc:
+            continue
+        yield doc
+        count += 1
+        if source.documents and count >= source.documents:
+            break
+    if count == 0:
+        raise DataError(f"{source.describe()}: the source has no documents")
+
+
+def _read(source: SourceConfig, seed: int) -> Iterator[str]:
+    if source.kind == "stories":
+        from mmctl.data.synthetic import stories
+
+        yield from stories(source.documents, seed)
+    elif source.kind == "arithmetic":
+        from mmctl.data.synthetic import arithmetic
+
+        yield from arithmetic(source.documents, seed)
+    elif source.kind == "pydoc":
+        from pydoc_data.topics import topics
+
+        for key in sorted(topics):
+            yield topics[key]
+    elif source.kind == "datasets":
+        yield from _datasets(source)
+    else:
+        for path in files(source.path):
+            if source.kind == "text":
+                yield from _text(path, source.separator)
+            elif source.kind == "jsonl":
+                yield from _jsonl(path, source.field)
+            else:
+                yield from _parquet(path, source.field)
+
+
+def files(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+    if not files:
+        raise DataError(f"{pattern}: no such file" + (" (the glob matched nothing)" if any(c in pattern for c in "*?[")
+                                                      else ""))
+    return files
+
+
+def _text(path: Path, separator: str | None) -> Iterator[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    yield from (text.split(separator) if separator else [text])
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+                raise DataError(f"{path}:{number}: no field {field!r} (has: {keys})")
+            if not isinstance(record[field], str):
+                raise DataError(f"{path}:{number}: field {field!r} is {type(record[field]).__name__}, not text")
+            yield record[field]
+
+
+def _parquet(path: Path, column: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError("parquet sources need pyarrow: pip install pyarrow") from None
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    if column not in table.schema_arrow.names:
+        raise DataError(f"{path}: no column {column!r} (has: {', '.join(table.schema_arrow.names)})")
+    for batch in table.iter_batches(columns=[column]):
+        yield from (x for x in batch.column(0).to_pylist() if x)
+
+
+def _datasets(source: SourceConfig) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("datasets sources need the datasets package: pip install datasets") from None
+    if source.path.startswith("hf:"):  # needs network; nothing in mmctl's default recipes uses it
+        data = datasets.load_dataset(source.path[3:], split=source.split)
+    else:
+        if not Path(source.path).is_dir():
+            raise DataError(f"{source.path}: not a datasets save_to_disk directory")
+        data = datasets.load_from_disk(source.path)
+        if isinstance(data, datasets.DatasetDict):
+            if source.split not in data:
+                raise DataError(f"{source.path}: no split {source.split!r} (has: {', '.join(data)})")
+            data = data[source.split]
+    if source.field not in data.column_names:
+        raise DataError(f"{source.path}: no column {source.field!r} (has: {', '.join(data.column_names)})")
+    for row in data.select_columns([source.field]):
+        yield row[source.field]
+
+
+def _unit(seed: int, salt: str, text: str) -> float:
+    """A number in [0, 1) fixed by (seed, salt, text): reproducible on every machine, unlike hash()."""
+    digest = hashlib.blake2b(f"{seed}:{salt}:".encode() + text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def mixture(sources: list[SourceConfig], seed: int, val_fraction: float) -> Iterator[tuple[str, int, str]]:
+    """(split, source index, document) for every document of every source, weighted and split."""
+    for index, source in enumerate(sources):
+        for doc in read(source, seed):
+            if _unit(seed, "split", doc) < val_fraction:
+                yield "val", index, doc
+                continue
+            copies = int(source.weight) + (_unit(seed, f"weight{index}", doc) < source.weight % 1)
+            for _ in range(copies):
+                yield "train", index, doc

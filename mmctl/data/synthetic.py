@@ -1,0 +1,98 @@
+"""Procedural corpora written by this project, so every default recipe runs offline and learnably.
+
+- `stories(n, seed)`: templated "tiny stories" (after Eldan & Li 2023's TinyStories, which showed that a few
+  million parameters can learn fluent simple English). A small cast, places and objects, and a fixed plot shape
+  (setting → discovery → problem → help → resolution → moral) give text a tiny model can visibly learn.
+- `arithmetic(n, seed)`: problems with exact answers (`Problem.question`, `Problem.answer`), for pretraining
+  text, for exact-match evaluation and for RL with verifiable rewards.
+
+Everything is a pure function of its arguments: the same seed gives the same documents on every machine.
+Leaves out: anything resembling real-world knowledge; these corpora test the machinery, not the world.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam", "Ella", "Finn", "Ruby", "Jack",
+         "Nora", "Oscar"]
+ANIMALS = ["cat", "dog", "bunny", "bird", "fox", "bear", "duck", "frog", "mouse", "owl", "turtle", "pig"]
+PLACES = ["a small house", "a big forest", "a sunny farm", "a quiet town", "a green park", "a tall castle",
+          "a little village", "a busy city"]
+LANDMARKS = ["river", "hill", "old tree", "pond", "bridge", "garden", "beach", "school"]
+OBJECTS = ["ball", "kite", "box", "hat", "book", "cake", "key", "boat", "drum", "flower", "shell", "map"]
+COLORS = ["red", "blue", "yellow", "green", "shiny", "tiny", "big", "soft", "old", "new"]
+FEELINGS = ["happy", "sad", "scared", "excited", "curious", "tired", "proud", "surprised"]
+PROBLEMS = [
+    ("the {obj} fell into the {landmark}", "reached in with a long stick and pulled it out"),
+    ("the wind blew the {obj} up into a tree", "climbed the tree carefully and brought it down"),
+    ("the {obj} was broken", "found some glue and fixed it together"),
+    ("it started to rain on the {obj}", "held a big leaf over it until the sun came back"),
+    ("a big dog took the {obj}", "asked the dog nicely and the dog gave it back"),
+    ("the {obj} was lost in the tall grass", "looked and looked until they found it"),
+]
+MORALS = ["sharing makes everyone happy", "it is good to help your friends", "being kind is always right",
+          "you should never give up", "friends make hard things easy", "it is fun to try new things"]
+
+
+def _story(rng: random.Random) -> str:
+    hero, friend = rng.sample(NAMES, 2)
+    animal, friend_animal = rng.choice(ANIMALS), rng.choice(ANIMALS)
+    place, landmark = rng.choice(PLACES), rng.choice(LANDMARKS)
+    obj, color = rng.choice(OBJECTS), rng.choice(COLORS)
+    feeling, later = rng.choice(FEELINGS), rng.choice(["happy", "proud", "glad"])
+    trouble, fix = rng.choice(PROBLEMS)
+    trouble = trouble.format(obj=obj, landmark=landmark)
+    opening = rng.choice(["Once upon a time", "One day", "Long ago", "One sunny morning"])
+    lines = [
+        f"{opening}, there was a little {animal} named {hero}. {hero} lived in {place} near the {landmark}.",
+        f"{hero} found a {color} {obj} and felt very {feeling}.",
+        f"{hero} wanted to show the {obj} to {friend}, a {friend_animal} who lived by the {landmark}.",
+        f"But then {trouble}. {hero} was sad and said, \"Oh no! What can I do?\"",
+        f"{friend} said, \"Do not worry, I will help you.\" {friend} {fix}.",
+        f"{hero} smiled and said, \"Thank you, {friend}!\" They played with the {obj} all day.",
+        f"{hero} felt {later}. {hero} learned that {rng.choice(MORALS)}.",
+    ]
+    if rng.random() < 0.5:  # vary the shape a little so the model cannot memorise one template
+        lines.insert(2, f"The {obj} was {color} and very special to {hero}.")
+    return " ".join(lines)
+
+
+def stories(n: int, seed: int) -> Iterator[str]:
+    """`n` templated tiny stories, deterministic in `seed`."""
+    rng = random.Random(f"stories:{seed}")
+    for _ in range(n):
+        yield _story(rng)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """An arithmetic question with its exact integer answer."""
+
+    question: str
+    answer: int
+
+    def text(self) -> str:
+        return f"Question: {self.question}\nAnswer: {self.answer}"
+
+
+def arithmetic_problems(n: int, seed: int, max_operand: int = 99, ops: str = "+-*") -> Iterator[Problem]:
+    """`n` problems `a op b` with operands in [0, max_operand]; subtraction never goes below zero."""
+    rng = random.Random(f"arithmetic:{seed}")
+    for _ in range(n):
+        op = rng.choice(ops)
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        if op == "-" and b > a:
+            a, b = b, a
+        if op == "*":  # keep products small enough for a tiny model to learn
+            b = rng.randint(0, 9)
+        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
+        yield Problem(f"What is {a} {op} {b}?", answer)
+
+
+def arithmetic(n: int, seed: int) -> Iterator[str]:
+    """Arithmetic problems rendered as pretraining text (`Question: … Answer: …`)."""
+    for problem in arithmetic_problems(n, seed):
+        yield problem.text()

@@ -1,0 +1,185 @@
+"""`mmctl tokenize`: train a byte-level BPE tokenizer and encode corpora into verified token shards.
+
+CS336 assignment 1 and nanochat's `tok_train` as a recipe-driven stage. It writes `<out>/tokenizer/` (loads
+with `transformers.AutoTokenizer`), `<out>/shards/` (the DESIGN §5 shard format, read by every training stage)
+and `<out>/manifest.json` with the corpus report: tokens, documents, bytes per token, vocabulary coverage, the
+longest tokens and the encode throughput.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from mmctl import recipe
+from mmctl.artifacts import Run, publish_dir
+from mmctl.console import Progress, console
+from mmctl.data.sources import FILE_KINDS, SourceConfig, files, mixture
+from mmctl.recipe import option
+from mmctl.tokenizer import bpe
+from mmctl.tokenizer.shards import ShardWriter, write_manifest
+
+STAGE = "tokenize"
+SPLITS = ("train", "val")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+BATCH = 1024  # documents per encode_batch call: large enough for the Rust thread pool, small enough for memory
+
+
+@dataclass
+class RunSection:
+    out: str = option("out/tokenize", "output directory: tokenizer/, shards/, manifest.json")
+    seed: int = option(0, "seed of the generated corpora, the train/val split and the mixture sampling")
+
+
+@dataclass
+class DataSection:
+    sources: list[SourceConfig] = option(list, "the corpora, mixed in order (fields: mmctl/data/sources.py)")
+    val_fraction: float = option(0.05, "share of documents held out for validation", ge=0, lt=1)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [] if self.sources else [("sources", "missing required value: at least one source")]
+
+
+@dataclass
+class TokenizerSection:
+    path: str | None = option(None, "reuse this tokenizer directory (mmctl's or a local Hugging Face one)")
+    vocab_size: int = option(4096, "vocabulary size, special tokens included", ge=len(bpe.SPECIAL_TOKENS) + 256)
+    min_frequency: int = option(2, "merge only pairs seen at least this often", ge=1)
+    pattern: Literal["llama3", "gpt2"] = option("llama3", "pre-tokenizer regex: llama3 (GPT-4's) or gpt2")
+    max_length: int = option(2048, "model_max_length recorded in tokenizer_config.json (tokens)", ge=1)
+
+
+@dataclass
+class ShardsSection:
+    shard_tokens: int = option(50_000_000, "tokens per shard file at most (a longer document gets its own)", ge=1)
+
+
+@dataclass
+class TokenizeConfig:
+    run: RunSection = option(RunSection, "where the outputs go, and the seed")
+    data: DataSection = option(DataSection, "the corpora and the validation split")
+    tokenizer: TokenizerSection = option(TokenizerSection, "train a BPE tokenizer, or reuse one")
+    shards: ShardsSection = option(ShardsSection, "the token shard files")
+
+
+def inputs_of(cfg: TokenizeConfig) -> dict[str, Path]:
+    """Every input file whose content decides the output (for the manifest and the up-to-date check)."""
+    inputs: dict[str, Path] = {}
+    for i, source in enumerate(cfg.data.sources):
+        if source.kind in FILE_KINDS and not source.path.startswith("hf:"):
+            paths = [Path(source.path)] if Path(source.path).is_dir() else files(source.path)
+            inputs.update({f"sources[{i}]:{p}": p for p in paths})
+    if cfg.tokenizer.path:
+        inputs["tokenizer"] = Path(cfg.tokenizer.path)
+    return inputs
+
+
+def run(cfg: TokenizeConfig, force: bool = False) -> tuple[Path, dict | None]:
+    """Tokenizer and shards into run.out. Returns (out dir, results), results None when already up to date."""
+    out = Path(cfg.run.out)
+    run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
+    if not force and run_dir.up_to_date():
+        return out, None
+    run_dir.start()
+    tok, train_seconds = make_tokenizer(cfg, out)
+    results = encode(cfg, tok, out)
+    results["tokenizer"] = {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": train_seconds,
+                            "longest_tokens": bpe.longest_tokens(tok)}
+    run_dir.finish(results)
+    return out, results
+
+
+def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float | None]:
+    """Train on the training split (or copy the given tokenizer) into <out>/tokenizer/."""
+    staging = out / ".tokenizer.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    seconds = None
+    if cfg.tokenizer.path:
+        source = bpe.load(cfg.tokenizer.path)  # validates it before anything is copied
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, staging / name)
+    else:
+        t = cfg.tokenizer
+        docs = (doc for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction)
+                if split == "train")
+        console.print(f"training a {t.vocab_size}-token byte-level BPE ({t.pattern} pre-tokenizer)")
+        start = time.perf_counter()
+        backend = bpe.train(docs, t.vocab_size, t.min_frequency, t.pattern)
+        seconds = time.perf_counter() - start
+        bpe.save(backend, staging, t.max_length)
+    publish_dir(staging, out / "tokenizer")
+    return bpe.load(out / "tokenizer"), seconds
+
+
+def encode(cfg: TokenizeConfig, tok: bpe.Tokenizer, out: Path) -> dict:
+    """Encode every document (each followed by <|eos|>) into <out>/shards/, and report on the corpus."""
+    staging = out / ".shards.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    writers = {split: ShardWriter(staging, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
+    stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
+    seen = np.zeros(tok.vocab_size, dtype=bool)
+    encode_seconds, total_bytes = 0.0, 0
+    batch: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        nonlocal encode_seconds
+        start = time.perf_counter()
+        encoded = tok.encode_batch([doc for _, doc in batch], dtype=writers["train"].dtype)
+        encode_seconds += time.perf_counter() - start
+        for (split, doc), ids in zip(batch, encoded, strict=True):
+            writers[split].add(np.append(ids, np.asarray(tok.eos_id, dtype=ids.dtype)))
+            s = stats[split]
+            s["documents"] += 1
+            s["tokens"] += len(ids) + 1
+            s["bytes"] += len(doc.encode("utf-8"))
+            if split == "train":
+                seen[ids] = True
+        batch.clear()
+
+    with Progress(None, "encode") as progress:
+        for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction):
+            batch.append((split, doc))
+            total_bytes += len(doc.encode("utf-8"))
+            if len(batch) == BATCH:
+                flush()
+                progress.update(sum(s["documents"] for s in stats.values()),
+                                MB_s=total_bytes / 1e6 / max(encode_seconds, 1e-9))
+        if batch:
+            flush()
+    entries = {split: writers[split].close() for split in SPLITS}
+    write_manifest(staging, tok.sha256, tok.vocab_size, tok.eos_id, entries)
+    publish_dir(staging, out / "shards")
+    train = stats["train"]
+    special = len([t for t in bpe.SPECIAL_TOKENS if tok.token_id(t) is not None])
+    return {
+        "splits": stats,
+        "bytes_per_token": train["bytes"] / max(train["tokens"] - train["documents"], 1),
+        "vocab_coverage": float(seen.sum()) / max(tok.vocab_size - special, 1),
+        "encode_mb_per_s": total_bytes / 1e6 / max(encode_seconds, 1e-9),
+    }
+
+
+def render(results: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Corpus ({out / 'shards'})", title_justify="left")
+    for col in ("split", "documents", "tokens", "MB"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, s in results["splits"].items():
+        table.add_row(split, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes'] / 1e6:.2f}")
+    console.print(table)
+    tok = results["tokenizer"]
+    trained = f", trained in {tok['train_seconds']:.1f} s" if tok["train_seconds"] is not None else ""
+    console.print(f"tokenizer: {tok['vocab_size']} tokens{trained}; "
+                  f"bytes per token {results['bytes_per_token']:.2f}; "
+                  f"vocabulary used {100 * results['vocab_coverage']:.1f}%; "
+                  f"encode {results['encode_mb_per_s']:.1f} MB/s")
+    console.print("longest tokens: " + "  ".join(repr(t) for t in tok["longest_tokens"]), soft_wrap=True)

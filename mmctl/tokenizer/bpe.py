@@ -1,0 +1,189 @@
+"""Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant, Radford et al. 2019) with HF `tokenizers`.
+
+Training: text is split by a regex pre-tokenizer (GPT-2's, or Llama-3 / GPT-4's, which keeps numbers to at most
+three digits and is the default), each piece is mapped to bytes shown as printable characters, and BPE learns
+merges up to `vocab_size` over the 256 byte symbols. Every string round-trips exactly, whatever its script or
+whitespace. The reserved special tokens of DESIGN §5 take the first ids.
+
+A tokenizer directory holds `tokenizer.json` (the HF tokenizers file) and `tokenizer_config.json` (special
+tokens and the chat template), so `transformers.AutoTokenizer.from_pretrained(dir)` loads it offline. `load()`
+also reads a Hugging Face tokenizer directory a user has locally (its own special tokens are used).
+
+Leaves out: training BPE in Python (CS336 assignment 1 does that; this uses the Rust trainer for speed),
+sentencepiece / unigram models, normalization (none is applied: bytes in, bytes out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from mmctl.errors import DataError
+
+BOS, EOS, PAD, IMAGE = "<|bos|>", "<|eos|>", "<|pad|>", "<|image|>"
+ROLES = ("system", "user", "assistant")
+END = "<|end|>"  # closes every chat turn
+SPECIAL_TOKENS = [BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", END, IMAGE]
+
+PATTERNS = {
+    # GPT-2 (Radford et al. 2019): contractions, letters, digits, punctuation, whitespace.
+    "gpt2": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    # Llama-3 / GPT-4 (cl100k): case-insensitive contractions, numbers split into groups of at most 3 digits.
+    "llama3": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",
+}
+
+# Each turn is <|role|>content<|end|>; the assistant's turn (content and <|end|>) is what SFT trains on, marked
+# with {% generation %} so transformers' return_assistant_tokens_mask (and TRL's assistant_only_loss) see it.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
+    "{%- else -%}"
+    "<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
+)
+
+
+def train(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, pattern: str = "llama3",
+          length: int | None = None):
+    """Learn a byte-level BPE tokenizer (a `tokenizers.Tokenizer`) from an iterable of documents."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PATTERNS[pattern]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    return tok
+
+
+def save(tok, directory: str | Path, model_max_length: int) -> Path:
+    """Write tokenizer.json + tokenizer_config.json into `directory` (which must not be published yet)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+        "additional_special_tokens": SPECIAL_TOKENS[3:],
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+@dataclass
+class Tokenizer:
+    """A loaded tokenizer directory: encode / decode, special token ids, identity (sha256)."""
+
+    path: Path
+    backend: object  # tokenizers.Tokenizer
+    config: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def _special(self, key: str) -> int | None:
+        value = self.config.get(key)
+        if isinstance(value, dict):  # older tokenizer_config files store {"content": "<s>", ...}
+            value = value.get("content")
+        return self.token_id(value) if value else None
+
+    @cached_property
+    def eos_id(self) -> int:
+        eos = self._special("eos_token")
+        if eos is None:
+            raise DataError(f"{self.path}: the tokenizer has no eos_token, needed to separate documents")
+        return eos
+
+    @cached_property
+    def bos_id(self) -> int | None:
+        return self._special("bos_token")
+
+    @cached_property
+    def pad_id(self) -> int | None:
+        return self._special("pad_token")
+
+    @cached_property
+    def sha256(self) -> str:
+        """The identity shards and checkpoints record: the sha256 of tokenizer.json."""
+        with open(self.path / "tokenizer.json", "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config.get("chat_template")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings inside it are encoded as ordinary text.
+
+        Corpus text that happens to contain "<|eos|>" must not end a document, nor can a user's prompt forge a
+        role turn; special tokens enter only where mmctl puts them (`encode_special`).
+        """
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_special(self, text: str) -> list[int]:
+        """Token ids of text that mmctl itself rendered (a chat template): special tokens are recognized."""
+        self.backend.encode_special_tokens = False
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = True
+
+    def encode_batch(self, texts: list[str], dtype=np.uint32) -> list[np.ndarray]:
+        """Encode many documents at once (parallel in the Rust backend), as arrays."""
+        return [np.asarray(e.ids, dtype=dtype) for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (byte-level BPE shows bytes as printable characters)."""
+        return self.decode([token_id]).encode("utf-8", errors="surrogatepass")
+
+
+def load(directory: str | Path) -> Tokenizer:
+    """Load a tokenizer directory (mmctl's or a local Hugging Face one holding tokenizer.json)."""
+    from tokenizers import Tokenizer as Backend
+
+    directory = Path(directory)
+    file = directory / "tokenizer.json"
+    if not file.is_file():
+        raise DataError(f"{directory}: no tokenizer.json (a tokenizer directory needs one)")
+    try:
+        backend = Backend.from_file(str(file))
+    except Exception as e:  # tokenizers raises a plain Exception for malformed files
+        raise DataError(f"{file}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
+    config_file = directory / "tokenizer_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except ValueError as e:
+        raise DataError(f"{config_file}: not valid JSON ({e})") from None
+    backend.encode_special_tokens = True
+    return Tokenizer(directory, backend, config)
+
+
+def longest_tokens(tok: Tokenizer, n: int = 10) -> list[str]:
+    """The `n` tokens that stand for the most bytes (a glimpse of what BPE learned)."""
+    ids = range(tok.vocab_size)
+    ranked = sorted(ids, key=lambda i: (-len(tok.id_to_token_bytes(i)), i))
+    return [tok.decode([i]) for i in ranked[:n]]

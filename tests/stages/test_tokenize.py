@@ -1,0 +1,109 @@
+"""The tokenize stage end to end: shards decode back to the documents, runs are byte-identical, reruns are up
+to date, a failed encode leaves nothing that looks finished, and errors have the right exit codes."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mmctl import recipe
+from mmctl.data.sources import mixture
+from mmctl.stages import tokenize
+from mmctl.tokenizer import bpe
+from mmctl.tokenizer.shards import Shards
+
+
+def config(tmp_path, out="out", **tokenizer):
+    (tmp_path / "notes.txt").write_text("first note\n\nsecond note, with ünïcode\n\nthird")
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"body": f"line {i} {'x' * i}"}) for i in range(30)))
+    data = {
+        "run": {"out": str(tmp_path / out), "seed": 1},
+        "data": {"sources": [{"kind": "stories", "documents": 150}, {"kind": "arithmetic", "documents": 100},
+                             {"kind": "text", "path": str(tmp_path / "notes.txt"), "separator": "\n\n"},
+                             {"kind": "jsonl", "path": str(tmp_path / "chat.jsonl"), "field": "body", "weight": 2}],
+                 "val_fraction": 0.1},
+        "tokenizer": {"vocab_size": 400, **tokenizer},
+        "shards": {"shard_tokens": 3000},
+    }
+    return recipe.build(tokenize.TokenizeConfig, data, recipe.Source("r.yaml", {}, set()), stage="tokenize")
+
+
+def test_shards_decode_back_to_the_documents(tmp_path):
+    cfg = config(tmp_path)
+    out, results = tokenize.run(cfg)
+    tok = bpe.load(out / "tokenizer")
+    expected = {"train": [], "val": []}
+    for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction):
+        expected[split].append(doc)
+    for split in ("train", "val"):
+        shards = Shards(out / "shards", split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
+        docs = [tok.decode(d[:-1].tolist()) for i in range(len(shards.arrays)) for d in shards.documents_of(i)]
+        assert docs == expected[split]
+        assert results["splits"][split]["documents"] == len(docs)
+        assert results["splits"][split]["tokens"] == shards.tokens
+    assert len(Shards(out / "shards", "train").arrays) > 1
+    assert 1.0 < results["bytes_per_token"] < 10 and 0 < results["vocab_coverage"] <= 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["results"]["tokenizer"]["sha256"] == tok.sha256
+    assert any(k.startswith("sources[2]") for k in manifest["inputs"])
+
+
+def test_same_recipe_and_seed_give_byte_identical_outputs(tmp_path):
+    a, _ = tokenize.run(config(tmp_path, "a"))
+    b, _ = tokenize.run(config(tmp_path, "b"))
+    files = sorted(str(p.relative_to(a)) for p in (a / "shards").iterdir()) + ["tokenizer/tokenizer.json"]
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+
+
+def test_rerun_is_up_to_date_until_an_input_changes(tmp_path):
+    cfg = config(tmp_path)
+    tokenize.run(cfg)
+    assert tokenize.run(cfg)[1] is None
+    (tmp_path / "notes.txt").write_text("a changed note")
+    assert tokenize.run(cfg)[1] is not None
+
+
+def test_reusing_a_tokenizer_gives_the_same_ids(tmp_path):
+    first, _ = tokenize.run(config(tmp_path, "first"))
+    second, _ = tokenize.run(config(tmp_path, "second", path=str(first / "tokenizer")))
+    assert (first / "shards" / "train-00000.bin").read_bytes() == (second / "shards" / "train-00000.bin").read_bytes()
+
+
+def test_a_failed_encode_leaves_nothing_that_looks_finished(tmp_path, monkeypatch):
+    cfg = config(tmp_path)
+    calls = []
+
+    def fail_on_second(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    original = tokenize.ShardWriter._flush
+    monkeypatch.setattr(tokenize.ShardWriter, "_flush", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        tokenize.run(cfg)
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists() and not (out / "shards").exists()
+    assert not (out / ".shards.tmp" / "manifest.json").exists()
+
+
+def mmctl(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "mmctl", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("sources, code, fragment", [
+    ("[{kind: text, path: missing.txt}]", 3, "missing.txt: no such file"),
+    ("[{kind: jsonl, path: d.jsonl, field: text}]", 3, "d.jsonl:1: no field 'text' (has: body)"),
+    ("[]", 2, "data.sources: missing required value"),
+    ("[{kind: stories}]", 2, "data.sources[0].documents: missing required value"),
+    ("[{kind: storys, documents: 3}]", 2, "'storys' is not one of"),
+])
+def test_cli_errors(tmp_path, sources, code, fragment):
+    (tmp_path / "d.jsonl").write_text('{"body": "x"}\n')
+    (tmp_path / "r.yaml").write_text(f"stage: tokenize\ndata:\n  sources: {sources}\ntokenizer:\n  vocab_size: 300\n")
+    out = mmctl("tokenize", "r.yaml", cwd=tmp_path)
+    assert out.returncode == code, out.stderr
+    assert fragment in out.stderr and "Traceback" not in out.stderr
