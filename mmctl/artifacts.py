@@ -136,7 +136,7 @@ class Run:
     """One stage's output directory: up-to-date check, recipe.yaml, metrics.jsonl and the final manifest.
 
     Usage in a stage: `run = Run(out, "pretrain", recipe_dict, inputs={"shards": path}, seed=cfg.run.seed)`;
-    `if run.up_to_date(): return`; `run.start()`; ... `run.log(step=..., loss=...)`; `run.finish(results)`.
+    `if run.up_to_date(): return`; `run.start()`; ... `run.log({"step": ..., "loss": ...})`; `run.finish(results)`.
     """
 
     def __init__(self, out: str | Path, stage: str, recipe: dict, inputs: dict[str, str | Path] | None = None,
@@ -155,15 +155,29 @@ class Run:
             k: v["sha256"] for k, v in self.inputs.items()}
         return manifest.get("recipe") == self.recipe and same_inputs
 
-    def start(self) -> None:
-        """Claim the directory: drop any old manifest first, so a half-done re-run never looks finished."""
+    def start(self, keep_metrics_through: int | None = None) -> None:
+        """Claim the directory: drop any old manifest first, so a half-done re-run never looks finished.
+
+        A resumed training run keeps the metrics logged up to its checkpoint's step (and drops any logged after
+        it, which the resumed run will log again), so metrics.jsonl reads as one uninterrupted run.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MANIFEST).unlink(missing_ok=True)
-        (self.out / "metrics.jsonl").unlink(missing_ok=True)
+        metrics = self.out / "metrics.jsonl"
+        kept = []
+        if keep_metrics_through is not None and metrics.exists():
+            for line in metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    continue
+                if record.get("step", 0) <= keep_metrics_through:
+                    kept.append(line + "\n")
+        atomic_write_text(metrics, "".join(kept))
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True))
         self.started = time.time()
 
-    def log(self, **record: Any) -> None:
+    def log(self, record: dict) -> None:
         """Append one JSON object to metrics.jsonl (a log; the manifest, not this file, marks completion)."""
         with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")

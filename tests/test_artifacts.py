@@ -84,7 +84,7 @@ def test_run_up_to_date_rule(tmp_path):
     r = run({"a": 1})
     assert not r.up_to_date()
     r.start()
-    r.log(step=1, loss=2.0)
+    r.log({"step": 1, "loss": 2.0})
     assert not r.up_to_date()  # no manifest yet: a half-done run is never done
     r.finish({"tokens": 5})
     manifest = json.loads((out / "manifest.json").read_text())

@@ -10,7 +10,9 @@ Conventions (stated once, used everywhere):
   = Dh gives the familiar 4·L·T·H·Dh). The attention term counts all T keys (what a dense kernel and torch's
   FlopCounterMode compute); the causal average, (T+1)/2 keys, is shown beside it. Training = 3 × forward
   (backward = 2 × forward); activation recomputation adds the recomputed forward on top.
-- Memory in bytes; GB = 1e9 bytes. Training memory is the upper bound with every part resident at once.
+- Memory in bytes; GB = 1e9 bytes. The training peak is at the start of the backward pass or at the optimizer
+  step, whichever is higher (activations and gradients are never all alive at once); the sum of all parts is
+  shown beside it as an upper bound.
 - Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
   Models", §4), generalised from GPT-3's block (LayerNorm, MHA, 4d GeLU MLP, dropout) to GQA, SwiGLU, RMSNorm,
   MoE and MLA by the same rule: count every tensor autograd keeps for the backward pass. For GPT-3's block it
@@ -295,11 +297,15 @@ def activation_bytes_per_layer(a: Arch, w: Workload, moe: bool) -> tuple[float, 
     mask = 1 if a.dropout else 0  # dropout masks are 1 byte per element
     H, K = a.num_heads, a.num_kv_heads
     sb = s * b
-    norms = a.norms_per_layer * act * sb * d  # each norm keeps its input
+    # LayerNorm's kernel keeps its input (and per-row statistics), as the paper counts; an RMSNorm written in
+    # PyTorch ops (transformers', mmctl's) also keeps its normalized output for the gain's gradient.
+    norms = a.norms_per_layer * act * sb * d * (1 if a.layer_norm else 2)
     attn = act * sb * d  # the normed input shared by the q/k/v projections
     if a.mla:
         K = H  # the latent is expanded to full heads before attention
         attn += act * sb * (a.q_lora_rank * 2 + (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank)
+    if w.attention == "eager":
+        K = H  # eager attention repeats K and V to every query head before the matmuls, and keeps the copies
     attn += act * sb * (H + K) * a.qk_head_dim  # Q and K (after RoPE) for QKᵀ
     attn += act * sb * K * a.value_head_dim  # V for the weighted sum
     if a.qk_norm:
@@ -389,8 +395,18 @@ def training_memory(a: Arch, w: Workload, total_params: int) -> list[Line]:
         Line("memory.training.logits", "logits for the loss", logits, "bytes", f"4·s·b·V = 4·{s}·{b}·{V} (fp32)",
              KORTHIKANTI),
     ]
-    parts.append(Line("memory.training.peak", "peak per GPU", sum(p.value for p in parts), "bytes",
-                      "sum of the above"))
+    # Autograd frees activations as the backward pass produces gradients, and zero_grad(set_to_none) frees the
+    # gradients before the next forward, so the two never peak together: the high-water mark is at the start of
+    # the backward (all activations, the kept log-softmax and its gradient) or at the optimizer step (all
+    # gradients). The sum of every part is the bound tools that add everything report.
+    states = state["weights"] + state["master_weights"] + state["optimizer"]
+    peak = states + max(acts + 2 * logits, state["gradients"])
+    everything = sum(p.value for p in parts)
+    parts.append(Line("memory.training.peak", "peak per GPU", peak, "bytes",
+                      "weights + master + AdamW + max(activations + 2·logits at the start of the backward, gradients "
+                      "at the optimizer step)"))
+    parts.append(Line("memory.training.sum_of_parts", "  sum of all parts (upper bound)", everything, "bytes",
+                      "every part resident at once"))
     return parts
 
 

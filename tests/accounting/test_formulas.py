@@ -105,6 +105,7 @@ def test_activations_reduce_to_korthikanti_for_gpt3_block():
     # GPT-3's block (LayerNorm, MHA, 4d GeLU MLP, dropout, unfused attention, 16-bit activations):
     # Korthikanti et al. 2022, eq. (1): s·b·h·(34 + 5·a·s/h) bytes per layer with no recomputation,
     # eq. (2) s·b·h·34 with selective recomputation, and 2·s·b·h per layer with full recomputation.
+    # (LayerNorm keeps one tensor; the fused norm kernels of the paper. MHA, so eager's K/V repeat is a no-op.)
     c = dict(model_type="gpt2", vocab_size=1000, n_positions=256, n_embd=128, n_layer=4, n_head=8)
     arch = from_hf_config(c)
     s, b, h, a, L = 256, 2, 128, 8, 4

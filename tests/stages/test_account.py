@@ -68,4 +68,4 @@ def test_json_keys_are_stable():
     assert isinstance(j["params"]["total"], int) and isinstance(j["params"]["active"], int)
     assert j["params"]["active"] < j["params"]["total"]
     assert set(j["memory"]["training"]) == {"weights", "gradients", "master_weights", "optimizer", "activations",
-                                            "logits", "peak"}
+                                            "logits", "peak", "sum_of_parts"}

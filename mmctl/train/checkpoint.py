@@ -1,0 +1,131 @@
+"""Resumable training state: `checkpoints/step-000200/` with everything needed to continue bit-exactly.
+
+    model.safetensors      parameters by name (a tied matrix stored once)
+    optimizer.safetensors  AdamW moments and step counts, and torch's CPU RNG state
+    state.json             step, optimizer hyperparameters, Python/NumPy RNG states, the caller's extra state
+                           (tokens seen, data cursor, what the run was trained with) — written last
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so `latest()` only ever
+sees complete ones; a killed save leaves a `.step-*.tmp` directory that is ignored and cleaned up later
+(the failure HF Trainer #35782 shipped). Only safetensors and JSON: nothing is unpickled on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from mmctl.errors import DataError
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+
+
+def step_dir(directory: Path, step: int) -> Path:
+    return Path(directory) / f"step-{step:06d}"
+
+
+def save(directory: Path, step: int, model, optimizer, extra: dict) -> Path:
+    """Save the full training state after `step` optimizer steps; returns the published directory."""
+    import torch
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    final = step_dir(directory, step)
+    tmp = directory / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    save_file(params, tmp / "model.safetensors")
+    opt = optimizer.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    for index, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"state.{index}.{key}"] = value.detach().contiguous() if torch.is_tensor(value) else \
+                torch.tensor(value)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "step": step,
+        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+        "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+        "extra": extra,
+    }
+    with open(tmp / "state.json", "w", encoding="utf-8") as f:
+        json.dump(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def latest(directory: Path) -> Path | None:
+    """The newest complete checkpoint under `directory`, or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
+    return max(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and RNG states from a checkpoint; returns its state.json."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        params = load_file(path / "model.safetensors")
+        tensors = load_file(path / "optimizer.safetensors")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable checkpoint ({e})") from None
+    named = dict(model.named_parameters())
+    if set(params) != set(named):
+        missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
+        raise DataError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]})")
+    with torch.no_grad():
+        for name, p in named.items():
+            if params[name].shape != p.shape:
+                raise DataError(f"{path}: {name} has shape {tuple(params[name].shape)}, the model "
+                                f"{tuple(p.shape)}")
+            p.copy_(params[name])
+    opt_state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[name] = value
+    groups = optimizer.state_dict()["param_groups"]
+    for group, saved in zip(groups, state["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng.torch"])
+    py = state["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["rng"]["numpy"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return state
+
+
+def prune(directory: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; remove older ones and leftover temporary directories."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    done = sorted((p for p in directory.iterdir() if STEP_DIR.match(p.name)),
+                  key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    for old in done[:-keep] if keep else []:
+        shutil.rmtree(old)
+    for tmp in directory.glob(".step-*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,63 @@
+"""AdamW with decay / no-decay parameter groups, and learning-rate schedules as closed-form functions of the step.
+
+Decay applies to matrices (projections and embeddings) and not to vectors (norm gains, biases), the split of
+nanoGPT and most GPT-style training since Loshchilov & Hutter 2019 made decay decoupled. Schedules:
+- cosine: linear warmup to `lr`, then a half cosine down to `min_lr` at the last step (GPT-3, Chinchilla);
+- wsd: warmup, a long stable phase at `lr`, then a linear decay to `min_lr` over the last `decay_fraction` of
+  the steps ("warmup-stable-decay", Hu et al. 2024, MiniCPM) — it can be continued from the stable phase;
+- constant: warmup, then `lr`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from mmctl.recipe import option
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(1e-3, "peak learning rate", gt=0)
+    min_lr: float = option(1e-4, "learning rate at the end of the decay", ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "cosine | wsd (warmup-stable-decay) | constant")
+    warmup_steps: int = option(50, "steps of linear warmup from 0 to lr", ge=0)
+    decay_fraction: float = option(0.2, "wsd: share of the steps spent decaying at the end", gt=0, le=1)
+    weight_decay: float = option(0.1, "decoupled weight decay on matrices (not on norms and biases)", ge=0)
+    beta1: float = option(0.9, "AdamW first-moment decay", ge=0, lt=1)
+    beta2: float = option(0.95, "AdamW second-moment decay", ge=0, lt=1)
+    eps: float = option(1e-8, "AdamW denominator epsilon", gt=0)
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping", ge=0)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [("min_lr", f"{self.min_lr:g} exceeds lr ({self.lr:g})")] if self.min_lr > self.lr else []
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based) in a run of `total_steps`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
+        decay_start = total_steps - decay_steps
+        if step < decay_start:
+            return cfg.lr
+        progress = (step - decay_start + 1) / decay_steps
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    span = max(1, total_steps - cfg.warmup_steps - 1)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, cfg: OptimConfig):
+    """AdamW over two groups: matrices with weight decay, vectors without."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
