@@ -29,6 +29,8 @@ app = typer.Typer(
 STAGES = {
     "account": ("mmctl.stages.account", "AccountConfig"),
     "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
+    "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
+    "eval": ("mmctl.stages.eval", "EvalConfig"),
 }
 
 SET_HELP = "Override a recipe field: --set section.field=value (repeatable; the value is read as YAML)."
@@ -205,6 +207,121 @@ def tokenize(recipe_path: Path = RECIPE_ARG, set_: list[str] = typer.Option([], 
         return _print_resolved(cfg, "tokenize")
     out, results = stage.run(cfg, force=force)
     _report(out, results, as_json, stage.render)
+
+
+@app.command()
+@reports_errors
+def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+             dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON,
+             fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoints in the output directory and "
+                                                               "start from step 0."),
+             force_resume: bool = typer.Option(False, "--force-resume", help="Resume even though the model or data "
+                                                                             "changed since the checkpoint.")) -> None:
+    """Train a Llama-style decoder from scratch; resumes from the newest checkpoint in the output directory."""
+    from mmctl.stages import pretrain as stage
+
+    cfg = _load("pretrain", str(recipe_path), set_)
+    if dry_run:
+        return _print_resolved(cfg, "pretrain")
+    out, results = stage.run(cfg, force=force, fresh=fresh, force_resume=force_resume)
+    if results == {}:  # a non-zero rank of a multi-process run: rank 0 reports
+        return
+    _report(out, results, as_json, stage.render)
+
+
+@app.command("eval")
+@reports_errors
+def eval_(
+    targets: list[str] = typer.Argument(..., metavar="RECIPE | CHECKPOINT...",
+                                        help="An eval recipe, or one or more checkpoint directories."),
+    task: list[str] = typer.Option([], "--task", help="A built-in task (arithmetic, arithmetic-mc, stories-mc, "
+                                                      "stories-ppl), ppl / mc / gen with --data, or a task YAML file."),
+    data: str | None = typer.Option(None, "--data", help="The task data for --task ppl / mc / gen."),
+    limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
+    out: str | None = typer.Option(None, "--out", help="Output directory (default out/eval)."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON,
+) -> None:
+    """Score checkpoints on perplexity, multiple choice and generation tasks; several checkpoints side by side."""
+    from mmctl.stages import eval as stage
+
+    is_recipe = len(targets) == 1 and targets[0].endswith((".yaml", ".yml"))
+    overrides = [] if is_recipe else [f"checkpoints={json.dumps(targets)}"]
+    if task:
+        overrides.append(f"tasks={json.dumps([_task_from_flag(t, data) for t in task])}")
+    elif data:
+        raise UsageError("--data needs --task (ppl, mc or gen)")
+    for key, value in (("eval.limit", limit), ("eval.batch_size", batch_size), ("run.out", out)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    cfg = _load("eval", targets[0] if is_recipe else None, overrides + set_)
+    if dry_run:
+        return _print_resolved(cfg, "eval")
+    out_dir, results = stage.run(cfg, force=force)
+    _report(out_dir, results, as_json, stage.render)
+
+
+def _task_from_flag(name: str, data: str | None) -> dict:
+    """`--task` → a task mapping: a built-in, ppl/mc/gen over --data, or the fields of a task YAML file."""
+    from mmctl.evals.tasks import BUILTINS
+
+    kinds = {"ppl": "perplexity", "mc": "multiple_choice", "gen": "generation"}
+    if name in BUILTINS:
+        return {"builtin": name}
+    if name in kinds:
+        if not data:
+            raise UsageError(f"--task {name} needs --data FILE")
+        return {"kind": kinds[name], "data": data}
+    if name.endswith((".yaml", ".yml")):
+        import yaml
+
+        from mmctl.recipe import RecipeLoader
+
+        fields = yaml.load(_read(Path(name)), Loader=RecipeLoader)
+        if not isinstance(fields, dict):
+            raise UsageError(f"{name}: a task file is a mapping of task fields")
+        return fields
+    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, or a task .yaml file")
+
+
+@app.command()
+@reports_errors
+def generate(
+    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint directory."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable)."),
+    prompts: str | None = typer.Option(None, "--prompts", help="A file of prompts: one per line, or jsonl with "
+                                                                "a \"prompt\" field."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens to generate at most."),
+    temperature: float | None = typer.Option(None, "--temperature", help="0 = greedy (the default)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold."),
+    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="1 = off."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the sampler."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the checkpoint's chat template."),
+    as_json: bool = JSON,
+) -> None:
+    """Sample from a checkpoint (KV cache; batched prompts are left-padded); output streams to the terminal."""
+    from mmctl import recipe
+    from mmctl.stages import generate as stage
+
+    texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
+    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+             "repetition_penalty": repetition_penalty, "seed": seed}
+    overrides = [f"checkpoint={json.dumps(checkpoint)}", f"prompts={json.dumps(texts)}", f"chat={json.dumps(chat)}"]
+    overrides += [f"sampling.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    if stop:
+        overrides.append(f"sampling.stop_strings={json.dumps(stop)}")
+    cfg = recipe.build(stage.GenerateConfig, {}, recipe.Source("(command line)", {}, set()), overrides)
+    streamed = not as_json and len(texts) == 1
+    results = stage.run(cfg, stream=streamed)
+    if as_json:
+        from mmctl.console import emit_json
+
+        emit_json(results)
+    else:
+        stage.render_results(results, streamed)
 
 
 def _render_checks(checks) -> None:

@@ -4,7 +4,9 @@
   million parameters can learn fluent simple English). A small cast, places and objects, and a fixed plot shape
   (setting → discovery → problem → help → resolution → moral) give text a tiny model can visibly learn.
 - `arithmetic(n, seed)`: problems with exact answers (`Problem.question`, `Problem.answer`), for pretraining
-  text, for exact-match evaluation and for RL with verifiable rewards.
+  text, for exact-match evaluation and for RL with verifiable rewards. A fixed tenth of all problems (chosen by
+  a hash of the problem, not by seed) is held out: training text never contains them, evaluation uses only
+  them, so a score measures arithmetic rather than recall.
 
 Everything is a pure function of its arguments: the same seed gives the same documents on every machine.
 Leaves out: anything resembling real-world knowledge; these corpora test the machinery, not the world.
@@ -12,6 +14,7 @@ Leaves out: anything resembling real-world knowledge; these corpora test the mac
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -78,21 +81,32 @@ class Problem:
         return f"Question: {self.question}\nAnswer: {self.answer}"
 
 
-def arithmetic_problems(n: int, seed: int, max_operand: int = 99, ops: str = "+-*") -> Iterator[Problem]:
-    """`n` problems `a op b` with operands in [0, max_operand]; subtraction never goes below zero."""
+def held_out(question: str) -> bool:
+    """Whether a problem belongs to the held-out tenth (a property of the problem, the same on every machine)."""
+    return int.from_bytes(hashlib.blake2b(question.encode(), digest_size=4).digest(), "little") % 10 == 0
+
+
+def arithmetic_problems(n: int, seed: int, split: str = "train", max_operand: int = 99,
+                        ops: str = "+-*") -> Iterator[Problem]:
+    """`n` problems `a op b` with operands in [0, max_operand] from the `train` or held-out `test` split;
+    subtraction never goes below zero."""
     rng = random.Random(f"arithmetic:{seed}")
-    for _ in range(n):
+    made = 0
+    while made < n:
         op = rng.choice(ops)
         a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
         if op == "-" and b > a:
             a, b = b, a
         if op == "*":  # keep products small enough for a tiny model to learn
             b = rng.randint(0, 9)
-        answer = {"+": a + b, "-": a - b, "*": a * b}[op]
-        yield Problem(f"What is {a} {op} {b}?", answer)
+        question = f"What is {a} {op} {b}?"
+        if held_out(question) != (split == "test"):
+            continue
+        made += 1
+        yield Problem(question, {"+": a + b, "-": a - b, "*": a * b}[op])
 
 
 def arithmetic(n: int, seed: int) -> Iterator[str]:
-    """Arithmetic problems rendered as pretraining text (`Question: … Answer: …`)."""
+    """Training-split arithmetic problems rendered as pretraining text (`Question: … Answer: …`)."""
     for problem in arithmetic_problems(n, seed):
         yield problem.text()

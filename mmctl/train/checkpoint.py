@@ -78,14 +78,22 @@ def latest(directory: Path) -> Path | None:
     return max(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json (step, hyperparameters, RNG states, the caller's extra state)."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable checkpoint state ({e})") from None
+
+
 def load(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG states from a checkpoint; returns its state.json."""
     import torch
     from safetensors.torch import load_file
 
     path = Path(path)
+    state = read_state(path)
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         params = load_file(path / "model.safetensors")
         tensors = load_file(path / "optimizer.safetensors")
     except (OSError, ValueError) as e:

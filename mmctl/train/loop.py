@@ -137,9 +137,10 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
     if cfg.compile:
         trained = torch.compile(trained)  # checkpoints still save `model`: the compiled wrapper renames nothing
     if cfg.activation_checkpointing:
-        if not hasattr(model, "activation_checkpointing"):
+        inner = getattr(model, "model", None)  # the decoder stack of an mmctl Transformer
+        if not hasattr(inner, "activation_checkpointing"):
             raise UsageError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
-        model.activation_checkpointing = True
+        inner.activation_checkpointing = True
     micro, accum = micro_batches(cfg, dist.world)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
@@ -206,10 +207,9 @@ def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool) ->
     path = checkpoint.latest(ckpt_dir)
     if path is None:
         return 0
-    state = checkpoint.load(path, model, optimizer)
-    saved = state["extra"].get("fingerprint", {})
+    saved = checkpoint.read_state(path)["extra"].get("fingerprint", {})
     changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if changed and not force:
         raise UsageError(f"{path}: cannot resume: {', '.join(changed)} changed since this checkpoint was written "
                          "(--force-resume to resume anyway, or --fresh to start over)")
-    return int(state["step"])
+    return int(checkpoint.load(path, model, optimizer)["step"])

@@ -18,3 +18,12 @@ def test_arithmetic_answers_are_exact():
         assert p.answer == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
         assert p.answer >= 0
     assert next(arithmetic(1, 0)).startswith("Question: What is ")
+
+
+def test_held_out_problems_never_reach_training_text():
+    from mmctl.data.synthetic import held_out
+
+    test = {p.question for p in arithmetic_problems(300, 5, split="test")}
+    assert all(held_out(q) for q in test) and len(test) > 200
+    train = {p.question for p in arithmetic_problems(5000, 0)}
+    assert not test & train

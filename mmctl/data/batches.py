@@ -1,0 +1,38 @@
+"""Training batches from token shards: random windows, each row a pure function of (seed, step, row).
+
+nanoGPT's sampler (a random offset per row into the token stream, windows may span document boundaries at
+<|eos|>), made reproducible without any hidden state: the "data cursor" of a resumed run is just the step
+number, so a resume sees exactly the batches the uninterrupted run would have seen. A step's global batch is
+rows 0..B-1; each process and micro-batch takes its own slice of them, so one process accumulating two
+micro-batches and two processes taking one each train on exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmctl.errors import DataError
+from mmctl.tokenizer.shards import Shards
+
+
+class TokenWindows:
+    """Windows of `seq_len + 1` tokens (inputs and their next-token targets)."""
+
+    def __init__(self, shards: Shards, seq_len: int, seed: int):
+        self.shards, self.seq_len, self.seed = shards, seq_len, seed
+        usable = [len(a) - seq_len - 1 for a in shards.arrays]
+        if max(usable) < 0:
+            raise DataError(f"{shards.directory}: every {shards.split} shard is shorter than one window of "
+                            f"{seq_len + 1} tokens; lower the sequence length or add data")
+        weights = np.array([max(u + 1, 0) for u in usable], dtype=np.float64)
+        self.probabilities = weights / weights.sum()  # a window start is uniform over all valid positions
+
+    def rows(self, step: int, first: int, count: int) -> np.ndarray:
+        """(count, seq_len + 1) int64 token ids: rows first .. first+count-1 of step `step`'s global batch."""
+        out = []
+        for row in range(first, first + count):
+            rng = np.random.default_rng([self.seed, step, row])
+            tokens = self.shards.arrays[rng.choice(len(self.shards.arrays), p=self.probabilities)]
+            start = rng.integers(0, len(tokens) - self.seq_len)
+            out.append(np.asarray(tokens[start:start + self.seq_len + 1], dtype=np.int64))
+        return np.stack(out)

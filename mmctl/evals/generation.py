@@ -1,0 +1,41 @@
+"""Generation tasks: greedy completions through `mmctl.generate`, answer extraction, exact match.
+
+Prompts are batched (left-padded by the decoder); completions stop at a stop string (a newline by default) or
+`max_new_tokens`. Reports exact match with its standard error, and the decoder's time to first token and decode
+tokens/s.
+"""
+
+from __future__ import annotations
+
+from mmctl.evals.extract import exact_match, extract
+from mmctl.evals.multiple_choice import mean, stderr
+from mmctl.evals.tasks import TaskConfig, fewshot_prefix
+
+
+def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int, seed: int,
+             stats: dict) -> tuple[dict, list[dict]]:
+    from mmctl.generate import SamplingConfig, generate
+
+    prefix = fewshot_prefix(task, seed, lambda it: f"{it['prompt']} {it['answer']}")
+    stop = task.stop or ["\n"]
+    sampling = SamplingConfig(max_new_tokens=task.max_new_tokens, stop_strings=stop)
+    samples, correct, ttft, decode_rates = [], [], [], []
+    for b in range(0, len(items), batch_size):
+        batch = items[b:b + batch_size]
+        prompts = [tok.encode(prefix + item["prompt"]) for item in batch]
+        out = generate(model, prompts, sampling, stop_token_ids=[tok.eos_id], decode=tok.decode)
+        ttft.append(out.time_to_first_token)
+        if out.decode_tokens_per_s:
+            decode_rates.append(out.decode_tokens_per_s)
+        for item, completion in zip(batch, out.completions, strict=True):
+            text = tok.decode(completion.ids, skip_special_tokens=True)
+            for s in stop:  # the stop string ends the answer; it is not part of it
+                text = text.split(s, 1)[0]
+            predicted = extract(text, task.extract)
+            correct.append(float(exact_match(predicted, item["answer"])))
+            samples.append({"prompt": item["prompt"], "target": item["answer"], "completion": text,
+                            "prediction": predicted, "exact_match": correct[-1]})
+    stats["time_to_first_token_s"] = mean(ttft)
+    if decode_rates:
+        stats["decode_tokens_per_s"] = mean(decode_rates)
+    return {"exact_match": mean(correct), "exact_match_stderr": stderr(correct), "n": len(items)}, samples

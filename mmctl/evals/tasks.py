@@ -1,0 +1,174 @@
+"""Evaluation tasks: what a task is, how its items are read, and the built-in offline tasks.
+
+A task is a `TaskConfig` — inline in an eval recipe, in a YAML file of its own, or made from command-line flags
+— of one of three kinds, scored as lm-evaluation-harness scores them:
+- perplexity: documents from a text file, a jsonl field, or a shard split; rolling windows (`eval.stride`);
+- multiple_choice: jsonl items `{"context": str, "choices": [str, …], "answer": int}`; log-likelihood of each
+  choice after the context (acc, and acc_norm by characters);
+- generation: jsonl items `{"prompt": str, "answer": str | number}`; greedy completion, answer extraction,
+  exact match after numeric normalization.
+
+Built-in tasks, generated offline from the project's procedural data so the tiny pipeline can show what each
+stage changes: `arithmetic` (generation, the held-out tenth of problems), `arithmetic-mc` (4 choices),
+`stories-mc` (which friend is thanked at the end of a tiny story, 4 choices), `stories-ppl` (fresh stories).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mmctl.errors import DataError, UsageError
+from mmctl.recipe import option
+
+BUILTINS = ("arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl")
+BUILTIN_SEED = 1_000_003  # different from any training recipe's seed: fresh documents
+
+
+@dataclass
+class TaskConfig:
+    name: str | None = option(None, "label in the results; default: the built-in's name or the data file's stem")
+    builtin: Literal["arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl"] | None = option(
+        None, "a built-in offline task (then kind and data are implied)")
+    kind: Literal["perplexity", "multiple_choice", "generation"] | None = option(
+        None, "perplexity | multiple_choice | generation")
+    data: str | None = option(None, "items: jsonl file; for perplexity also a text file or a shards directory")
+    field: str = option("text", "perplexity over jsonl: the field holding each document")
+    split: str = option("val", "perplexity over a shards directory: the split to score")
+    fewshot_data: str | None = option(None, "jsonl items to draw few-shot examples from (the task's train split)")
+    num_fewshot: int = option(0, "examples prepended to each context", ge=0)
+    stride: int | None = option(None, "perplexity: tokens between rolling windows; unset: the model's context",
+                                ge=1)
+    max_new_tokens: int = option(32, "generation: tokens to generate at most", ge=1)
+    stop: list[str] = option(list, "generation: stop strings (default: a newline)")
+    extract: str = option("last_number", "generation: last_number | hashes (#### answer) | exact | regex:PATTERN "
+                                         "(the first group, or the whole match)")
+    items: int = option(500, "built-in tasks: how many items to generate", ge=1)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.builtin:
+            return [("data", "a built-in task takes no data")] if self.data else []
+        if not self.kind:
+            return [("kind", "missing required value: set kind (or builtin)")]
+        if not self.data:
+            return [("data", f"missing required value: a {self.kind} task needs data")]
+        if self.extract not in ("last_number", "hashes", "exact") and not self.extract.startswith("regex:"):
+            return [("extract", f"{self.extract!r} is not one of last_number, hashes, exact, regex:PATTERN")]
+        return []
+
+    @property
+    def label(self) -> str:
+        return self.name or self.builtin or Path(self.data).stem
+
+    @property
+    def task_kind(self) -> str:
+        if self.builtin:
+            return {"arithmetic": "generation", "stories-ppl": "perplexity"}.get(self.builtin, "multiple_choice")
+        return self.kind
+
+
+def read_jsonl(path: str | Path, required: dict[str, type | tuple]) -> list[dict]:
+    """Task items, each checked for its fields; a malformed line is a one-line UsageError naming it (exit 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: task file not found")
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
+        for key, typ in required.items():
+            if key not in item:
+                raise UsageError(f"{path}:{number}: missing field {key!r}")
+            if not isinstance(item[key], typ) or isinstance(item[key], bool):
+                raise UsageError(f"{path}:{number}: field {key!r} has the wrong type ({type(item[key]).__name__})")
+        if "choices" in required:
+            choices = item["choices"]
+            if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+                raise UsageError(f"{path}:{number}: choices must be a list of at least two strings")
+            if not 0 <= item["answer"] < len(choices):
+                raise UsageError(f"{path}:{number}: answer {item['answer']} is not an index into the "
+                                 f"{len(choices)} choices")
+        items.append(item)
+    if not items:
+        raise DataError(f"{path}: no task items")
+    return items
+
+
+MC_FIELDS = {"context": str, "choices": list, "answer": int}
+GEN_FIELDS = {"prompt": str, "answer": (str, int, float)}
+
+
+def items_of(task: TaskConfig) -> list[dict]:
+    """The task's items: multiple choice and generation dicts, or perplexity documents as {"text": …}."""
+    if task.builtin:
+        return builtin_items(task.builtin, task.items)
+    if task.task_kind == "multiple_choice":
+        return read_jsonl(task.data, MC_FIELDS)
+    if task.task_kind == "generation":
+        return read_jsonl(task.data, GEN_FIELDS)
+    path = Path(task.data)
+    if path.suffix == ".jsonl":
+        return [{"text": item[task.field]} for item in read_jsonl(path, {task.field: str})]
+    if path.is_file():
+        return [{"text": path.read_text(encoding="utf-8")}]
+    raise DataError(f"{path}: not a text or jsonl file")  # shard splits are read by the perplexity module
+
+
+def fewshot_prefix(task: TaskConfig, seed: int, render) -> str:
+    """`num_fewshot` solved examples from the task's train items, each rendered by `render(item)`, separated by
+    blank lines (lm-eval's defaults), the same examples for every item (seeded)."""
+    if not task.num_fewshot:
+        return ""
+    if task.builtin:
+        pool = builtin_items(task.builtin, task.num_fewshot, seed=BUILTIN_SEED + 1)
+    elif task.fewshot_data:
+        pool = read_jsonl(task.fewshot_data, MC_FIELDS if task.task_kind == "multiple_choice" else GEN_FIELDS)
+    else:
+        raise UsageError(f"tasks: {task.label}: num_fewshot needs fewshot_data (the task's train items)")
+    examples = random.Random(seed).sample(pool, min(task.num_fewshot, len(pool)))
+    return "".join(render(item) + "\n\n" for item in examples)
+
+
+def builtin_items(name: str, n: int, seed: int = BUILTIN_SEED) -> list[dict]:
+    from mmctl.data.synthetic import NAMES, arithmetic_problems, stories
+
+    rng = random.Random(f"{name}:{seed}")
+    if name == "arithmetic":
+        return [{"prompt": f"Question: {p.question}\nAnswer:", "answer": p.answer}
+                for p in arithmetic_problems(n, seed, split="test")]
+    if name == "arithmetic-mc":
+        items = []
+        for p in arithmetic_problems(n, seed, split="test"):
+            wrong = set()
+            while len(wrong) < 3:
+                candidate = p.answer + rng.choice([-10, -2, -1, 1, 2, 10, 11, -11])
+                if candidate >= 0 and candidate != p.answer:
+                    wrong.add(candidate)
+            choices = [str(p.answer)] + [str(w) for w in sorted(wrong)]
+            rng.shuffle(choices)
+            items.append({"context": f"Question: {p.question}\nAnswer:", "choices": choices,
+                          "answer": choices.index(str(p.answer))})
+        return items
+    if name == "stories-mc":
+        items = []
+        for story in stories(n, seed):
+            cut = story.index('smiled and said, "Thank you, ') + len('smiled and said, "Thank you,')
+            friend = story[cut + 1:].split("!", 1)[0]
+            others = rng.sample([x for x in NAMES if x != friend and x not in story[:cut]], 3)
+            choices = [f" {name}!" for name in [friend] + others]
+            rng.shuffle(choices)
+            items.append({"context": story[:cut], "choices": [c[1:] for c in choices],
+                          "answer": choices.index(f" {friend}!")})
+        return items
+    if name == "stories-ppl":
+        return [{"text": s} for s in stories(n, seed)]
+    raise UsageError(f"unknown built-in task {name!r}; built-ins: {', '.join(BUILTINS)}")

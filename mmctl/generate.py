@@ -1,0 +1,166 @@
+"""Decoding: greedy and sampled generation from a batch of prompts, with a KV cache.
+
+The one decoding loop that `mmctl generate`, eval and RL share. Prompts are left-padded into one batch, run through
+one prefill, then decoded one token per row per step against a preallocated KV cache
+(`mmctl.models.transformer.KVCache`). Sampling follows transformers' `generate` (repetition penalty, then
+temperature, top-k, top-p, as its logits processors do), so greedy output matches `generate(do_sample=False)`
+token for token. Randomness comes only from a seeded `torch.Generator`: the same seed gives the same samples.
+
+Leaves out: beam search, min-p / typical sampling, speculative decoding, and per-row settings within a batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mmctl.errors import UsageError
+from mmctl.models.transformer import Transformer
+from mmctl.recipe import option
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens; usable directly as a recipe section."""
+
+    max_new_tokens: int = option(128, "tokens to generate per prompt, at most", ge=1)
+    temperature: float = option(0.0, "softmax temperature; 0 means greedy (always the most likely token)", ge=0)
+    top_k: int = option(0, "sample only from the k most likely tokens; 0 means no limit", ge=0)
+    top_p: float = option(1.0, "sample only from the most likely tokens whose probabilities sum to p (nucleus); "
+                               "1 means no limit", gt=0, le=1)
+    repetition_penalty: float = option(1.0, "shrink the logits of tokens already in the prompt or completion by "
+                                            "this factor; 1 means off", gt=0)
+    stop_strings: list[str] = option(list, "stop a completion once its text contains one of these")
+    seed: int = option(0, "seed of the sampling random number generator")
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation. `ids` include the stop token or the tokens spelling the stop string."""
+
+    ids: list[int]
+    finish_reason: str  # "stop" (a stop token or string) or "length" (max_new_tokens reached)
+    stop: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass
+class Generation:
+    completions: list[Completion]
+    time_to_first_token: float  # seconds: prefill and the first pick
+    decode_tokens_per_s: float | None  # tokens after the first (all rows) / time after the first; None if none
+
+
+def process_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Next-token logits (B, V) → the scores sampling draws from: penalized, tempered, filtered to -inf.
+
+    `seen` (B, V) marks tokens already in each row's prompt or completion, for the repetition penalty.
+    """
+    if seen is not None and sampling.repetition_penalty != 1.0:
+        # CTRL (Keskar et al. 2019): dividing a negative logit would raise it, so those are multiplied instead
+        p = sampling.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * p, logits / p), logits)
+    if sampling.temperature == 0:
+        return logits
+    logits = logits / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        # drop the least likely tokens whose total probability stays within 1 - p; the most likely always stays
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None,
+         generator: torch.Generator) -> torch.Tensor:
+    """One token per row (B,): argmax when greedy, else a draw from the processed distribution."""
+    scores = process_logits(logits, sampling, seen)
+    if sampling.temperature == 0:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
+             stop_token_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
+             on_tokens: Callable[[list[int | None]], None] | None = None) -> Generation:
+    """Continue each prompt (a list of token ids). Rows stop at a stop token, a stop string or max_new_tokens.
+
+    decode: token ids → text; needed for `stop_strings`.
+    on_tokens: called after every step with each row's new token id, None for rows that already stopped
+        (for streaming).
+    """
+    sampling = sampling or SamplingConfig()
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UsageError("every prompt needs at least one token")
+    if sampling.stop_strings and decode is None:
+        raise UsageError("stop strings need a decode function to turn token ids into text")
+    B, T, new = len(prompts), max(len(p) for p in prompts), sampling.max_new_tokens
+    context = model.cfg.max_position_embeddings
+    if T + new > context:
+        raise UsageError(f"the longest prompt ({T} tokens) + max_new_tokens ({new}) exceeds the model's context "
+                         f"({context} tokens)")
+    device = model.lm_head.weight.device
+
+    # Left padding lines every prompt's last token up at slot T-1, so each step appends one slot for all rows.
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.tensor(p)
+        mask[b, T - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        for b, p in enumerate(prompts):
+            seen[b, list(p)] = True
+    generator = torch.Generator(device).manual_seed(sampling.seed)
+    stop_ids = set(stop_token_ids)
+    window = max((len(s.encode()) for s in sampling.stop_strings), default=0)  # a token spells ≥ 1 byte
+    rows = torch.arange(B, device=device)
+
+    start = time.perf_counter()
+    cache = model.new_cache(B, T + new)
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    positions = mask.sum(1, keepdim=True) - 1  # (B, 1) each row's last real position
+    out: list[list[int]] = [[] for _ in range(B)]
+    done: list[Completion | None] = [None] * B
+    first = time.perf_counter()
+    for step in range(new):
+        token = pick(logits, sampling, seen, generator)  # (B,)
+        if step == 0:
+            first = time.perf_counter()
+        fresh: list[int | None] = []
+        for b, t in enumerate(token.tolist()):
+            if done[b] is not None:
+                fresh.append(None)
+                continue
+            out[b].append(t)
+            fresh.append(t)
+            if t in stop_ids:
+                done[b] = Completion(out[b], "stop", t)
+            elif window:
+                text = decode(out[b][-window:])
+                hit = next((s for s in sampling.stop_strings if s in text), None)
+                if hit is not None:
+                    done[b] = Completion(out[b], "stop", hit)
+        if on_tokens is not None:
+            on_tokens(fresh)
+        if all(d is not None for d in done) or step == new - 1:
+            break
+        if seen is not None:
+            seen[rows, token] = True
+        positions += 1
+        logits = model(token[:, None], position_ids=positions, cache=cache)[:, -1]
+    end = time.perf_counter()
+
+    completions = [d if d is not None else Completion(out[b], "length") for b, d in enumerate(done)]
+    decoded = sum(len(c.ids) - 1 for c in completions)
+    return Generation(completions, first - start, decoded / (end - first) if decoded and end > first else None)

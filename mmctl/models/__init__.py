@@ -1,0 +1,1 @@
+"""Model architectures: the decoder LM (`transformer`) and Hugging Face checkpoint interop (`hf`)."""

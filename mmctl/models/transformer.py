@@ -1,0 +1,357 @@
+"""A Llama-style decoder-only transformer, written to be read ("Llama from scratch").
+
+Follows Meta's Llama 2/3 reference model and Hugging Face's `LlamaForCausalLM`, whose parameter names it keeps
+exactly (`model.layers.0.self_attn.q_proj.weight` …) so a checkpoint is saved and loaded with no renaming step:
+RMSNorm (Zhang & Sennrich 2019), rotary position embeddings (Su et al. 2021) in HF's rotate-half layout with
+Llama 3.1's frequency scaling, grouped-query attention (Ainslie et al. 2023) through
+`F.scaled_dot_product_attention`, a SwiGLU MLP (Shazeer 2020), optional q/k/v biases (Qwen2), tied or untied
+embeddings, and a preallocated KV cache with separate prefill and decode paths.
+
+Shapes: B batch, T new tokens, S cached + new tokens, C hidden size, H query heads, K key/value heads,
+G = H // K query heads per key/value head, D head dim, F MLP size, V vocab, L layers.
+
+Leaves out: dropout, sliding-window attention, other RoPE scalings (linear, dynamic NTK, YaRN), masks for packed
+documents (pass one document per row), MoE, and biases on o_proj or the MLP.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from mmctl.errors import UsageError
+from mmctl.recipe import option
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture; usable directly as a recipe's `model:` section. Defaults make a tiny model."""
+
+    vocab_size: int = option(512, "vocabulary size (tokens)", ge=1)
+    hidden_size: int = option(128, "width of the residual stream (C)", ge=1)
+    intermediate_size: int = option(384, "width of the SwiGLU MLP (F)", ge=1)
+    num_layers: int = option(4, "number of transformer blocks (L)", ge=1)
+    num_heads: int = option(4, "query heads per layer (H)", ge=1)
+    num_kv_heads: int = option(2, "key/value heads per layer (K): H for MHA, 1 for MQA, between for GQA", ge=1)
+    head_dim: int | None = option(None, "width of one head (D); null means hidden_size / num_heads", ge=2)
+    max_position_embeddings: int = option(512, "longest sequence the model accepts (tokens)", ge=1)
+    rope_theta: float = option(10000.0, "RoPE base wavelength", gt=0)
+    rope_scaling: dict | None = option(None, "null, or Llama 3.1 RoPE scaling: factor, low_freq_factor, "
+                                             "high_freq_factor, original_max_position_embeddings")
+    rms_norm_eps: float = option(1e-5, "epsilon inside RMSNorm's square root", gt=0)
+    tie_embeddings: bool = option(True, "share one matrix between the token embedding and the output head")
+    qkv_bias: bool = option(False, "biases on the q/k/v projections (Qwen2 style)")
+    init_std: float = option(0.02, "std of the normal init; o_proj and down_proj get std / sqrt(2 * num_layers)",
+                             gt=0)
+
+    @property
+    def head_size(self) -> int:
+        """The head width D actually used."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def check(self) -> list[tuple[str, str]]:
+        """Cross-field rules as (field, message) pairs; mmctl.recipe prefixes the section path."""
+        problems = []
+        if self.num_heads % self.num_kv_heads:
+            problems.append(("num_kv_heads", f"{self.num_kv_heads} must divide num_heads ({self.num_heads})"))
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            problems.append(("num_heads", f"{self.num_heads} must divide hidden_size ({self.hidden_size}) "
+                                          "unless head_dim is set"))
+        elif self.head_size % 2:
+            problems.append(("head_dim", f"{self.head_size} must be even (RoPE rotates pairs of dimensions)"))
+        if self.rope_scaling is not None:
+            extra = set(self.rope_scaling) - set(ROPE_SCALING_KEYS) - {"rope_type"}
+            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            if self.rope_scaling.get("rope_type", "llama3") != "llama3":
+                problems.append(("rope_scaling", "only rope_type llama3 is supported"))
+            elif extra or missing:
+                problems.append(("rope_scaling", f"expected exactly the keys {', '.join(ROPE_SCALING_KEYS)}"))
+            elif not all(isinstance(self.rope_scaling[k], (int, float)) for k in ROPE_SCALING_KEYS):
+                problems.append(("rope_scaling", "every value must be a number"))
+            elif not 0 < self.rope_scaling["low_freq_factor"] < self.rope_scaling["high_freq_factor"]:
+                problems.append(("rope_scaling", "needs 0 < low_freq_factor < high_freq_factor"))
+        return problems
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The D/2 rotation frequencies θ^(-2i/D), with Llama 3.1's scaling when configured. (D/2,) float32."""
+    D = cfg.head_size
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
+    if cfg.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1: keep short wavelengths, stretch long ones by `factor`, blend smoothly in between
+    # (same arithmetic as transformers' _compute_llama3_parameters, so logits match to the last bit).
+    s = cfg.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's layout pairs dimension i with i + D/2 (not 2i with 2i+1 as in Meta's complex-number code)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q and k (B, heads, T, D) by their positions; cos/sin are (B, T, D)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): the same rotation for every head
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def attention_mask_for(valid: torch.Tensor | None, start: int, end: int, decode: bool, device=None
+                       ) -> torch.Tensor | None:
+    """The boolean mask SDPA takes (True = may attend) for queries at slots [start, end) over keys [0, end), or
+    None for plain causal attention. `valid` (B, S) marks the key slots that hold real tokens (None: all do)."""
+    if decode:  # the one new token per row comes after every key: only padding needs masking
+        return None if valid is None else valid[:, None, None, :]  # (B, 1, 1, S)
+    if valid is None and start == 0:
+        return None
+    T = end - start
+    slots = torch.arange(end, device=device)
+    mask = slots[None, :] <= slots[start:, None]  # (T, S) causal
+    if valid is not None:
+        mask = mask & valid[:, None, :]  # (B, T, S)
+    # A padding query has no real key before it; letting it see itself avoids an all-masked row, which SDPA turns
+    # into NaN. Its output is never used.
+    return (mask | (slots[None, :] == slots[start:, None])).view(-1, 1, T, end)  # (B or 1, 1, T, S)
+
+
+class KVCache:
+    """Keys and values of every layer, in buffers allocated once at full length (static shapes).
+
+    All rows share one fill level `length`: a batch is left-padded, so row b's real tokens end at the same slot
+    as everyone else's, and `valid` (B, S_max) marks which slots hold real tokens. The model appends to it.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype=torch.float32, device=None):
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_size)  # (B, K, S_max, D)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        self.padded = False  # any invalid slot yet? (without padding the decode path needs no mask at all)
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v (B, K, T, D) after the filled slots; return all keys/values so far (B, K, S, D).
+
+        `length` is advanced by the model once every layer has written, so all layers write to the same slots.
+        """
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# --- sub-blocks ----------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) · weight, computed in float32 as HF does, so bf16 runs stay stable."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos and sin of each position's rotation angles, computed once per forward and shared by every layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, D): rotate-half layout repeats the frequencies
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention: H query heads share K key/value heads (MHA if K = H, MQA if K = 1)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.H, self.K, self.D = cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        C = cfg.hidden_size
+        self.q_proj = nn.Linear(C, self.H * self.D, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(C, self.K * self.D, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(C, self.K * self.D, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.D, C, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.H, self.K, self.D
+        decode = cache is not None and T == 1
+        if decode:
+            # One new token per row: the G query heads of a group become G "query positions" against their one
+            # key/value head, so a single SDPA call does GQA without repeating keys. (B, 1, H·D) → (B, K, G, D)
+            q = self.q_proj(x).view(B, K, H // K, D)
+            k = self.k_proj(x).view(B, K, 1, D)  # (B, K, T=1, D)
+            v = self.v_proj(x).view(B, K, 1, D)
+        else:
+            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+            v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D)
+        if decode:
+            # every cached key is in the past: no causal mask, only the padding mask (if any)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, K, G, D)
+        else:
+            if K != H:  # each key/value head serves G consecutive query heads
+                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = y.transpose(1, 2)  # (B, T, H, D)
+        return self.o_proj(y.reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --- block ---------------------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# --- model ---------------------------------------------------------------------------------------------------
+
+class Decoder(nn.Module):
+    """Embedding, blocks and final norm: the `model.` prefix of HF's parameter names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+        self.activation_checkpointing = False  # set by the training loop (train.activation_checkpointing)
+
+    def forward(self, input_ids, position_ids, mask=None, cache=None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for i, block in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and cache is None:
+                # keep only each block's input; recompute its insides during the backward pass
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+
+class Transformer(nn.Module):
+    """The language model: token ids → next-token logits. `state_dict()` keys are HF Llama's."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        problems = cfg.check()
+        if problems:
+            raise UsageError(*(f"model.{name}: {message}" for name, message in problems))
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights, zero biases, unit norms. GPT-2's scheme scales the two projections that
+        write into the residual stream by 1/sqrt(2L), so the stream's variance does not grow with depth."""
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        for block in self.model.layers:
+            for proj in (block.self_attn.o_proj, block.mlp.down_proj):
+                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.num_layers))
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch_size` rows of up to `max_len` tokens, in the model's dtype and device."""
+        w = self.lm_head.weight
+        return KVCache(self.cfg, batch_size, max_len, dtype=w.dtype, device=w.device)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) for the last position if `last_only`.
+
+        attention_mask: (B, T) 1 for real tokens, 0 for (left) padding, covering the new tokens only — a cache
+            remembers the earlier ones. Padding slots are never attended to.
+        position_ids: (B, T); by default each real token's index among the real tokens of its row, so a
+            left-padded row gets the same positions as it would alone.
+        cache: a `new_cache()`; the new keys/values are appended after what it holds. With a cache, T > 1 is a
+            prefill and T == 1 takes the lean decode path.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        end = start + T
+        if end > self.cfg.max_position_embeddings:
+            raise UsageError(f"{end} tokens exceed the model's context (max_position_embeddings = "
+                             f"{self.cfg.max_position_embeddings})")
+        if cache is not None and end > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens, {end} needed")
+
+        if cache is not None and attention_mask is not None:
+            cache.valid[:, start:end] = attention_mask.bool()
+            cache.padded = cache.padded or not bool(attention_mask.all())
+        padded = cache.padded if cache is not None else attention_mask is not None and not bool(attention_mask.all())
+        valid = None  # (B, S) which key slots hold real tokens, when some do not
+        if padded:
+            valid = cache.valid[:, :end] if cache is not None else attention_mask.bool()
+        if position_ids is None and valid is not None:
+            position_ids = (valid.cumsum(-1)[:, start:] - 1).clamp(min=0)  # (B, T)
+        elif position_ids is None:
+            position_ids = torch.arange(start, end, device=input_ids.device).expand(B, T)
+
+        decode = cache is not None and T == 1
+        x = self.model(input_ids, position_ids, attention_mask_for(valid, start, end, decode, input_ids.device), cache)
+        if cache is not None:
+            cache.length = end
+        return self.lm_head(x[:, -1:] if last_only else x)

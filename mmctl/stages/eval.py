@@ -1,0 +1,158 @@
+"""`mmctl eval`: score checkpoints on perplexity, multiple-choice and generation tasks, side by side.
+
+lm-evaluation-harness's way of scoring (mmctl/evals/), on mmctl checkpoints or local Hugging Face ones, with no
+conversion step and offline. Writes `results.json` (every metric with its standard error, per checkpoint and
+task, the checkpoints' hashes, throughput) and `samples.jsonl` (every item: prompt, target, prediction, score).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmctl import recipe
+from mmctl.artifacts import Run, atomic_write_json, atomic_write_text
+from mmctl.console import console
+from mmctl.errors import DataError
+from mmctl.evals.tasks import TaskConfig
+from mmctl.recipe import option
+
+STAGE = "eval"
+
+
+@dataclass
+class RunSection:
+    out: str = option("out/eval", "output directory: results.json, samples.jsonl, manifest.json")
+    seed: int = option(0, "seed of the few-shot example choice")
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = option(8, "sequences per forward pass (scores do not depend on it)", ge=1)
+    limit: int | None = option(None, "score at most this many items per task", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    run: RunSection = option(RunSection, "output directory and seed")
+    checkpoints: list[str] = option(list, "checkpoint directories (mmctl's, or local Hugging Face ones)")
+    tasks: list[TaskConfig] = option(list, "the tasks (fields: mmctl/evals/tasks.py)")
+    eval: EvalSection = option(EvalSection, "batching and limits")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if not self.checkpoints:
+            problems.append(("checkpoints", "missing required value: at least one checkpoint directory"))
+        if not self.tasks:
+            problems.append(("tasks", "missing required value: at least one task"))
+        labels = [t.label for t in self.tasks if t.builtin or t.data]
+        if len(set(labels)) != len(labels):
+            problems.append(("tasks", "two tasks share a name; give one a `name`"))
+        return problems
+
+
+def inputs_of(cfg: EvalConfig) -> dict[str, Path]:
+    inputs = {f"checkpoint:{c}:{name}": Path(c) / name for c in cfg.checkpoints
+              for name in ("config.json", "model.safetensors", "tokenizer.json") if (Path(c) / name).exists()}
+    for task in cfg.tasks:
+        for path in (task.data, task.fewshot_data):
+            if path:
+                p = Path(path)
+                inputs[f"task:{task.label}:{path}"] = p / "manifest.json" if p.is_dir() else p
+    return inputs
+
+
+def run(cfg: EvalConfig, force: bool = False) -> tuple[Path, dict | None]:
+    from mmctl.models import hf
+    from mmctl.tokenizer import bpe
+
+    out = Path(cfg.run.out)
+    run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
+    if not force and run_dir.up_to_date():
+        return out, None
+    run_dir.start()
+    results: dict = {"checkpoints": {}}
+    samples: list[dict] = []
+    for ckpt in cfg.checkpoints:
+        model, tok = hf.load_checkpoint(ckpt), bpe.load(ckpt)
+        entry = {"sha256": {Path(v["path"]).name: v["sha256"] for k, v in run_dir.inputs.items()
+                            if k.startswith(f"checkpoint:{ckpt}:")}, "tasks": {}}
+        for task in cfg.tasks:
+            stats: dict = {}
+            metrics, task_samples = score(model, tok, task, cfg, stats)
+            metrics["throughput"] = throughput(stats)
+            entry["tasks"][task.label] = metrics
+            samples += [{"checkpoint": ckpt, "task": task.label, **s} for s in task_samples]
+            console.print(f"{ckpt}: {task.label}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                               if isinstance(v, float) and not k.endswith("stderr")))
+        results["checkpoints"][ckpt] = entry
+    atomic_write_json(out / "results.json", {**results, "config": recipe.to_dict(cfg, STAGE)})
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    run_dir.finish(results)
+    return out, results
+
+
+def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict) -> tuple[dict, list[dict]]:
+    from mmctl.evals import generation, multiple_choice, perplexity
+    from mmctl.evals.tasks import items_of
+
+    kind = task.task_kind
+    if kind == "perplexity" and task.data and Path(task.data).is_dir():
+        items = shard_documents(task, tok)
+    else:
+        items = items_of(task)
+    items = items[: cfg.eval.limit] if cfg.eval.limit else items
+    module = {"perplexity": perplexity, "multiple_choice": multiple_choice, "generation": generation}[kind]
+    if kind == "perplexity":
+        items = [item["text"] for item in items]
+    return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats)
+
+
+def shard_documents(task: TaskConfig, tok) -> list[dict]:
+    """The documents of a shard split, decoded (perplexity over what `tokenize` held out)."""
+    from mmctl.tokenizer.shards import Shards
+
+    shards = Shards(task.data, task.split)
+    if shards.tokenizer_sha256 != tok.sha256:
+        raise DataError(f"{task.data}: written by another tokenizer than the checkpoint's (sha256 "
+                        f"{shards.tokenizer_sha256[:12]}… vs {tok.sha256[:12]}…)")
+    return [{"text": tok.decode(doc[:-1].tolist())} for i in range(len(shards.arrays))
+            for doc in shards.documents_of(i)]
+
+
+def throughput(stats: dict) -> dict:
+    out = {}
+    if stats.get("seconds"):
+        out["prefill_tokens_per_s"] = stats["tokens"] / stats["seconds"]
+    for key in ("time_to_first_token_s", "decode_tokens_per_s"):
+        if key in stats:
+            out[key] = stats[key]
+    return out
+
+
+def render(results: dict, out: Path) -> None:
+    """One table: a row per task metric, a column per checkpoint."""
+    from rich.table import Table
+
+    ckpts = list(results["checkpoints"])
+    table = Table(title="Evaluation", title_justify="left")
+    table.add_column("task")
+    table.add_column("metric")
+    for c in ckpts:
+        table.add_column(c, justify="right")
+    first = results["checkpoints"][ckpts[0]]["tasks"]
+    for task, metrics in first.items():
+        for metric, value in metrics.items():
+            if not isinstance(value, float) or metric.endswith("stderr") or metric == "chance":
+                continue
+            cells = []
+            for c in ckpts:
+                m = results["checkpoints"][c]["tasks"][task]
+                err = m.get(f"{metric}_stderr")
+                cells.append(f"{m[metric]:.4g}" + (f" ± {err:.2g}" if err == err and err is not None else ""))
+            table.add_row(task, metric, *cells)
+        if "chance" in metrics:
+            table.add_row(task, "chance", *[f"{metrics['chance']:.4g}"] * len(ckpts))
+    console.print(table)
+    console.print(f"samples: {out / 'samples.jsonl'}")

@@ -1,0 +1,104 @@
+"""`mmctl generate`: sample from a checkpoint — streamed to the terminal, or as JSON with timings.
+
+Prompts come from `--prompt` or a file (`--prompts`, one per line, or jsonl with a "prompt" field); many prompts
+are decoded together as one left-padded batch. `--chat` wraps each prompt as a user turn through the
+checkpoint's chat template. Decoding itself lives in `mmctl/generate.py`, shared with eval and RL.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmctl.console import console
+from mmctl.errors import DataError, UsageError
+from mmctl.generate import SamplingConfig
+from mmctl.recipe import option
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = option(None, "the checkpoint directory", required=True)
+    prompts: list[str] = option(list, "the prompts")
+    chat: bool = option(False, "wrap each prompt as a user turn with the checkpoint's chat template")
+    sampling: SamplingConfig = option(SamplingConfig, "how tokens are picked (mmctl/generate.py)")
+
+    def check(self) -> list[tuple[str, str]]:
+        return [] if self.prompts else [("prompts", "missing required value: --prompt TEXT or --prompts FILE")]
+
+
+def read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"{file}: prompts file not found")
+    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if file.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            prompts.append(json.loads(line)["prompt"])
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"{file}:{number}: expected a JSON object with a \"prompt\" field") from None
+    return prompts
+
+
+def run(cfg: GenerateConfig, stream: bool) -> dict:
+    from mmctl.data.chat import render
+    from mmctl.generate import generate
+    from mmctl.models import hf
+    from mmctl.tokenizer import bpe
+
+    model, tok = hf.load_checkpoint(cfg.checkpoint), bpe.load(cfg.checkpoint)
+    if cfg.chat:
+        texts = [render([{"role": "user", "content": p}], tok.chat_template, add_generation_prompt=True)
+                 for p in cfg.prompts]
+        ids = [tok.encode_special(t) for t in texts]
+    else:
+        ids = [tok.encode(p) for p in cfg.prompts]
+    stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | {tok.eos_id} |
+                   ({tok.token_id("<|end|>")} if cfg.chat and tok.token_id("<|end|>") is not None else set()))
+    printer = _Streamer(tok, cfg.prompts[0]) if stream and len(ids) == 1 else None
+    out = generate(model, ids, cfg.sampling, stop_token_ids=stops, decode=tok.decode,
+                   on_tokens=printer.add if printer else None)
+    if printer:
+        printer.finish()
+    completions = [{"prompt": p, "completion": tok.decode(c.ids, skip_special_tokens=True), "tokens": len(c.ids),
+                    "prompt_tokens": len(i), "finish_reason": c.finish_reason}
+                   for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
+    return {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
+            "decode_tokens_per_s": out.decode_tokens_per_s}
+
+
+class _Streamer:
+    """Prints a single completion as it is decoded (text is re-decoded so multi-byte characters print whole)."""
+
+    def __init__(self, tok, prompt: str):
+        self.tok, self.ids, self.shown = tok, [], ""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def add(self, new: list[int | None]) -> None:
+        if new[0] is None:
+            return
+        self.ids.append(new[0])
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def render_results(results: dict, streamed: bool) -> None:
+    if not streamed:
+        for c in results["completions"]:
+            sys.stdout.write(c["prompt"] + c["completion"] + "\n")
+    rate = results["decode_tokens_per_s"]
+    console.print(f"time to first token {results['time_to_first_token_s'] * 1000:.0f} ms; decode "
+                  + (f"{rate:.1f} tokens/s" if rate else "—"))

@@ -1,0 +1,209 @@
+"""HF interop against transformers itself: the same weights give the same logits both ways, fp32, within 1e-5.
+
+mmctl → save_checkpoint → `AutoModelForCausalLM.from_pretrained`, and transformers `save_pretrained` →
+load_checkpoint → mmctl, on random small configs (Llama GQA untied, Llama MQA tied, Qwen2 with biases and an
+explicit head_dim, Llama 3.1 RoPE scaling, Mistral); plus the refusals (pickle, missing/mismatched tensors,
+unsupported families) and the checkpoint dir's tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from mmctl.errors import DataError, UnsafeInputError, UsageError  # noqa: E402
+from mmctl.models import hf  # noqa: E402
+from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
+from tests.models import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+transformers.logging.set_verbosity_error()
+
+SMALL = dict(vocab_size=128, hidden_size=128, intermediate_size=96, num_layers=2, num_heads=4)
+LLAMA3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+CONFIGS = {
+    "llama-gqa-untied": ModelConfig(**SMALL, num_kv_heads=2, tie_embeddings=False),
+    "llama-mqa-tied": ModelConfig(**SMALL, num_kv_heads=1, tie_embeddings=True, rms_norm_eps=1e-6),
+    "qwen2-bias-head-dim": ModelConfig(**SMALL, num_kv_heads=2, head_dim=64, qkv_bias=True, rope_theta=1e6),
+    "llama3-rope-scaling": ModelConfig(**SMALL, num_kv_heads=2, rope_theta=500000.0, rope_scaling=LLAMA3),
+}
+
+
+def random_model(cfg: ModelConfig) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):  # away from ones and zeros, so they are really compared
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    return model
+
+
+def inputs():
+    """Two rows of 24 tokens, the second left-padded by 5."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 24), generator=g)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :5] = 0
+    return ids, mask
+
+
+def assert_same_logits(ours: Transformer, theirs) -> None:
+    ids, mask = inputs()
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-5
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        a = ours(ids, attention_mask=mask)
+        b = theirs(ids, attention_mask=mask, position_ids=positions).logits
+    assert (a - b)[mask.bool()].abs().max() < 1e-5
+
+
+def hf_model(cfg: ModelConfig):
+    """A randomly initialised transformers model of `cfg`'s architecture (norms and biases randomised too)."""
+    torch.manual_seed(0)
+    fields = hf.config_to_hf(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_mmctl_checkpoint_loads_in_transformers_with_the_same_logits(name, tmp_path):
+    ours = random_model(CONFIGS[name])
+    hf.save_checkpoint(ours, tmp_path / "model")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    assert type(theirs).__name__ == ("Qwen2ForCausalLM" if ours.cfg.qkv_bias else "LlamaForCausalLM")
+    assert_same_logits(ours, theirs)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_transformers_checkpoint_loads_in_mmctl_with_the_same_logits(name, tmp_path):
+    theirs = hf_model(CONFIGS[name])
+    theirs.save_pretrained(tmp_path / "model")
+    ours = hf.load_checkpoint(tmp_path / "model")
+    assert ours.cfg == CONFIGS[name]
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ours.cfg.tie_embeddings
+    assert_same_logits(ours, theirs)
+
+
+def test_sharded_checkpoint(tmp_path):
+    theirs = hf_model(CONFIGS["llama-gqa-untied"])
+    theirs.save_pretrained(tmp_path / "model", max_shard_size="100KB")
+    assert (tmp_path / "model" / "model.safetensors.index.json").is_file()
+    assert_same_logits(hf.load_checkpoint(tmp_path / "model"), theirs)
+
+
+def test_mistral_loads_with_its_window_as_the_context(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                                        max_position_embeddings=4096)
+    theirs = transformers.MistralForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path / "model")
+    ours = hf.load_checkpoint(tmp_path / "model")
+    assert ours.cfg.max_position_embeddings == 64
+    assert_same_logits(ours, theirs)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_round_trip(name):
+    cfg = CONFIGS[name]
+    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+
+
+def test_pickle_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(CONFIGS["llama-gqa-untied"])))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not unpickled, ever")
+    with pytest.raises(UnsafeInputError, match=r"pytorch_model\.bin: refusing a pickle checkpoint") as e:
+        hf.load_checkpoint(tmp_path)
+    assert e.value.exit_code == 4
+
+
+def test_missing_and_mismatched_tensors_are_data_errors(tmp_path):
+    path = hf.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
+    tensors = load_file(path / "model.safetensors")
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
+              path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DataError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is missing \(expected shape "
+                                        r"\[96, 128\]\)"):
+        hf.load_checkpoint(path)
+
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(DataError, match=r"gate_proj\.weight has shape \[96, 128\], config.json implies \[64, 128\]"):
+        hf.load_checkpoint(path)
+
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read safetensors"):
+        hf.load_checkpoint(path)
+    with pytest.raises(DataError, match="checkpoint dir not found"):
+        hf.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_unsupported_families_and_features_are_usage_errors():
+    fields = hf.config_to_hf(CONFIGS["llama-gqa-untied"])
+    with pytest.raises(UsageError, match=r"model_type 'gpt2' is not supported \(supported: llama, mistral, qwen2\)"):
+        hf.config_from_hf({**fields, "model_type": "gpt2"})
+    with pytest.raises(UsageError, match="attention_bias"):
+        hf.config_from_hf({**fields, "attention_bias": True})
+    with pytest.raises(UsageError, match="rope type 'yarn'"):
+        hf.config_from_hf({**fields, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None})
+
+
+def write_tokenizer(path: Path) -> None:
+    """A tiny byte-level BPE with the reserved special tokens, as mmctl's tokenizer stage writes it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|bos|>", "<|eos|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["hello world", "hello there"], trainer)
+    path.mkdir()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
+        "pad_token": "<|pad|>"}))
+
+
+def test_checkpoint_dir_carries_the_tokenizer_and_special_ids(tmp_path):
+    write_tokenizer(tmp_path / "tok")
+    cfg = ModelConfig(**{**SMALL, "vocab_size": 320}, num_kv_heads=2)
+    path = hf.save_checkpoint(random_model(cfg), tmp_path / "model", tokenizer_dir=tmp_path / "tok")
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                      "tokenizer.json", "tokenizer_config.json"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    assert tokenizer.eos_token == "<|eos|>"
+    assert hf.eos_token_ids(path) == [tokenizer.eos_token_id] == [1]
+    generation = transformers.GenerationConfig.from_pretrained(path)
+    assert (generation.bos_token_id, generation.pad_token_id) == (0, 2)
+    with pytest.raises(DataError, match="tokenizer.json: tokenizer file not found"):
+        hf.save_checkpoint(random_model(cfg), tmp_path / "other", tokenizer_dir=tmp_path)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_alone(tmp_path, monkeypatch):
+    model = random_model(CONFIGS["llama-gqa-untied"])
+    path = hf.save_checkpoint(model, tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        hf.save_checkpoint(model, path)
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp dir left beside it

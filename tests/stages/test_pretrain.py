@@ -1,0 +1,165 @@
+"""The pretrain stage end to end on a tiny model: outputs load in transformers, resume through the stage is
+exact, runs repeat, non-finite losses exit 5, and two processes (gloo) train on the whole global batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mmctl import recipe  # noqa: E402
+from mmctl.errors import Interrupted  # noqa: E402
+from mmctl.stages import pretrain, tokenize  # noqa: E402
+
+TIMINGS = ("tok_s", "mfu")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "tokenize"
+    data = {"run": {"out": str(out)}, "data": {"sources": [{"kind": "stories", "documents": 300},
+                                                           {"kind": "arithmetic", "documents": 200}]},
+            "tokenizer": {"vocab_size": 320}}
+    tokenize.run(recipe.build(tokenize.TokenizeConfig, data, recipe.Source("t", {}, set())))
+    return out
+
+
+def recipe_data(shards, out, **train):
+    return {
+        "run": {"out": str(out), "seed": 3, "device": "cpu"},
+        "data": {"path": str(shards)},
+        "model": {"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 4,
+                  "num_kv_heads": 2, "max_position_embeddings": 64},
+        "optim": {"lr": 3e-3, "warmup_steps": 2},
+        "train": {"steps": 8, "batch_size": 4, "seq_len": 32, "precision": "fp32", "log_every": 1, "eval_every": 4,
+                  "checkpoint_every": 2, **train},
+        "eval": {"tokens": 256, "sample_tokens": 8},
+    }
+
+
+def config(shards, out, **train):
+    return recipe.build(pretrain.PretrainConfig, recipe_data(shards, out, **train), recipe.Source("r", {}, set()))
+
+
+def metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_outputs(shards, tmp_path):
+    out, results = pretrain.run(config(shards, tmp_path / "a"))
+    assert results["final"]["step"] == 8 and results["final"]["val_loss"] > 0
+    assert results["memory"]["predicted_peak_bytes"] > 0 and results["throughput"]["measured_tok_s"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    assert model.num_parameters() == results["params"]
+    assert tok.eos_token == "<|eos|>"
+    assert pretrain.run(config(shards, tmp_path / "a"))[1] is None  # up to date
+
+
+def test_same_recipe_twice_gives_identical_metrics(shards, tmp_path):
+    pretrain.run(config(shards, tmp_path / "a"))
+    pretrain.run(config(shards, tmp_path / "b"))
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    a = (tmp_path / "a" / "model" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model" / "model.safetensors").read_bytes()
+
+
+def test_interrupt_and_resume_equals_uninterrupted(shards, tmp_path, monkeypatch):
+    pretrain.run(config(shards, tmp_path / "full"))
+    real = torch.nn.functional.cross_entropy
+    calls = []
+
+    def interrupting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:  # during step 5 of 8
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
+    with pytest.raises(Interrupted):
+        pretrain.run(config(shards, tmp_path / "part"))
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+    assert not (tmp_path / "part" / "manifest.json").exists()
+    pretrain.run(config(shards, tmp_path / "part"))
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
+    full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "part" / "model" / "model.safetensors").read_bytes() == full
+
+
+def test_changed_model_refuses_to_resume(shards, tmp_path):
+    pretrain.run(config(shards, tmp_path / "x"))
+    (tmp_path / "x" / "manifest.json").unlink()
+    data = recipe_data(shards, tmp_path / "x", steps=10)
+    data["model"]["intermediate_size"] = 96
+    cfg = recipe.build(pretrain.PretrainConfig, data, recipe.Source("r", {}, set()))
+    from mmctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot resume: model changed"):
+        pretrain.run(cfg)
+
+
+def write_recipe(shards, tmp_path, out, **train):
+    import yaml
+
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump({"stage": "pretrain", **recipe_data(shards, tmp_path / out, **train)}))
+    return path
+
+
+def test_nonfinite_loss_exits_5_and_keeps_a_complete_checkpoint(shards, tmp_path):
+    path = write_recipe(shards, tmp_path, "nan", checkpoint_every=1)
+    text = path.read_text().replace("lr: 0.003", "lr: 1.0e+30")
+    path.write_text(text)
+    out = subprocess.run([sys.executable, "-m", "mmctl", "pretrain", str(path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 5, out.stderr
+    assert "is nan" in out.stderr or "is inf" in out.stderr
+    from mmctl.train import checkpoint
+
+    latest = checkpoint.latest(tmp_path / "nan" / "checkpoints")
+    assert latest is not None and not (tmp_path / "nan" / "manifest.json").exists()
+
+
+def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate is not installed")
+    one = write_recipe(shards, tmp_path, "one", micro_batch_size=2, eval_every=100)
+    two = write_recipe(shards, tmp_path, "two", eval_every=100)
+    env = {"OMP_NUM_THREADS": "1", "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, "-m", "mmctl", "pretrain", str(one)], capture_output=True, text=True,
+                            timeout=600, env=env)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmctl", "pretrain", str(two)],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    # 2 processes × 2 rows = 1 process × 2 micro-batches × 2 rows: the same rows, so the same training
+    a = [r for r in metrics(tmp_path / "one") if "loss" in r]
+    b = [r for r in metrics(tmp_path / "two") if "loss" in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"],
+                                                                                                     rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
