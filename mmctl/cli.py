@@ -109,8 +109,8 @@ def _read(path: Path) -> str:
 @reports_errors
 def account(
     target: str | None = typer.Argument(
-        None, help="A preset name (llama-7b), a Hugging Face config.json or a directory holding one, or an "
-                   "account recipe (.yaml)."),
+        None, help="A preset name (llama-7b), a Hugging Face config.json or a directory holding one (a "
+                   "checkpoint), an account recipe, or a training recipe (its model, context and micro-batch)."),
     seq_len: int | None = typer.Option(None, "--seq-len", help="Context length T in tokens."),
     batch: int | None = typer.Option(None, "--batch", help="Sequences per GPU per micro-step."),
     tokens: float | None = typer.Option(None, "--tokens", help="Training tokens D (default: 20·N)."),
@@ -143,6 +143,8 @@ def account(
              "hardware.num_gpus": num_gpus, "hardware.mfu": mfu, "train.precision": precision, "train.zero": zero,
              "train.activation_checkpointing": activation_checkpointing, "train.attention": attention}
     selects = stage.target_overrides(target)
+    if selects is None and _recipe_stage(target) not in (None, "account"):
+        selects = _account_of_recipe(target)  # a training recipe: account for its model and its run
     overrides = (selects or []) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + set_
     cfg = _load("account", None if selects is not None else target, overrides)
     if dry_run:
@@ -322,6 +324,33 @@ def generate(
         emit_json(results)
     else:
         stage.render_results(results, streamed)
+
+
+def _recipe_stage(path: str) -> str | None:
+    from mmctl import recipe
+
+    data, _ = recipe.parse(_read(Path(path)), path)
+    return data.get("stage")
+
+
+def _account_of_recipe(path: str) -> list[str]:
+    """Overrides that make `mmctl account` describe a training recipe's model, context and micro-batch."""
+    stage = _recipe_stage(path)
+    if stage not in STAGES or stage == "account":
+        raise UsageError(f"{path}: stage: {stage!r} is not a recipe `mmctl account` can read")
+    cfg = _load(stage, path, [])
+    if not hasattr(cfg, "model") or not hasattr(cfg.model, "num_layers"):
+        raise UsageError(f"{path}: a `mmctl {stage}` recipe has no model section to account for")
+    from mmctl.models.hf import config_to_hf
+    from mmctl.train.loop import micro_batches
+
+    hf = config_to_hf(cfg.model)
+    precision = {"fp32": "fp32"}.get(cfg.train.precision, "bf16-mixed")
+    return [f"model.hf={json.dumps(hf)}", f"train.seq_len={cfg.train.seq_len}",
+            f"train.batch_size={micro_batches(cfg.train, 1)[0]}",
+            f"train.tokens={cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len}",
+            f"train.precision={precision}",
+            f"train.activation_checkpointing={'full' if cfg.train.activation_checkpointing else 'none'}"]
 
 
 def _render_checks(checks) -> None:

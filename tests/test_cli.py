@@ -124,3 +124,16 @@ def test_verify_agrees_on_a_config_dir(tmp_path):
 def test_list_presets():
     out = mmctl("account", "--list")
     assert out.returncode == 0 and "deepseek-v3" in out.stderr and "h100-sxm" in out.stderr
+
+
+def test_account_of_a_pretrain_recipe_and_a_checkpoint(checkpoint):
+    out = mmctl("account", "recipes/tiny/pretrain.yaml", "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["params"]["total"] == 4_000_000
+    assert report["workload"]["seq_len"] == 256 and report["workload"]["batch_size"] == 16
+    assert report["flops"]["tokens"] == 150 * 16 * 256
+    ckpt = json.loads(mmctl("account", str(checkpoint), "--json").stdout)
+    from mmctl.models import hf
+
+    assert ckpt["params"]["total"] == sum(p.numel() for p in hf.load_checkpoint(checkpoint).parameters())

@@ -4,7 +4,6 @@ exact, runs repeat, non-finite losses exit 5, and two processes (gloo) train on 
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -138,17 +137,18 @@ def test_nonfinite_loss_exits_5_and_keeps_a_complete_checkpoint(shards, tmp_path
 
 
 def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
-    if shutil.which("accelerate") is None:
-        pytest.skip("accelerate is not installed")
+    pytest.importorskip("accelerate")
     one = write_recipe(shards, tmp_path, "one", micro_batch_size=2, eval_every=100)
     two = write_recipe(shards, tmp_path, "two", eval_every=100)
     env = {"OMP_NUM_THREADS": "1", "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1"}
     single = subprocess.run([sys.executable, "-m", "mmctl", "pretrain", str(one)], capture_output=True, text=True,
                             timeout=600, env=env)
     assert single.returncode == 0, single.stderr
-    multi = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmctl", "pretrain", str(two)],
-                           capture_output=True, text=True, timeout=600, env=env)
+    # `accelerate launch`, run as a module so the venv's copy is used whatever PATH says
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    multi = subprocess.run(launch + ["-m", "mmctl", "pretrain", str(two)], capture_output=True, text=True,
+                           timeout=600, env=env)
     assert multi.returncode == 0, multi.stderr[-3000:]
     # 2 processes × 2 rows = 1 process × 2 micro-batches × 2 rows: the same rows, so the same training
     a = [r for r in metrics(tmp_path / "one") if "loss" in r]

@@ -136,3 +136,30 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     assert sorted(p.name for p in latest.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
     state = json.loads((latest / "state.json").read_text())
     assert state["step"] == 4 and state["extra"]["fingerprint"] == {"model": "toy"}
+
+
+def test_sigkill_while_saving_never_leaves_a_resumable_checkpoint(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    run(tmp_path, steps=4)  # a complete step-000004
+    child = (
+        "import os, time, torch\n"
+        "from mmctl.train import checkpoint\n"
+        "model = torch.nn.Linear(4, 4)\n"
+        "opt = torch.optim.AdamW(model.parameters())\n"
+        "model(torch.ones(1, 4)).sum().backward(); opt.step()\n"
+        "os.replace = lambda *a: time.sleep(60)  # every file written, the publishing rename not yet done\n"
+        f"checkpoint.save({str(tmp_path / 'checkpoints')!r}, 8, model, opt, {{}})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    deadline = time.time() + 60
+    while not list((tmp_path / "checkpoints").glob(".step-000008.tmp-*/state.json")):
+        assert time.time() < deadline and proc.poll() is None, "the child never reached the rename"
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000004"
+    _, records = run(tmp_path, steps=6)  # resumes from step 4, not from the half-published step 8
+    assert [r["step"] for r in records if "loss" in r] == [5, 6]
