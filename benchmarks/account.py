@@ -277,7 +277,8 @@ def report(r: dict) -> str:
             cell=lambda m: f"{mb(m['profiler']['peak'])} ({m['profiler']['peak_phase']})" if "profiler" in m
             else "not run")
     L.append("")
-    L.append("- mmctl: `memory.training.*` from `--json`; its peak is the sum of the parts.")
+    L.append("- mmctl: `memory.training.*` from `--json`; its peak is weights + AdamW states + the larger of "
+             "(activations + 2 × logits) at the start of the backward and the gradients at the optimizer step.")
     L.append("- accelerate: `estimate_training_usage(total_size, \"float32\")` = model, gradients, optimizer "
              "(2× model) and \"step\" (4× model); \"Training using Adam\" is the largest of these, i.e. 4× the "
              "weights; activations are not modelled.")
