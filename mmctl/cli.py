@@ -56,10 +56,12 @@ def reports_errors(fn):
         try:
             return fn(*args, **kwargs)
         except MmctlError as e:
+            from rich.markup import escape
+
             from mmctl.console import console
 
-            for problem in e.problems:
-                console.print(f"[red]error:[/red] {problem}", soft_wrap=True, markup=True, highlight=False)
+            for problem in e.problems:  # escaped: a problem may quote text like [a, b] that is not markup
+                console.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
             raise typer.Exit(e.exit_code) from None
 
     return wrapper
@@ -251,7 +253,7 @@ def eval_(
     is_recipe = len(targets) == 1 and targets[0].endswith((".yaml", ".yml"))
     overrides = [] if is_recipe else [f"checkpoints={json.dumps(targets)}"]
     if task:
-        overrides.append(f"tasks={json.dumps([_task_from_flag(t, data) for t in task])}")
+        overrides.append(f"tasks={json.dumps([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
     for key, value in (("eval.limit", limit), ("eval.batch_size", batch_size), ("run.out", out)):
@@ -262,29 +264,6 @@ def eval_(
         return _print_resolved(cfg, "eval")
     out_dir, results = stage.run(cfg, force=force)
     _report(out_dir, results, as_json, stage.render)
-
-
-def _task_from_flag(name: str, data: str | None) -> dict:
-    """`--task` → a task mapping: a built-in, ppl/mc/gen over --data, or the fields of a task YAML file."""
-    from mmctl.evals.tasks import BUILTINS
-
-    kinds = {"ppl": "perplexity", "mc": "multiple_choice", "gen": "generation"}
-    if name in BUILTINS:
-        return {"builtin": name}
-    if name in kinds:
-        if not data:
-            raise UsageError(f"--task {name} needs --data FILE")
-        return {"kind": kinds[name], "data": data}
-    if name.endswith((".yaml", ".yml")):
-        import yaml
-
-        from mmctl.recipe import RecipeLoader
-
-        fields = yaml.load(_read(Path(name)), Loader=RecipeLoader)
-        if not isinstance(fields, dict):
-            raise UsageError(f"{name}: a task file is a mapping of task fields")
-        return fields
-    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, or a task .yaml file")
 
 
 @app.command()

@@ -14,7 +14,7 @@ from pathlib import Path
 from mmctl import recipe
 from mmctl.artifacts import Run, atomic_write_json, atomic_write_text
 from mmctl.console import console
-from mmctl.errors import DataError
+from mmctl.errors import DataError, UsageError
 from mmctl.evals.tasks import TaskConfig
 from mmctl.recipe import option
 
@@ -119,6 +119,32 @@ def shard_documents(task: TaskConfig, tok) -> list[dict]:
                         f"{shards.tokenizer_sha256[:12]}… vs {tok.sha256[:12]}…)")
     return [{"text": tok.decode(doc[:-1].tolist())} for i in range(len(shards.arrays))
             for doc in shards.documents_of(i)]
+
+
+def task_from_flag(name: str, data: str | None) -> dict:
+    """`--task` → a task mapping: a built-in, ppl/mc/gen over --data, or the fields of a task YAML file."""
+    from mmctl.evals.tasks import BUILTINS
+
+    kinds = {"ppl": "perplexity", "mc": "multiple_choice", "gen": "generation"}
+    if name in BUILTINS:
+        return {"builtin": name}
+    if name in kinds:
+        if not data:
+            raise UsageError(f"--task {name} needs --data FILE")
+        return {"kind": kinds[name], "data": data}
+    if name.endswith((".yaml", ".yml")):
+        import yaml
+
+        from mmctl.recipe import RecipeLoader
+
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"{name}: task file not found")
+        fields = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+        if not isinstance(fields, dict):
+            raise UsageError(f"{name}: a task file is a mapping of task fields")
+        return fields
+    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, or a task .yaml file")
 
 
 def throughput(stats: dict) -> dict:
