@@ -1,8 +1,8 @@
 """Multiple choice by log-likelihood (lm-eval's `output_type: multiple_choice`).
 
 Each choice is scored as the continuation `" " + choice` after the (few-shot prefixed) context. `acc` takes the
-highest total log-probability; `acc_norm` divides each total by the choice's length in characters first
-(lm-eval's normalization, which removes the bias toward short answers).
+highest total log-probability; `acc_norm` divides each total by the choice's length in characters (without
+the delimiter) first — lm-eval's normalization, which removes the bias toward short answers.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
         n = len(item["choices"])
         lps = [s.logprob for s in scores[k:k + n]]
         k += n
-        normed = [lp / max(len(DELIMITER + c), 1) for lp, c in zip(lps, item["choices"], strict=True)]
+        normed = [lp / max(len(c), 1) for lp, c in zip(lps, item["choices"], strict=True)]
         pick, pick_norm = max(range(n), key=lps.__getitem__), max(range(n), key=normed.__getitem__)
         acc.append(float(pick == item["answer"]))
         acc_norm.append(float(pick_norm == item["answer"]))

@@ -70,9 +70,9 @@ def test_scores_do_not_depend_on_the_batch_size(checkpoint):
 
 
 def test_multiple_choice_worked_example(monkeypatch):
-    # Two items. Item 1: log-probs [-2, -3, -1.5] over choices "a bb", "c", "dddddd" (lengths 5, 2, 7 with the
-    # leading space): acc picks choice 2 (-1.5) = answer 2 ✓; acc_norm picks max(-0.4, -1.5, -0.214) = choice 2 ✓.
-    # Item 2: [-1, -4] over "x", "yyyyyyyyy" (2, 10): acc picks 0 ✗ (answer 1); acc_norm -0.5 vs -0.4 picks 1 ✓.
+    # Two items. Item 1: log-probs [-2, -3, -1.5] over choices "a bb", "c", "dddddd" (4, 1, 6 characters):
+    # acc picks choice 2 (-1.5) = answer 2 ✓; acc_norm picks max(-0.5, -3, -0.25) = choice 2 ✓.
+    # Item 2: [-1, -4] over "x", "yyyyyyyyy" (1, 9): acc picks 0 ✗ (answer 1); acc_norm -1 vs -0.44 picks 1 ✓.
     items = [{"context": "Q1", "choices": ["a bb", "c", "dddddd"], "answer": 2},
              {"context": "Q2", "choices": ["x", "yyyyyyyyy"], "answer": 1}]
     fake = [-2.0, -3.0, -1.5, -1.0, -4.0]
@@ -88,3 +88,18 @@ def test_multiple_choice_worked_example(monkeypatch):
     assert metrics["acc"] == 0.5 and metrics["acc_norm"] == 1.0
     assert [s["prediction"] for s in samples] == [2, 0] and [s["prediction_norm"] for s in samples] == [2, 1]
     assert metrics["chance"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_acc_norm_divides_by_the_choice_without_its_delimiter(monkeypatch):
+    # lm-eval's rule: "a" (1 char) at -2 beats "bb" (2 chars) at -3.9 by total, but -3.9/2 > -2/1 per character.
+    monkeypatch.setattr(multiple_choice, "loglikelihoods", lambda model, reqs, **kw: [Score(-2.0, False, 1),
+                                                                                       Score(-3.9, False, 1)])
+
+    class Tok:
+        def encode(self, text):
+            return [1]
+
+    items = [{"context": "Q", "choices": ["a", "bb"], "answer": 1}]
+    metrics, _ = multiple_choice.evaluate(None, Tok(), TaskConfig(kind="multiple_choice", data="x"), items,
+                                          batch_size=1, seed=0, stats={})
+    assert (metrics["acc"], metrics["acc_norm"]) == (0.0, 1.0)
