@@ -10,8 +10,8 @@ embeddings, and a preallocated KV cache with separate prefill and decode paths.
 Shapes: B batch, T new tokens, S cached + new tokens, C hidden size, H query heads, K key/value heads,
 G = H // K query heads per key/value head, D head dim, F MLP size, V vocab, L layers.
 
-Leaves out: dropout, sliding-window attention, other RoPE scalings (linear, dynamic NTK, YaRN), masks for packed
-documents (pass one document per row), MoE, and biases on o_proj or the MLP.
+Leaves out: dropout, sliding-window attention, other RoPE scalings (linear, dynamic NTK, YaRN), MoE, and biases on
+o_proj or the MLP.
 """
 
 from __future__ import annotations
@@ -129,6 +129,15 @@ def attention_mask_for(valid: torch.Tensor | None, start: int, end: int, decode:
     # A padding query has no real key before it; letting it see itself avoids an all-masked row, which SDPA turns
     # into NaN. Its output is never used.
     return (mask | (slots[None, :] == slots[start:, None])).view(-1, 1, T, end)  # (B or 1, 1, T, S)
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) each token's index within its document, for rows packed with consecutive documents."""
+    B, T = document_ids.shape
+    index = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]  # where a new document begins
+    return index - torch.where(starts, index, 0).cummax(dim=1).values  # (B, T)
 
 
 class KVCache:
@@ -319,7 +328,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) for the last position if `last_only`.
 
         attention_mask: (B, T) 1 for real tokens, 0 for (left) padding, covering the new tokens only — a cache
@@ -328,6 +337,9 @@ class Transformer(nn.Module):
             left-padded row gets the same positions as it would alone.
         cache: a `new_cache()`; the new keys/values are appended after what it holds. With a cache, T > 1 is a
             prefill and T == 1 takes the lean decode path.
+        document_ids: (B, T) for packed rows (several documents back to back, e.g. SFT packing): a token attends
+            only to earlier tokens of its own document, and positions restart at each document, so each document
+            computes what it would alone. Training and scoring only (not with a cache).
         """
         B, T = input_ids.shape
         start = cache.length if cache is not None else 0
@@ -345,13 +357,23 @@ class Transformer(nn.Module):
         valid = None  # (B, S) which key slots hold real tokens, when some do not
         if padded:
             valid = cache.valid[:, :end] if cache is not None else attention_mask.bool()
-        if position_ids is None and valid is not None:
+        if document_ids is not None and cache is not None:
+            raise UsageError("document_ids (packed documents) cannot be combined with a KV cache")
+        if position_ids is None and document_ids is not None:
+            position_ids = positions_in_documents(document_ids)
+        elif position_ids is None and valid is not None:
             position_ids = (valid.cumsum(-1)[:, start:] - 1).clamp(min=0)  # (B, T)
         elif position_ids is None:
             position_ids = torch.arange(start, end, device=input_ids.device).expand(B, T)
 
         decode = cache is not None and T == 1
-        x = self.model(input_ids, position_ids, attention_mask_for(valid, start, end, decode, input_ids.device), cache)
+        mask = attention_mask_for(valid, start, end, decode, input_ids.device)
+        if document_ids is not None:
+            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            packed = (same & causal)[:, None]  # (B, 1, T, T): block-diagonal causal
+            mask = packed if mask is None else mask & packed
+        x = self.model(input_ids, position_ids, mask, cache)
         if cache is not None:
             cache.length = end
         return self.lm_head(x[:, -1:] if last_only else x)

@@ -108,3 +108,21 @@ def test_context_limit_is_enforced():
     m = model(max_position_embeddings=16)
     with pytest.raises(UsageError, match="max_position_embeddings = 16"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_packed_documents_compute_what_each_document_computes_alone():
+    from mmctl.models.transformer import positions_in_documents
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, max_position_embeddings=64)).eval()
+    docs = [torch.randint(0, 96, (n,)) for n in (5, 9, 3)]
+    packed = torch.cat(docs)[None]  # (1, 17)
+    ids = torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)])[None]
+    assert positions_in_documents(ids).tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2]]
+    with torch.no_grad():
+        together = model(packed, document_ids=ids)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+        plain = model(packed)[0]
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert not torch.allclose(plain[5:], alone[5:], atol=1e-3)  # without the mask, later documents see earlier ones
