@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import typer
@@ -228,9 +229,8 @@ def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = typer.Option([], 
     if dry_run:
         return _print_resolved(cfg, "pretrain")
     out, results = stage.run(cfg, force=force, fresh=fresh, force_resume=force_resume)
-    if results == {}:  # a non-zero rank of a multi-process run: rank 0 reports
-        return
-    _report(out, results, as_json, stage.render)
+    if int(os.environ.get("RANK", "0")) == 0:  # in a multi-process run, rank 0 reports
+        _report(out, results, as_json, stage.render)
 
 
 @app.command("eval")

@@ -116,7 +116,7 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     def evaluate(step: int) -> dict:
         return evaluation(model, tok, shards["val"], cfg, device, precision)
 
-    fingerprint = {"model": resolved["model"], "data": shards["train"].tokenizer_sha256,
+    fingerprint = {"model": resolved["model"], "data": run_dir.inputs["shards"]["sha256"],
                    "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size}
     rss_before = _rss_bytes()
     start = time.time()
