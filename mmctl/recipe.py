@@ -39,6 +39,15 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
+def safe_load(text: str) -> Any:
+    """`yaml.safe_load` with RecipeLoader's float rule: plain data only, never Python objects."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def option(default: Any = None, doc: str = "", *, required: bool = False, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """A recipe field: its default, a one-line doc with units, and optional range limits.
@@ -151,7 +160,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise UsageError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set optim.lr=1e-3")
     try:
-        value = yaml.load(raw, Loader=RecipeLoader) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise UsageError(f"--set {item}: cannot parse the value {raw!r}") from None
     return key, value

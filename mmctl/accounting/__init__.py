@@ -1,8 +1,9 @@
 """Resource accounting (CS336 lecture 2 as a tool): parameters, FLOPs, memory, time and scaling.
 
-`arch.py` reads a Hugging Face config.json into one normalized `Arch`; `formulas.py` is the arithmetic,
-each number returned as a `Line` with its formula and source; `verify.py` checks the arithmetic against
-transformers' own models and torch's FLOP counter on the meta device. Everything but `verify.py` is pure
+`arch.py` reads a Hugging Face config.json into one normalized `Arch`; `formulas.py` (parameters, FLOPs,
+time, scaling) and `memory.py` are the arithmetic, each number returned as a `Line` with its formula and
+source; `verify.py` checks the arithmetic against transformers' own models and torch's FLOP counter on the meta
+device. Everything but `verify.py` is pure
 Python, so `mmctl account` answers in well under a second without torch.
 
 Leaves out: tensor/pipeline/expert parallelism, optimizer choices other than AdamW, communication time, and
@@ -22,6 +23,7 @@ SECTIONS = ("Parameters", "FLOPs", "Training time", "Inference memory", "Trainin
 def account(a: Arch, w: Workload, gpu: str, gpu_spec: dict, mfu: float) -> dict[str, list[Line]]:
     """Every number of the report, by section."""
     from mmctl.accounting import formulas as f
+    from mmctl.accounting import memory
 
     p = f.params(a)
     total = int(next(x.value for x in p if x.key == "params.total"))
@@ -33,8 +35,8 @@ def account(a: Arch, w: Workload, gpu: str, gpu_spec: dict, mfu: float) -> dict[
         "Parameters": p,
         "FLOPs": flops,
         "Training time": f.timing(train_total, gpu_spec["peak_flops"][dtype], w.num_gpus, mfu, gpu, dtype),
-        "Inference memory": f.inference_memory(a, w, total),
-        "Training memory": f.training_memory(a, w, total),
+        "Inference memory": memory.inference_memory(a, w, total),
+        "Training memory": memory.training_memory(a, w, total),
         "Scaling": f.scaling(total, tokens),
     }
 

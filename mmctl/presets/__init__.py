@@ -11,10 +11,8 @@ import difflib
 from functools import cache
 from pathlib import Path
 
-import yaml
-
 from mmctl.errors import UsageError
-from mmctl.recipe import RecipeLoader
+from mmctl.recipe import safe_load
 
 HERE = Path(__file__).parent
 
@@ -34,12 +32,12 @@ def load_model(name: str) -> dict:
     if name not in model_names():
         raise UsageError(f"unknown model preset {name!r}{_did_you_mean(name, model_names())}; "
                          "`mmctl account --list` shows them")
-    return yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+    return safe_load(path.read_text(encoding="utf-8"))
 
 
 @cache
 def hardware() -> dict[str, dict]:
-    return yaml.load((HERE / "hardware.yaml").read_text(encoding="utf-8"), Loader=RecipeLoader)
+    return safe_load((HERE / "hardware.yaml").read_text(encoding="utf-8"))
 
 
 def load_hardware(name: str) -> dict:

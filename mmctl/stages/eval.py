@@ -133,14 +133,12 @@ def task_from_flag(name: str, data: str | None) -> dict:
             raise UsageError(f"--task {name} needs --data FILE")
         return {"kind": kinds[name], "data": data}
     if name.endswith((".yaml", ".yml")):
-        import yaml
-
-        from mmctl.recipe import RecipeLoader
+        from mmctl.recipe import safe_load
 
         path = Path(name)
         if not path.is_file():
             raise UsageError(f"{name}: task file not found")
-        fields = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+        fields = safe_load(path.read_text(encoding="utf-8"))
         if not isinstance(fields, dict):
             raise UsageError(f"{name}: a task file is a mapping of task fields")
         return fields

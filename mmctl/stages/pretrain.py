@@ -246,7 +246,7 @@ def _flops_per_token(cfg: PretrainConfig) -> float:
 
 def _predicted(cfg: PretrainConfig, world: int, precision: str) -> float:
     """`mmctl account`'s training-memory peak for this run (one process, its micro-batch)."""
-    from mmctl.accounting import formulas
+    from mmctl.accounting import formulas, memory
     from mmctl.accounting.arch import from_hf_config
     from mmctl.accounting.formulas import Workload
     from mmctl.models.hf import config_to_hf
@@ -258,7 +258,7 @@ def _predicted(cfg: PretrainConfig, world: int, precision: str) -> float:
     w = Workload(seq_len=cfg.train.seq_len, batch_size=micro_batches(cfg.train, world)[0],
                  precision="fp32" if precision == "fp32" else "bf16-mixed",
                  activation_checkpointing="full" if cfg.train.activation_checkpointing else "none")
-    return next(x.value for x in formulas.training_memory(arch, w, total) if x.key == "memory.training.peak")
+    return next(x.value for x in memory.training_memory(arch, w, total) if x.key == "memory.training.peak")
 
 
 def _rss_bytes() -> int:
