@@ -34,6 +34,11 @@ STAGES = {
     "eval": ("mmctl.stages.eval", "EvalConfig"),
 }
 
+def _yaml_value(value) -> str:
+    """A Python value as the text of a `--set` override (JSON is YAML; non-ASCII kept as is)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
 SET_HELP = "Override a recipe field: --set section.field=value (repeatable; the value is read as YAML)."
 
 
@@ -148,7 +153,7 @@ def account(
     selects = stage.target_overrides(target)
     if selects is None and _recipe_stage(target) not in (None, "account"):
         selects = _account_of_recipe(target)  # a training recipe: account for its model and its run
-    overrides = (selects or []) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + set_
+    overrides = (selects or []) + [f"{k}={_yaml_value(v)}" for k, v in flags.items() if v is not None] + set_
     cfg = _load("account", None if selects is not None else target, overrides)
     if dry_run:
         _print_resolved(cfg, "account")
@@ -251,14 +256,14 @@ def eval_(
     from mmctl.stages import eval as stage
 
     is_recipe = len(targets) == 1 and targets[0].endswith((".yaml", ".yml"))
-    overrides = [] if is_recipe else [f"checkpoints={json.dumps(targets)}"]
+    overrides = [] if is_recipe else [f"checkpoints={_yaml_value(targets)}"]
     if task:
-        overrides.append(f"tasks={json.dumps([stage.task_from_flag(t, data) for t in task])}")
+        overrides.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
     for key, value in (("eval.limit", limit), ("eval.batch_size", batch_size), ("run.out", out)):
         if value is not None:
-            overrides.append(f"{key}={json.dumps(value)}")
+            overrides.append(f"{key}={_yaml_value(value)}")
     cfg = _load("eval", targets[0] if is_recipe else None, overrides + set_)
     if dry_run:
         return _print_resolved(cfg, "eval")
@@ -290,10 +295,10 @@ def generate(
     texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
     flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
              "repetition_penalty": repetition_penalty, "seed": seed}
-    overrides = [f"checkpoint={json.dumps(checkpoint)}", f"prompts={json.dumps(texts)}", f"chat={json.dumps(chat)}"]
-    overrides += [f"sampling.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+    overrides = [f"checkpoint={_yaml_value(checkpoint)}", f"prompts={_yaml_value(texts)}", f"chat={_yaml_value(chat)}"]
+    overrides += [f"sampling.{k}={_yaml_value(v)}" for k, v in flags.items() if v is not None]
     if stop:
-        overrides.append(f"sampling.stop_strings={json.dumps(stop)}")
+        overrides.append(f"sampling.stop_strings={_yaml_value(stop)}")
     cfg = recipe.build(stage.GenerateConfig, {}, recipe.Source("(command line)", {}, set()), overrides)
     streamed = not as_json and len(texts) == 1
     results = stage.run(cfg, stream=streamed)
@@ -325,7 +330,7 @@ def _account_of_recipe(path: str) -> list[str]:
 
     hf = config_to_hf(cfg.model)
     precision = {"fp32": "fp32"}.get(cfg.train.precision, "bf16-mixed")
-    return [f"model.hf={json.dumps(hf)}", f"train.seq_len={cfg.train.seq_len}",
+    return [f"model.hf={_yaml_value(hf)}", f"train.seq_len={cfg.train.seq_len}",
             f"train.batch_size={micro_batches(cfg.train, 1)[0]}",
             f"train.tokens={cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len}",
             f"train.precision={precision}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from mmctl.errors import DataError
 from mmctl.evals.scoring import loglikelihoods
 from mmctl.evals.tasks import TaskConfig
 
@@ -44,10 +45,13 @@ def evaluate(model, tok, task: TaskConfig, documents: list[str], *, batch_size: 
         nats[owner] -= score.logprob
         tokens[owner] += score.tokens
     total_nats, total_tokens = sum(nats), sum(tokens)
+    if not total_tokens:
+        raise DataError(f"tasks: {task.label}: the documents are empty (no tokens to score)")
     words = sum(len(doc.split()) for doc in documents)
     nbytes = sum(len(doc.encode("utf-8")) for doc in documents)
     samples = [{"document": doc[:200], "tokens": t, "nats": n, "perplexity": math.exp(n / t) if t else None}
                for doc, t, n in zip(documents, tokens, nats, strict=True)]
-    return {"token_perplexity": math.exp(total_nats / total_tokens), "word_perplexity": math.exp(total_nats / words),
+    return {"token_perplexity": math.exp(total_nats / total_tokens),
+            "word_perplexity": math.exp(total_nats / words) if words else None,
             "bits_per_byte": total_nats / math.log(2) / nbytes, "nats_per_token": total_nats / total_tokens,
             "tokens": total_tokens, "n": len(documents)}, samples

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -57,6 +58,11 @@ class TaskConfig:
             return [("data", f"missing required value: a {self.kind} task needs data")]
         if self.extract not in ("last_number", "hashes", "exact") and not self.extract.startswith("regex:"):
             return [("extract", f"{self.extract!r} is not one of last_number, hashes, exact, regex:PATTERN")]
+        if self.extract.startswith("regex:"):
+            try:
+                re.compile(self.extract[len("regex:"):])
+            except re.error as e:
+                return [("extract", f"not a valid regular expression ({e})")]
         return []
 
     @property
@@ -120,7 +126,7 @@ def items_of(task: TaskConfig) -> list[dict]:
         return [{"text": item[task.field]} for item in read_jsonl(path, {task.field: str})]
     if path.is_file():
         return [{"text": path.read_text(encoding="utf-8")}]
-    raise DataError(f"{path}: not a text or jsonl file")  # shard splits are read by the perplexity module
+    raise DataError(f"{path}: not a text or jsonl file")  # shard splits are read by mmctl.stages.eval
 
 
 def fewshot_prefix(task: TaskConfig, seed: int, render) -> str:

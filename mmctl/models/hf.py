@@ -25,9 +25,9 @@ from safetensors.torch import save_file
 from mmctl.artifacts import atomic_write_json, publish_dir
 from mmctl.errors import DataError, UnsafeInputError, UsageError
 from mmctl.models.transformer import ModelConfig, Rotary, Transformer
+from mmctl.tokenizer import bpe
 
 SUPPORTED = ("llama", "mistral", "qwen2")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # transformers' defaults for fields a config.json may leave out (LlamaConfig / MistralConfig / Qwen2Config).
 DEFAULTS = {
@@ -161,7 +161,7 @@ def _tokenizer_files(tokenizer_dir: str | Path) -> list[Path]:
     tokenizer_dir = Path(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise DataError(f"{tokenizer_dir / 'tokenizer.json'}: tokenizer file not found")
-    return [tokenizer_dir / n for n in TOKENIZER_FILES if (tokenizer_dir / n).is_file()]
+    return [tokenizer_dir / n for n in bpe.FILES if (tokenizer_dir / n).is_file()]
 
 
 def _special_token_ids(tokenizer_dir: str | Path) -> dict[str, int]:

@@ -98,8 +98,8 @@ def target_overrides(target: str) -> list[str] | None:
     if path.suffix in (".yaml", ".yml"):
         return None
     if path.suffix == ".json" or path.is_dir() or "/" in target:
-        return [f"model.config={json.dumps(target)}"]
-    return [f"model.preset={json.dumps(target)}"]
+        return [f"model.config={json.dumps(target, ensure_ascii=False)}"]
+    return [f"model.preset={json.dumps(target, ensure_ascii=False)}"]
 
 
 def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:

@@ -53,8 +53,7 @@ class EvalConfig:
 
 
 def inputs_of(cfg: EvalConfig) -> dict[str, Path]:
-    inputs = {f"checkpoint:{c}:{name}": Path(c) / name for c in cfg.checkpoints
-              for name in ("config.json", "model.safetensors", "tokenizer.json") if (Path(c) / name).exists()}
+    inputs = {f"checkpoint:{c}": Path(c) for c in cfg.checkpoints}  # the whole dir: shards, tokenizer, template
     for task in cfg.tasks:
         for path in (task.data, task.fewshot_data):
             if path:
@@ -76,8 +75,7 @@ def run(cfg: EvalConfig, force: bool = False) -> tuple[Path, dict | None]:
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
         model, tok = hf.load_checkpoint(ckpt), bpe.load(ckpt)
-        entry = {"sha256": {Path(v["path"]).name: v["sha256"] for k, v in run_dir.inputs.items()
-                            if k.startswith(f"checkpoint:{ckpt}:")}, "tasks": {}}
+        entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
             metrics, task_samples = score(model, tok, task, cfg, stats)

@@ -33,7 +33,11 @@ def read_prompts(path: str) -> list[str]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{file}: prompts file not found")
-    lines = [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{file}: not UTF-8 text (byte {e.start})") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if file.suffix != ".jsonl":
         return lines
     prompts = []
@@ -76,11 +80,15 @@ class _Streamer:
     """Prints a single completion as it is decoded (text is re-decoded so multi-byte characters print whole)."""
 
     def __init__(self, tok, prompt: str):
-        self.tok, self.ids, self.shown = tok, [], ""
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
+        self.tok, self.ids, self.shown, self.prompt = tok, [], "", prompt
+
+    def _prompt_once(self) -> None:  # printed with the first token, so a refused request prints nothing
+        if self.prompt is not None:
+            sys.stdout.write(self.prompt)
+            self.prompt = None
 
     def add(self, new: list[int | None]) -> None:
+        self._prompt_once()
         if new[0] is None:
             return
         self.ids.append(new[0])
@@ -91,6 +99,7 @@ class _Streamer:
             self.shown = text
 
     def finish(self) -> None:
+        self._prompt_once()
         sys.stdout.write("\n")
         sys.stdout.flush()
 

@@ -19,7 +19,7 @@ from typing import Literal
 from mmctl import recipe
 from mmctl.artifacts import Run
 from mmctl.console import console
-from mmctl.errors import UsageError
+from mmctl.errors import DataError, UsageError
 from mmctl.models.transformer import ModelConfig
 from mmctl.recipe import option
 from mmctl.train.loop import TrainConfig
@@ -57,10 +57,14 @@ class PretrainConfig:
     eval: EvalSection = option(EvalSection, "what each evaluation measures")
 
     def check(self) -> list[tuple[str, str]]:
+        problems = []
         if self.train.seq_len > self.model.max_position_embeddings:
-            return [("train.seq_len", f"{self.train.seq_len} exceeds model.max_position_embeddings "
-                                      f"({self.model.max_position_embeddings})")]
-        return []
+            problems.append(("train.seq_len", f"{self.train.seq_len} exceeds model.max_position_embeddings "
+                                              f"({self.model.max_position_embeddings})"))
+        if self.eval.tokens < self.train.seq_len:
+            problems.append(("eval.tokens", f"{self.eval.tokens} is less than one window of train.seq_len "
+                                            f"({self.train.seq_len})"))
+        return problems
 
 
 def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_resume: bool = False
@@ -74,7 +78,7 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     from mmctl.tokenizer import bpe
     from mmctl.tokenizer.shards import Shards
     from mmctl.train import checkpoint
-    from mmctl.train.loop import micro_batches, setup_distributed, train
+    from mmctl.train.loop import micro_batches, resumable, setup_distributed, train
 
     out, data = Path(cfg.run.out), Path(cfg.data.path)
     tok = bpe.load(data / "tokenizer")
@@ -83,17 +87,26 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     if cfg.model.vocab_size < tok.vocab_size:
         raise UsageError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tok.vocab_size} tokens ({data / 'tokenizer'})")
-    device = pick_device(cfg.run.device)
-    dist = setup_distributed(device)
+    if shards["val"].tokens <= cfg.train.seq_len:
+        raise DataError(f"{data / 'shards'}: the val split has {shards['val'].tokens} tokens, fewer than one window "
+                        f"of {cfg.train.seq_len + 1}; lower train.seq_len or add data")
+    dist = setup_distributed(pick_device(cfg.run.device))
+    device = dist.device
+    rows, accum = micro_batches(cfg.train, dist.world)
     resolved = recipe.to_dict(cfg, STAGE)
     run_dir = Run(out, STAGE, resolved, seed=cfg.run.seed,
                   inputs={"tokenizer": data / "tokenizer" / "tokenizer.json",
                           "shards": data / "shards" / "manifest.json"})
     if not force and run_dir.up_to_date():
         return out, None
+    fingerprint = {"model": resolved["model"], "data": run_dir.inputs["shards"]["sha256"],
+                   "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
+                   "run.seed": cfg.run.seed}
     if fresh and dist.main:
         checkpoint.prune(out / "checkpoints", keep=0)
-    resume_step = _step_of(checkpoint.latest(out / "checkpoints"))
+    dist.barrier()
+    # refuse an incompatible checkpoint before the finished run's manifest is touched
+    resume_step = _step_of(resumable(out / "checkpoints", fingerprint, force_resume))
     if dist.main:
         run_dir.start(keep_metrics_through=resume_step)
 
@@ -103,7 +116,6 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     peak = peak_flops(device, precision)
     flops_per_token = _flops_per_token(cfg)
     windows = TokenWindows(shards["train"], cfg.train.seq_len, cfg.run.seed)
-    rows, accum = micro_batches(cfg.train, dist.world)
 
     def batches(step: int, micro: int, rank: int):
         ids = torch.from_numpy(windows.rows(step, (rank * accum + micro) * rows, rows)).to(device)
@@ -116,13 +128,11 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     def evaluate(step: int) -> dict:
         return evaluation(model, tok, shards["val"], cfg, device, precision)
 
-    fingerprint = {"model": resolved["model"], "data": run_dir.inputs["shards"]["sha256"],
-                   "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size}
     rss_before = _rss_bytes()
     start = time.time()
     last = train(model, cfg=cfg.train, optim=cfg.optim,
                  batches=batches, loss_fn=loss_fn, out=out, log=run_dir.log, evaluate=evaluate,
-                 fingerprint=fingerprint, force_resume=force_resume, device=device, precision=precision, dist=dist,
+                 fingerprint=fingerprint, force_resume=force_resume, precision=precision, dist=dist,
                  flops_per_token=flops_per_token, peak_flops=peak)
     if not dist.main:
         return out, {}
@@ -201,11 +211,13 @@ def evaluation(model, tok, val, cfg: PretrainConfig, device: str, precision: str
 
     T = cfg.train.seq_len
     token_bytes = _token_bytes(tok)
-    stream = np.concatenate([np.asarray(a) for a in val.arrays])[: cfg.eval.tokens + 1]
+    need, parts = cfg.eval.tokens + 1, []
+    for array in val.arrays:  # read only what the evaluation scores, not the whole split
+        parts.append(np.asarray(array[:need - sum(len(p) for p in parts)]))
+        if sum(len(p) for p in parts) >= need:
+            break
+    stream = np.concatenate(parts)
     n = (len(stream) - 1) // T
-    if n == 0:
-        raise UsageError(f"eval.tokens: the validation split has {len(stream)} tokens, fewer than one window of "
-                         f"{T + 1}; lower train.seq_len or add data")
     ids = torch.from_numpy(stream[: n * T + 1].astype(np.int64))
     inputs, targets = ids[:-1].view(n, T).to(device), ids[1:].view(n, T).to(device)
     model.eval()
@@ -226,11 +238,10 @@ def evaluation(model, tok, val, cfg: PretrainConfig, device: str, precision: str
 
 
 def _token_bytes(tok):
+    """Bytes each token id stands for (special tokens: 0), for bits per byte."""
     import torch
 
-    special = {tok.token_id(t) for t in (tok.config.get("additional_special_tokens") or [])} | {
-        tok.eos_id, tok.bos_id, tok.pad_id}
-    return torch.tensor([0 if i in special else len(tok.id_to_token_bytes(i)) for i in range(tok.vocab_size)])
+    return torch.tensor([len(tok.token_bytes(i)) for i in range(tok.vocab_size)])
 
 
 def _flops_per_token(cfg: PretrainConfig) -> float:

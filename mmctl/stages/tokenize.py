@@ -26,7 +26,6 @@ from mmctl.tokenizer.shards import ShardWriter, write_manifest
 
 STAGE = "tokenize"
 SPLITS = ("train", "val")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 BATCH = 1024  # documents per encode_batch call: large enough for the Rust thread pool, small enough for memory
 
 
@@ -102,7 +101,7 @@ def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float
     seconds = None
     if cfg.tokenizer.path:
         source = bpe.load(cfg.tokenizer.path)  # validates it before anything is copied
-        for name in TOKENIZER_FILES:
+        for name in bpe.FILES:
             if (source.path / name).is_file():
                 shutil.copy2(source.path / name, staging / name)
     else:

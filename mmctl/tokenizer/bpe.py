@@ -27,7 +27,8 @@ import numpy as np
 from mmctl.errors import DataError
 
 BOS, EOS, PAD, IMAGE = "<|bos|>", "<|eos|>", "<|pad|>", "<|image|>"
-ROLES = ("system", "user", "assistant")
+# The files of a tokenizer directory (mmctl writes the first two; Hugging Face ones may have the others).
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 END = "<|end|>"  # closes every chat turn
 SPECIAL_TOKENS = [BOS, EOS, PAD, "<|system|>", "<|user|>", "<|assistant|>", END, IMAGE]
 
@@ -51,6 +52,22 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet inverted: the printable character that stands for each of the 256 bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:  # bytes without a printable look-alike are shifted past 255
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_OF_CHAR = _byte_alphabet()
 
 
 def train(texts: Iterable[str], vocab_size: int, min_frequency: int = 2, pattern: str = "llama3",
@@ -156,9 +173,20 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def id_to_token_bytes(self, token_id: int) -> bytes:
-        """The bytes a token stands for (byte-level BPE shows bytes as printable characters)."""
-        return self.decode([token_id]).encode("utf-8", errors="surrogatepass")
+    @cached_property
+    def _special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for; b"" for special tokens. (Decoding one token alone would turn a piece of a
+        multi-byte character into U+FFFD, so the byte-level alphabet is inverted instead.)"""
+        if token_id in self._special_ids:
+            return b""
+        piece = self.backend.id_to_token(token_id)
+        try:
+            return bytes(BYTE_OF_CHAR[c] for c in piece)
+        except KeyError:  # not a byte-level vocabulary (e.g. a SentencePiece one): its pieces are text
+            return self.decode([token_id]).encode("utf-8")
 
 
 def load(directory: str | Path) -> Tokenizer:
@@ -178,12 +206,14 @@ def load(directory: str | Path) -> Tokenizer:
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     except ValueError as e:
         raise DataError(f"{config_file}: not valid JSON ({e})") from None
+    template = directory / "chat_template.jinja"  # where transformers ≥ 4.50 saves a chat template
+    if not config.get("chat_template") and template.is_file():
+        config["chat_template"] = template.read_text(encoding="utf-8")
     backend.encode_special_tokens = True
     return Tokenizer(directory, backend, config)
 
 
 def longest_tokens(tok: Tokenizer, n: int = 10) -> list[str]:
     """The `n` tokens that stand for the most bytes (a glimpse of what BPE learned)."""
-    ids = range(tok.vocab_size)
-    ranked = sorted(ids, key=lambda i: (-len(tok.id_to_token_bytes(i)), i))
-    return [tok.decode([i]) for i in ranked[:n]]
+    ranked = sorted(range(tok.vocab_size), key=lambda i: (-len(tok.token_bytes(i)), i))
+    return [tok.token_bytes(i).decode("utf-8", errors="replace") for i in ranked[:n]]

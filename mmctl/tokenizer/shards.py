@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmctl.errors import DataError
+from mmctl.errors import DataError, UnsafeInputError
 
 MAGIC = b"MMCTLTOK"
 VERSION = 1
@@ -120,6 +120,9 @@ class Shards:
         self.documents = sum(entry["documents"] for entry in self.entries)
 
     def _open(self, entry: dict) -> np.ndarray:
+        if Path(entry["file"]).name != entry["file"] or entry["file"] in (".", ".."):
+            raise UnsafeInputError(f"{self.directory / 'manifest.json'}: shard name {entry['file']!r} points outside "
+                                   "the shard directory")
         path = self.directory / entry["file"]
         if not path.is_file():
             raise DataError(f"{path}: shard missing")

@@ -2,8 +2,9 @@
 
     model.safetensors      parameters by name (a tied matrix stored once)
     optimizer.safetensors  AdamW moments and step counts, and torch's CPU RNG state
-    state.json             step, optimizer hyperparameters, Python/NumPy RNG states, the caller's extra state
-                           (tokens seen, data cursor, what the run was trained with) — written last
+    state.json             step, optimizer hyperparameters (for reference), Python/NumPy RNG states, and the
+                           caller's extra state (what the run was trained with, its last metrics) — written
+                           last. The data cursor is the step itself: batches are a function of (seed, step).
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so `latest()` only ever
 sees complete ones; a killed save leaves a `.step-*.tmp` directory that is ignored and cleaned up later
@@ -114,10 +115,9 @@ def load(path: Path, model, optimizer) -> dict:
         if key.startswith("state."):
             _, index, name = key.split(".", 2)
             opt_state.setdefault(int(index), {})[name] = value
-    groups = optimizer.state_dict()["param_groups"]
-    for group, saved in zip(groups, state["param_groups"], strict=True):
-        group.update({k: v for k, v in saved.items() if k != "params"})
-    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    # The moments come from the checkpoint; the hyperparameters (weight decay, betas, eps) from the recipe now
+    # running, which the manifest records. The learning rate is set by the schedule at every step.
+    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     py = state["rng"]["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))

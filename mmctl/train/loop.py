@@ -10,8 +10,8 @@ Ctrl-C / SIGTERM finish the current step, save a checkpoint and exit 75.
 
 Distributed: under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the environment names the
 rank and world size; the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU), each rank
-draws its own rows of the global batch, and only rank 0 writes or prints. Leaves out: FSDP, tensor
-parallelism, gradient scaling for fp16.
+draws its own rows of the global batch, all ranks stop at the same step, and only rank 0 writes.
+Leaves out: FSDP, tensor parallelism, gradient scaling for fp16.
 """
 
 from __future__ import annotations
@@ -50,28 +50,49 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted", ge=1)
 
 
+    def check(self) -> list[tuple[str, str]]:
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            return [("micro_batch_size", f"{self.micro_batch_size} does not divide batch_size ({self.batch_size})")]
+        return []
+
+
 @dataclass
 class Dist:
-    """Where this process sits in a multi-process run (rank 0 of 1 when alone)."""
+    """Where this process sits in a multi-process run (rank 0 of 1 when alone), and its device."""
 
     rank: int = 0
     world: int = 1
+    device: str = "cpu"
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+
 
 def setup_distributed(device: str) -> Dist:
-    """Join the process group that `accelerate launch` / torchrun describe in the environment, if any."""
+    """Join the process group that `accelerate launch` / torchrun describe in the environment, if any.
+
+    On GPUs each process takes the GPU of its local rank (without this every rank would use cuda:0).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist()
+        return Dist(device=device)
+    import torch
     import torch.distributed as dist
 
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size())
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
 def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -114,26 +135,33 @@ class StopRequest:
 
 def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, loss_fn: Callable, out: Path,
           log: Callable[[dict], None], evaluate: Callable[[int], dict] | None = None, fingerprint: dict,
-          resume: bool = True, force_resume: bool = False, device: str = "cpu", precision: str = "fp32",
-          dist: Dist | None = None, flops_per_token: float = 0.0, peak_flops: float = 0.0) -> dict:
-    """Train `model` for cfg.steps optimizer steps; returns the last logged metrics.
+          force_resume: bool = False, precision: str = "fp32", dist: Dist | None = None,
+          flops_per_token: float = 0.0, peak_flops: float = 0.0) -> dict:
+    """Train `model` for cfg.steps optimizer steps, resuming from the newest checkpoint in `out`; returns the
+    last logged metrics.
 
     `fingerprint` is what a checkpoint must have been trained with to be resumed (model and data identity);
-    a mismatch is refused, naming the key, unless `force_resume`.
+    a mismatch is refused, naming the key, unless `force_resume` (`resumable()` checks it up front).
     """
     import torch
 
     dist = dist or Dist()
+    device = dist.device
     ckpt_dir = Path(out) / "checkpoints"
     optimizer = make_optimizer(model, optim)
-    start = _resume(ckpt_dir, model, optimizer, fingerprint, force_resume) if resume else 0
-    if start and dist.main:
-        console.print(f"resumed from {checkpoint.step_dir(ckpt_dir, start)}")
+    path = resumable(ckpt_dir, fingerprint, force_resume)
+    start, last = 0, {}
+    if path is not None:
+        state = checkpoint.load(path, model, optimizer)
+        start, last = int(state["step"]), state["extra"].get("last", {})
+        if dist.main:
+            console.print(f"resumed from {path}")
     trained = model
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model)
+        trained = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                          else None)
     if cfg.compile:
         trained = torch.compile(trained)  # checkpoints still save `model`: the compiled wrapper renames nothing
     if cfg.activation_checkpointing:
@@ -144,7 +172,6 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
     micro, accum = micro_batches(cfg, dist.world)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     params = [p for p in model.parameters() if p.requires_grad]
-    last: dict = {}
     window_start, window_steps = time.perf_counter(), 0
     with StopRequest() as stop, Progress(cfg.steps, "train") as progress:
         for step in range(start, cfg.steps):
@@ -189,27 +216,32 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
                 if dist.main:
                     log({"step": done, **result})
                     last.update(result)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stop.signal is not None:
+            stopping = stop.signal is not None
+            if dist.world > 1:  # every rank stops at the same step, or they would deadlock in the next all-reduce
+                flag = torch.tensor([float(stopping)], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
                 if dist.main:
-                    checkpoint.save(ckpt_dir, done, model, optimizer, {"fingerprint": fingerprint})
+                    checkpoint.save(ckpt_dir, done, model, optimizer, {"fingerprint": fingerprint, "last": last})
                     checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
-                if dist.world > 1:
-                    torch.distributed.barrier()
+                dist.barrier()
             if dist.main:
                 progress.update(done, loss=loss_value, lr=lr, tok_s=last.get("tok_s", 0.0))
-            if stop.signal is not None:
+            if stopping:
                 raise Interrupted(f"interrupted at step {done}: resumable checkpoint "
                                   f"{checkpoint.step_dir(ckpt_dir, done)}")
     return last
 
 
-def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool) -> int:
+def resumable(ckpt_dir: Path, fingerprint: dict, force: bool) -> Path | None:
+    """The newest complete checkpoint to resume from, or None; refuses one written for another model or data."""
     path = checkpoint.latest(ckpt_dir)
     if path is None:
-        return 0
+        return None
     saved = checkpoint.read_state(path)["extra"].get("fingerprint", {})
     changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
     if changed and not force:
         raise UsageError(f"{path}: cannot resume: {', '.join(changed)} changed since this checkpoint was written "
                          "(--force-resume to resume anyway, or --fresh to start over)")
-    return int(checkpoint.load(path, model, optimizer)["step"])
+    return path

@@ -87,3 +87,11 @@ def test_bad_tokenizer_dirs(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(DataError, match="not a valid tokenizers file"):
         bpe.load(tmp_path)
+
+
+def test_token_bytes_add_up_to_the_text(tok):
+    for text in TRICKY + ["café “quoted” 日本 🙂"]:
+        ids = tok.encode(text)
+        assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.token_bytes(tok.eos_id) == b""
+    assert "<|eos|>" not in bpe.longest_tokens(tok, 20)
