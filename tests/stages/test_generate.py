@@ -54,3 +54,9 @@ def test_errors(checkpoint, args, code, fragment):
 def test_missing_checkpoint_is_exit_3(tmp_path):
     out = mmctl(str(tmp_path / "nope"), "-p", "x")
     assert out.returncode == 3 and "checkpoint dir not found" in out.stderr
+
+
+def test_non_ascii_prompts_survive_the_command_line(checkpoint):
+    out = mmctl(str(checkpoint), "-p", "naïve 🙂 日本", "--max-new-tokens", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["completions"][0]["prompt"] == "naïve 🙂 日本"

@@ -163,3 +163,17 @@ def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
     wb = load_file(tmp_path / "two" / "model" / "model.safetensors")
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+def test_force_after_a_finished_run_and_a_refused_resume_keep_the_results(shards, tmp_path):
+    out, first = pretrain.run(config(shards, tmp_path / "f"))
+    manifest = (out / "manifest.json").read_text()
+    again, results = pretrain.run(config(shards, tmp_path / "f"), force=True)  # nothing left to train
+    assert results["final"]["step"] == 8 and results["final"]["loss"] == first["final"]["loss"]
+    data = recipe_data(shards, tmp_path / "f")
+    data["model"]["hidden_size"] = 64
+    from mmctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="cannot resume: model changed"):
+        pretrain.run(recipe.build(pretrain.PretrainConfig, data, recipe.Source("r", {}, set())))
+    assert json.loads((out / "manifest.json").read_text())["recipe"] == json.loads(manifest)["recipe"]
