@@ -345,10 +345,12 @@ def _render_checks(checks) -> None:
     table = Table(title="Self-check (--verify)", title_justify="left")
     for col in ("check", "mmctl", "reference", "result", "how"):
         table.add_column(col)
+    from rich.markup import escape
+
     for c in checks:
         result = {True: "[green]agree[/green]", False: "[red]DISAGREE[/red]", None: "—"}[c.ok]
         table.add_row(c.name, "—" if c.mmctl is None else f"{c.mmctl:,.0f}",
-                      "—" if c.reference is None else f"{c.reference:,.0f}", result, c.note)
+                      "—" if c.reference is None else f"{c.reference:,.0f}", result, escape(c.note))
     console.print(table)
 
 

@@ -46,7 +46,7 @@ def test_account_tables_go_to_stderr():
 
 
 @pytest.mark.parametrize("args, code, fragment", [
-    (["account", "llama-8b"], 2, "unknown preset 'llama-8b'; `mmctl account --list`"),
+    (["account", "llama-8b"], 2, "unknown preset 'llama-8b'; did you mean `llama-3-8b`?"),
     (["account", "llama-7b", "--mfu", "2"], 2, "hardware.mfu: 2.0 is out of range (must be ≤ 1)"),
     (["account", "llama-7b", "--zero", "3"], 2, "train.zero: ZeRO stage 3 shards over GPUs"),
     (["account", "llama-7b", "--gpu", "h10"], 2, "unknown GPU 'h10'"),

@@ -30,7 +30,7 @@ def load_model(name: str) -> dict:
     """The preset as a dict with `description`, `source` and `config` (the HF config.json fields)."""
     path = model_path(name)
     if name not in model_names():
-        raise UsageError(f"unknown model preset {name!r}{_did_you_mean(name, model_names())}; "
+        raise UsageError(f"unknown model preset {name!r}{did_you_mean(name, model_names())}; "
                          "`mmctl account --list` shows them")
     return safe_load(path.read_text(encoding="utf-8"))
 
@@ -43,10 +43,10 @@ def hardware() -> dict[str, dict]:
 def load_hardware(name: str) -> dict:
     table = hardware()
     if name not in table:
-        raise UsageError(f"unknown GPU {name!r}{_did_you_mean(name, list(table))}; `mmctl account --list` shows them")
+        raise UsageError(f"unknown GPU {name!r}{did_you_mean(name, list(table))}; `mmctl account --list` shows them")
     return table[name]
 
 
-def _did_you_mean(name: str, names: list[str]) -> str:
+def did_you_mean(name: str, names: list[str]) -> str:
     hint = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     return f"; did you mean `{hint[0]}`?" if hint else ""

@@ -41,7 +41,8 @@ class ModelSection:
             return [(given[1], f"conflicts with model.{given[0]}: set only one of model.preset, model.config, "
                                "model.hf")]
         if self.preset and self.preset not in presets.model_names():
-            return [("preset", f"unknown preset {self.preset!r}; `mmctl account --list` shows them")]
+            hint = presets.did_you_mean(self.preset, presets.model_names())
+            return [("preset", f"unknown preset {self.preset!r}{hint}; `mmctl account --list` shows them")]
         return []
 
 
@@ -68,7 +69,8 @@ class HardwareSection:
 
     def check(self) -> list[tuple[str, str]]:
         if self.gpu not in presets.hardware():
-            return [("gpu", f"unknown GPU {self.gpu!r}; `mmctl account --list` shows them")]
+            hint = presets.did_you_mean(self.gpu, list(presets.hardware()))
+            return [("gpu", f"unknown GPU {self.gpu!r}{hint}; `mmctl account --list` shows them")]
         return []
 
 

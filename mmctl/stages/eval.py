@@ -67,6 +67,10 @@ def run(cfg: EvalConfig, force: bool = False) -> tuple[Path, dict | None]:
     from mmctl.tokenizer import bpe
 
     out = Path(cfg.run.out)
+    for ckpt in cfg.checkpoints:  # all of them before scoring any
+        if not (Path(ckpt) / "config.json").is_file():
+            raise DataError(f"{ckpt}: not a checkpoint directory (no config.json); `mmctl pretrain` writes one to "
+                            "<out>/model")
     run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
     if not force and run_dir.up_to_date():
         return out, None

@@ -81,6 +81,9 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     from mmctl.train.loop import micro_batches, resumable, setup_distributed, train
 
     out, data = Path(cfg.run.out), Path(cfg.data.path)
+    if not (data / "shards" / "manifest.json").is_file():
+        raise DataError(f"{data}: no finished `mmctl tokenize` output here (data.path resolves against the working "
+                        f"directory, {Path.cwd()}); run the tokenize recipe first")
     tok = bpe.load(data / "tokenizer")
     shards = {split: Shards(data / "shards", split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
               for split in ("train", "val")}

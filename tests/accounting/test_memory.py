@@ -57,3 +57,17 @@ def test_weight_formats_bits_per_weight():
     assert (m._weight_bytes(arch, total, "int4") - rest) * 8 / lin == pytest.approx(4.25)
     assert (m._weight_bytes(arch, total, "nf4") - rest) * 8 / lin == pytest.approx(4.5)
     assert (m._weight_bytes(arch, total, "int8") - rest) * 8 / lin == pytest.approx(8 + 32 / 1024, rel=0.05)
+
+
+@pytest.mark.parametrize("precision, zero, gpus, recompute", [("fp32", 0, 1, "none"), ("bf16-mixed", 3, 8, "full"),
+                                                              ("bf16-true", 1, 4, "selective")])
+def test_the_peak_never_exceeds_the_sum_of_parts(precision, zero, gpus, recompute):
+    from mmctl import presets
+
+    for name in presets.model_names():
+        arch = from_hf_config(presets.load_model(name)["config"], name)
+        w = Workload(seq_len=1024, batch_size=2, precision=precision, zero=zero, num_gpus=gpus,
+                     activation_checkpointing=recompute)
+        total = int(values(arch.extra)["params.total"])
+        lines = {x.key: x.value for x in m.training_memory(arch, w, total)}
+        assert lines["memory.training.peak"] <= lines["memory.training.sum_of_parts"], name
