@@ -294,7 +294,7 @@ def render(results: dict, out: Path) -> None:
                   f"{results['seconds']:.0f} s: loss {final.get('loss', float('nan')):.3f}, val loss "
                   f"{final.get('val_loss', float('nan')):.3f}, val {final.get('val_bpb', float('nan')):.3f} bits/byte")
     mfu = f"{100 * t['measured_mfu']:.1f}%" if t.get("measured_mfu") is not None else "?"
-    console.print(f"throughput {t['measured_tok_s']:,.0f} tok/s (MFU {mfu} of a measured "
+    console.print(f"throughput {t['measured_tok_s'] or 0:,.0f} tok/s (MFU {mfu} of a measured "
                   f"{t['peak_flops'] / 1e9:.0f} GFLOP/s peak); peak memory: predicted "
                   f"{m['predicted_peak_bytes'] / 1e6:.0f} MB, measured RSS growth "
                   f"{m['measured_peak_rss_bytes'] / 1e6:.0f} MB")
