@@ -326,15 +326,9 @@ def _account_of_recipe(path: str) -> list[str]:
     if not hasattr(cfg, "model") or not hasattr(cfg.model, "num_layers"):
         raise UsageError(f"{path}: a `mmctl {stage}` recipe has no model section to account for")
     from mmctl.models.hf import config_to_hf
-    from mmctl.train.loop import micro_batches
 
-    hf = config_to_hf(cfg.model)
-    precision = {"fp32": "fp32"}.get(cfg.train.precision, "bf16-mixed")
-    return [f"model.hf={_yaml_value(hf)}", f"train.seq_len={cfg.train.seq_len}",
-            f"train.batch_size={micro_batches(cfg.train, 1)[0]}",
-            f"train.tokens={cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len}",
-            f"train.precision={precision}",
-            f"train.activation_checkpointing={'full' if cfg.train.activation_checkpointing else 'none'}"]
+    return [f"model.hf={_yaml_value(config_to_hf(cfg.model))}"] + [
+        f"train.{key}={_yaml_value(value)}" for key, value in cfg.train.workload().items()]
 
 
 def _render_checks(checks) -> None:

@@ -188,12 +188,17 @@ def attention_flops_per_token(a: Arch, seq_len: int, causal: bool = False) -> fl
     return total
 
 
+def forward_flops_per_token(a: Arch, seq_len: int) -> float:
+    """2·N_matmul + the attention term: the forward pass's FLOPs for one token at context `seq_len`."""
+    return 2 * matmul_params(a) + attention_flops_per_token(a, seq_len)
+
+
 def flops(a: Arch, w: Workload, tokens: float) -> list[Line]:
     T = w.seq_len
     n = matmul_params(a)
     attn = attention_flops_per_token(a, T)
     attn_causal = attention_flops_per_token(a, T, causal=True)
-    fwd = 2 * n + attn
+    fwd = forward_flops_per_token(a, T)
     recompute = {"none": 0.0, "selective": attn, "full": fwd}[w.activation_checkpointing]
     train = 3 * fwd
     window = f", windows {a.sliding_window} on {a.sliding_layers} layers" if a.sliding_layers else ""

@@ -55,7 +55,7 @@ def verify(arch: Arch, sections: dict[str, list[Line]], seq_len: int) -> list[Ch
     T = min(seq_len, arch.sliding_window) if arch.sliding_layers else seq_len
     from mmctl.accounting import formulas
 
-    fwd = 2 * formulas.matmul_params(arch) + formulas.attention_flops_per_token(arch, T)
+    fwd = formulas.forward_flops_per_token(arch, T)
     ids = torch.zeros(1, T, dtype=torch.long, device="meta")
     with FlopCounterMode(display=False) as counter:
         logits = model(input_ids=ids).logits

@@ -247,31 +247,29 @@ def _token_bytes(tok):
     return torch.tensor([len(tok.token_bytes(i)) for i in range(tok.vocab_size)])
 
 
-def _flops_per_token(cfg: PretrainConfig) -> float:
-    """Training FLOPs per token at train.seq_len, from mmctl.accounting (one formula for account and MFU)."""
-    from mmctl.accounting import formulas
+def _arch(cfg: PretrainConfig):
+    """The model as mmctl.accounting sees it (one set of formulas for `mmctl account` and for MFU)."""
     from mmctl.accounting.arch import from_hf_config
     from mmctl.models.hf import config_to_hf
 
-    arch = from_hf_config(config_to_hf(cfg.model))
-    n = formulas.matmul_params(arch)
-    return 3 * (2 * n + formulas.attention_flops_per_token(arch, cfg.train.seq_len))
+    return from_hf_config(config_to_hf(cfg.model))
+
+
+def _flops_per_token(cfg: PretrainConfig) -> float:
+    """Training FLOPs per token at train.seq_len (3 × forward)."""
+    from mmctl.accounting import formulas
+
+    return 3 * formulas.forward_flops_per_token(_arch(cfg), cfg.train.seq_len)
 
 
 def _predicted(cfg: PretrainConfig, world: int, precision: str) -> float:
     """`mmctl account`'s training-memory peak for this run (one process, its micro-batch)."""
     from mmctl.accounting import formulas, memory
-    from mmctl.accounting.arch import from_hf_config
     from mmctl.accounting.formulas import Workload
-    from mmctl.models.hf import config_to_hf
 
-    arch = from_hf_config(config_to_hf(cfg.model))
+    arch = _arch(cfg)
     total = next(int(x.value) for x in formulas.params(arch) if x.key == "params.total")
-    from mmctl.train.loop import micro_batches
-
-    w = Workload(seq_len=cfg.train.seq_len, batch_size=micro_batches(cfg.train, world)[0],
-                 precision="fp32" if precision == "fp32" else "bf16-mixed",
-                 activation_checkpointing="full" if cfg.train.activation_checkpointing else "none")
+    w = Workload(**cfg.train.workload(world, precision))
     return next(x.value for x in memory.training_memory(arch, w, total) if x.key == "memory.training.peak")
 
 

@@ -50,6 +50,14 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted", ge=1)
 
 
+    def workload(self, world: int = 1, precision: str | None = None) -> dict:
+        """This run in `mmctl account`'s terms (its Workload fields): one process's micro-batch, all tokens."""
+        precision = precision or self.precision
+        return {"seq_len": self.seq_len, "batch_size": micro_batches(self, world)[0],
+                "tokens": float(self.steps * self.batch_size * self.seq_len),
+                "precision": "fp32" if precision == "fp32" else "bf16-mixed",
+                "activation_checkpointing": "full" if self.activation_checkpointing else "none"}
+
     def check(self) -> list[tuple[str, str]]:
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             return [("micro_batch_size", f"{self.micro_batch_size} does not divide batch_size ({self.batch_size})")]
