@@ -5,7 +5,7 @@
 Both models get the same weights (mmctl → HF checkpoint → transformers), the same AdamW and the same batch; a
 step is forward + backward + clip + optimizer step. The two take turns (warm-up excluded, median of 7), in fp32
 and in bf16 autocast, with `torch.set_num_threads(2)`. MFU uses mmctl.accounting's training FLOPs per token over
-the best square-matmul rate measured in the same process (mmctl.stages.pretrain.peak_flops).
+the best square-matmul rate measured in the same process (mmctl.runtime.peak_flops).
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
-from mmctl.models import hf
+from mmctl.accounting import formulas
+from mmctl.accounting.arch import from_hf_config
+from mmctl.models import transformer
 from mmctl.models.transformer import ModelConfig, Transformer
-from mmctl.stages import pretrain
+from mmctl.runtime import autocast, peak_flops
 
 CFG = ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
                   num_kv_heads=4, max_position_embeddings=512, tie_embeddings=True)
@@ -29,11 +30,10 @@ B, T, REPEATS = 8, 256, 7
 def step_fn(model, logits_of, precision):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, CFG.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with ctx():
+        with autocast(precision, "cpu"):
             logits = logits_of(model, ids[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, CFG.vocab_size), ids[:, 1:].reshape(-1))
         loss.backward()
@@ -50,17 +50,16 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Transformer(CFG)
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_checkpoint(ours, tmp)
+        transformer.save_checkpoint(ours, tmp)
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     ref.train()
-    flops_per_token = pretrain._flops_per_token(pretrain.PretrainConfig(model=CFG, train=pretrain.TrainConfig(
-        seq_len=T)))
+    flops_per_token = 3 * formulas.forward_flops_per_token(from_hf_config(CFG.to_hf()), T)  # forward + backward
     print(f"model: {sum(p.numel() for p in ours.parameters()):,} parameters, batch {B} × {T}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token (training)\n")
     print("| precision | mmctl ms/step | transformers ms/step | mmctl / transformers | mmctl MFU | transformers MFU |")
     print("|---|---|---|---|---|---|")
     for precision in ("fp32", "bf16"):
-        peak = pretrain.peak_flops("cpu", precision)
+        peak = peak_flops("cpu", precision)
         steps = {"mmctl": step_fn(ours, lambda m, x: m(x), precision),
                  "transformers": step_fn(ref, lambda m, x: m(input_ids=x).logits, precision)}
         times = {name: [] for name in steps}

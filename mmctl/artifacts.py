@@ -155,6 +155,10 @@ class Run:
             k: v["sha256"] for k, v in self.inputs.items()}
         return manifest.get("recipe") == self.recipe and same_inputs
 
+    def results(self) -> dict:
+        """The results recorded by the finished run in this directory (after `up_to_date()` said so)."""
+        return (read_manifest(self.out) or {}).get("results", {})
+
     def start(self, keep_metrics_through: int | None = None) -> None:
         """Claim the directory: drop any old manifest first, so a half-done re-run never looks finished.
 

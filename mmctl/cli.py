@@ -32,6 +32,7 @@ STAGES = {
     "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
     "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
+    "generate": ("mmctl.stages.generate", "GenerateConfig"),
 }
 
 def _yaml_value(value) -> str:
@@ -73,18 +74,6 @@ def reports_errors(fn):
     return wrapper
 
 
-def _load(stage: str, recipe_path: str | None, overrides: list[str]):
-    import importlib
-
-    from mmctl import recipe
-
-    module, cls_name = STAGES[stage]
-    cls = getattr(importlib.import_module(module), cls_name)
-    if recipe_path is None:
-        return recipe.build(cls, {}, recipe.Source("(command line)", {}, set()), overrides, stage=stage)
-    return recipe.load(recipe_path, cls, overrides, stage=stage)
-
-
 @app.command()
 @reports_errors
 def validate(
@@ -95,7 +84,7 @@ def validate(
     from mmctl import recipe
     from mmctl.console import console
 
-    data, _ = recipe.parse(_read(recipe_path), str(recipe_path))
+    data, _ = recipe.parse(recipe.read(recipe_path), str(recipe_path))
     stage = data.get("stage")
     if stage not in STAGES:
         raise UsageError(f"{recipe_path}: stage: expected one of {', '.join(STAGES)} (the command the recipe is "
@@ -104,13 +93,33 @@ def validate(
     console.print(f"ok: {recipe_path} is a valid `mmctl {stage}` recipe")
 
 
-def _read(path: Path) -> str:
-    if not path.is_file():
-        raise UsageError(f"{path}: recipe not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: cannot read recipe: {e}") from None
+RECIPE_ARG = typer.Argument(..., metavar="RECIPE", help="The stage's recipe (YAML).")
+SET = typer.Option([], "--set", help=SET_HELP)
+DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop.")
+FORCE = typer.Option(False, "--force", help="Re-run even if the output is up to date.")
+JSON = typer.Option(False, "--json", help="Print the results as one JSON object on stdout.")
+DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | mps (default: the recipe's, else auto).")
+FRESH = typer.Option(False, "--fresh", help="Discard the checkpoints in the output directory and start from step 0.")
+FORCE_RESUME = typer.Option(False, "--force-resume", help="Resume even though the model or data changed since the "
+                                                          "checkpoint.")
+
+
+def _flags(flags: dict) -> list[str]:
+    """Command-line flags that were given, as `--set` overrides of the fields they name."""
+    return [f"{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None]
+
+
+def _report(result, as_json: bool, render) -> None:
+    """The end of every stage command: "up to date", or the results (tables on stderr, or JSON on stdout)."""
+    from mmctl.console import console, emit_json
+
+    if as_json:
+        emit_json(result.results)
+    elif not result.up_to_date:
+        render(result)
+    if result.out is not None:
+        written = result.out / "manifest.json"
+        console.print(f"up to date: {written} (--force re-runs)" if result.up_to_date else f"wrote: {written}")
 
 
 @app.command()
@@ -130,127 +139,64 @@ def account(
     activation_checkpointing: str | None = typer.Option(
         None, "--activation-checkpointing", help="none | selective | full."),
     attention: str | None = typer.Option(None, "--attention", help="flash | eager (eager keeps T×T scores)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    set_: list[str] = SET,
     explain: bool = typer.Option(False, "--explain", help="Show each number's formula and source."),
     verify: bool = typer.Option(False, "--verify", help="Check against transformers on the meta device and "
                                                         "torch's FlopCounterMode (needs torch)."),
     list_: bool = typer.Option(False, "--list", help="List the model and hardware presets."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop."),
-    force: bool = typer.Option(False, "--force", help="Re-run even if run.out is up to date."),
+    as_json: bool = JSON, dry_run: bool = DRY_RUN, force: bool = FORCE,
 ) -> None:
     """Parameters, FLOPs, memory, training time and scaling for a model: `mmctl account llama-7b`."""
+    from mmctl.stages import Options
     from mmctl.stages import account as stage
 
     if list_:
-        stage.list_presets()
-        return
+        return stage.list_presets()
     if target is None:
         raise UsageError("account: give a preset name, a config.json, or a recipe (or --list)")
-    flags = {"train.seq_len": seq_len, "train.batch_size": batch, "train.tokens": tokens, "hardware.gpu": gpu,
-             "hardware.num_gpus": num_gpus, "hardware.mfu": mfu, "train.precision": precision, "train.zero": zero,
-             "train.activation_checkpointing": activation_checkpointing, "train.attention": attention}
-    selects = stage.target_overrides(target)
-    if selects is None and _recipe_stage(target) not in (None, "account"):
-        selects = _account_of_recipe(target)  # a training recipe: account for its model and its run
-    overrides = (selects or []) + [f"{k}={_yaml_value(v)}" for k, v in flags.items() if v is not None] + set_
-    cfg = _load("account", None if selects is not None else target, overrides)
+    flags = dict(seq_len=seq_len, batch=batch, tokens=tokens, gpu=gpu, num_gpus=num_gpus, mfu=mfu,
+                 precision=precision, zero=zero, activation_checkpointing=activation_checkpointing, attention=attention)
+    cfg = stage.load_config(target, flags, set_)
     if dry_run:
-        _print_resolved(cfg, "account")
-        return
-    report = stage.run(cfg, force=force)
-    checks = None
-    if verify:
-        from mmctl.accounting.verify import verify as run_checks
-
-        checks = run_checks(report.arch, report.sections, cfg.train.seq_len)
-    if as_json:
-        from mmctl.console import emit_json
-
-        out = dict(report.json)
-        if checks is not None:
-            out["verify"] = [c.__dict__ for c in checks]
-        emit_json(out)
-    else:
-        stage.render(report.sections, report.arch, explain)
-        if checks is not None:
-            _render_checks(checks)
-    if cfg.run.out:
-        from mmctl.console import console
-
-        console.print(f"{'up to date' if report.up_to_date else 'wrote'}: {Path(cfg.run.out) / 'manifest.json'}")
-    if checks and any(c.ok is False for c in checks):
+        return _print_resolved(cfg, "account")
+    result = stage.run(cfg, Options(force=force, json=as_json), verify=verify)
+    _report(result, as_json, lambda r: stage.render(r, explain))
+    if stage.disagrees(result):
         raise typer.Exit(1)
 
 
-RECIPE_ARG = typer.Argument(..., metavar="RECIPE", help="The stage's recipe (YAML).")
-DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop.")
-FORCE = typer.Option(False, "--force", help="Re-run even if the output is up to date.")
-JSON = typer.Option(False, "--json", help="Print the results as one JSON object on stdout.")
-
-
-def _report(out: Path, results: dict | None, as_json: bool, render) -> None:
-    """The end of every stage command: "up to date", or the results (tables on stderr, or JSON on stdout)."""
-    from mmctl.console import console, emit_json
-
-    if results is None:
-        console.print(f"up to date: {out / 'manifest.json'} (--force re-runs)")
-        if as_json:
-            emit_json(json.loads((out / "manifest.json").read_text())["results"])
-        return
-    if as_json:
-        emit_json(results)
-    else:
-        render(results, out)
-    console.print(f"wrote: {out / 'manifest.json'}")
-
-
 @app.command()
 @reports_errors
-def tokenize(recipe_path: Path = RECIPE_ARG, set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-             dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON) -> None:
+def tokenize(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
+             as_json: bool = JSON) -> None:
     """Train a byte-level BPE tokenizer and encode corpora into verified token shards."""
-    from mmctl.stages import tokenize as stage
-
-    cfg = _load("tokenize", str(recipe_path), set_)
-    if dry_run:
-        return _print_resolved(cfg, "tokenize")
-    out, results = stage.run(cfg, force=force)
-    _report(out, results, as_json, stage.render)
+    _run_stage("tokenize", str(recipe_path), set_, dry_run, force=force, json=as_json)
 
 
 @app.command()
 @reports_errors
-def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-             dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON,
-             fresh: bool = typer.Option(False, "--fresh", help="Discard the checkpoints in the output directory and "
-                                                               "start from step 0."),
-             force_resume: bool = typer.Option(False, "--force-resume", help="Resume even though the model or data "
-                                                                             "changed since the checkpoint.")) -> None:
+def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
+             as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
+             force_resume: bool = FORCE_RESUME) -> None:
     """Train a Llama-style decoder from scratch; resumes from the newest checkpoint in the output directory."""
-    from mmctl.stages import pretrain as stage
-
-    cfg = _load("pretrain", str(recipe_path), set_)
-    if dry_run:
-        return _print_resolved(cfg, "pretrain")
-    out, results = stage.run(cfg, force=force, fresh=fresh, force_resume=force_resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # in a multi-process run, rank 0 reports
-        _report(out, results, as_json, stage.render)
+    _run_stage("pretrain", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
+               json=as_json, fresh=fresh, force_resume=force_resume)
 
 
 @app.command("eval")
 @reports_errors
 def eval_(
     targets: list[str] = typer.Argument(..., metavar="RECIPE | CHECKPOINT...",
-                                        help="An eval recipe, or one or more checkpoint directories."),
+                                        help="An eval recipe, or one or more checkpoint directories (a `model/` "
+                                             "dir, or a training checkpoint `checkpoints/step-N`)."),
     task: list[str] = typer.Option([], "--task", help="A built-in task (arithmetic, arithmetic-mc, stories-mc, "
                                                       "stories-ppl), ppl / mc / gen with --data, or a task YAML file."),
     data: str | None = typer.Option(None, "--data", help="The task data for --task ppl / mc / gen."),
     limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default out/eval)."),
-    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
-    dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON,
+    device: str | None = DEVICE, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
+    as_json: bool = JSON,
 ) -> None:
     """Score checkpoints on perplexity, multiple choice and generation tasks; several checkpoints side by side."""
     from mmctl.stages import eval as stage
@@ -261,14 +207,8 @@ def eval_(
         overrides.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
-    for key, value in (("eval.limit", limit), ("eval.batch_size", batch_size), ("run.out", out)):
-        if value is not None:
-            overrides.append(f"{key}={_yaml_value(value)}")
-    cfg = _load("eval", targets[0] if is_recipe else None, overrides + set_)
-    if dry_run:
-        return _print_resolved(cfg, "eval")
-    out_dir, results = stage.run(cfg, force=force)
-    _report(out_dir, results, as_json, stage.render)
+    overrides += _flags({"eval.limit": limit, "eval.batch_size": batch_size, "run.out": out, "run.device": device})
+    _run_stage("eval", targets[0] if is_recipe else None, overrides + set_, dry_run, force=force, json=as_json)
 
 
 @app.command()
@@ -286,66 +226,46 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the sampler."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the checkpoint's chat template."),
-    as_json: bool = JSON,
+    device: str | None = DEVICE, as_json: bool = JSON,
 ) -> None:
     """Sample from a checkpoint (KV cache; batched prompts are left-padded); output streams to the terminal."""
-    from mmctl import recipe
     from mmctl.stages import generate as stage
 
     texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
-    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
-             "repetition_penalty": repetition_penalty, "seed": seed}
-    overrides = [f"checkpoint={_yaml_value(checkpoint)}", f"prompts={_yaml_value(texts)}", f"chat={_yaml_value(chat)}"]
-    overrides += [f"sampling.{k}={_yaml_value(v)}" for k, v in flags.items() if v is not None]
-    if stop:
-        overrides.append(f"sampling.stop_strings={_yaml_value(stop)}")
-    cfg = recipe.build(stage.GenerateConfig, {}, recipe.Source("(command line)", {}, set()), overrides)
-    streamed = not as_json and len(texts) == 1
-    results = stage.run(cfg, stream=streamed)
-    if as_json:
-        from mmctl.console import emit_json
-
-        emit_json(results)
-    else:
-        stage.render_results(results, streamed)
+    overrides = _flags({"checkpoint": checkpoint, "prompts": texts, "chat": chat, "device": device,
+                        "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature,
+                        "sampling.top_k": top_k, "sampling.top_p": top_p,
+                        "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed,
+                        "sampling.stop_strings": stop or None})
+    _run_stage("generate", None, overrides, False, json=as_json)
 
 
-def _recipe_stage(path: str) -> str | None:
+def _load(stage: str, recipe_path: str | None, overrides: list[str]):
+    """The stage's config from its recipe (or from flags alone), with the overrides applied and checked."""
+    import importlib
+
     from mmctl import recipe
 
-    data, _ = recipe.parse(_read(Path(path)), path)
-    return data.get("stage")
+    module, cls_name = STAGES[stage]
+    cls = getattr(importlib.import_module(module), cls_name)
+    if recipe_path is None:
+        return recipe.build(cls, {}, recipe.Source("(command line)", {}, set()), overrides, stage=stage)
+    return recipe.load(recipe_path, cls, overrides, stage=stage)
 
 
-def _account_of_recipe(path: str) -> list[str]:
-    """Overrides that make `mmctl account` describe a training recipe's model, context and micro-batch."""
-    stage = _recipe_stage(path)
-    if stage not in STAGES or stage == "account":
-        raise UsageError(f"{path}: stage: {stage!r} is not a recipe `mmctl account` can read")
-    cfg = _load(stage, path, [])
-    if not hasattr(cfg, "model") or not hasattr(cfg.model, "num_layers"):
-        raise UsageError(f"{path}: a `mmctl {stage}` recipe has no model section to account for")
-    from mmctl.models.hf import config_to_hf
+def _run_stage(stage: str, recipe_path: str | None, overrides: list[str], dry_run: bool, **options) -> None:
+    """parse → load the recipe → stage.run → report: what every stage command does."""
+    import importlib
 
-    return [f"model.hf={_yaml_value(config_to_hf(cfg.model))}"] + [
-        f"train.{key}={_yaml_value(value)}" for key, value in cfg.train.workload().items()]
+    from mmctl.stages import Options
 
-
-def _render_checks(checks) -> None:
-    from rich.table import Table
-
-    from mmctl.console import console
-
-    table = Table(title="Self-check (--verify)", title_justify="left")
-    for col in ("check", "mmctl", "reference", "result", "how"):
-        table.add_column(col)
-    from rich.markup import escape
-
-    for c in checks:
-        result = {True: "[green]agree[/green]", False: "[red]DISAGREE[/red]", None: "—"}[c.ok]
-        table.add_row(c.name, "—" if c.mmctl is None else f"{c.mmctl:,.0f}",
-                      "—" if c.reference is None else f"{c.reference:,.0f}", result, escape(c.note))
-    console.print(table)
+    module = importlib.import_module(STAGES[stage][0])
+    cfg = _load(stage, recipe_path, overrides)
+    if dry_run:
+        return _print_resolved(cfg, stage)
+    result = module.run(cfg, Options(**options))
+    if int(os.environ.get("RANK", "0")) == 0:  # in a multi-process run, rank 0 reports
+        _report(result, options.get("json", False), module.render)
 
 
 def _print_resolved(cfg, stage: str) -> None:

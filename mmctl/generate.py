@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmctl.data.batches import left_pad
 from mmctl.errors import UsageError
 from mmctl.models.transformer import Transformer
 from mmctl.recipe import option
@@ -107,15 +108,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     if T + new > context:
         raise UsageError(f"the longest prompt ({T} tokens) + max_new_tokens ({new}) exceeds the model's context "
                          f"({context} tokens)")
-    device = model.lm_head.weight.device
+    device = model.device
 
-    # Left padding lines every prompt's last token up at slot T-1, so each step appends one slot for all rows.
-    ids = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.tensor(p)
-        mask[b, T - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = (t.to(device) for t in left_pad(prompts))  # every prompt's last token at slot T-1
     seen = None
     if sampling.repetition_penalty != 1.0:
         seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
@@ -164,3 +159,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     completions = [d if d is not None else Completion(out[b], "length") for b, d in enumerate(done)]
     decoded = sum(len(c.ids) - 1 for c in completions)
     return Generation(completions, first - start, decoded / (end - first) if decoded and end > first else None)
+
+
+def completion_text(tok, completion: Completion, stop_strings: Sequence[str] = ()) -> str:
+    """A completion's text without special tokens, cut before the first stop string: the stop string ends an
+    answer but is not part of it (what eval and the lm-eval adapter score)."""
+    text = tok.decode(completion.ids, skip_special_tokens=True)
+    for stop in stop_strings:
+        text = text.split(stop, 1)[0]
+    return text

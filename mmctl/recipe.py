@@ -86,15 +86,19 @@ def load(path: str | Path, cls: type, overrides: list[str] | tuple[str, ...] = (
 
     If the recipe names its `stage:` it must be `stage`. Raises UsageError listing every problem.
     """
+    data, source = parse(read(path), str(path))
+    return build(cls, data, source, overrides, stage=stage)
+
+
+def read(path: str | Path) -> str:
+    """A recipe file's text; UsageError (exit 2) naming it if it is missing or unreadable."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: recipe not found" if not path.exists() else f"{path}: not a file")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: cannot read recipe: {e}") from None
-    data, source = parse(text, str(path))
-    return build(cls, data, source, overrides, stage=stage)
 
 
 def parse(text: str, file: str) -> tuple[dict, Source]:

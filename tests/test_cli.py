@@ -134,6 +134,6 @@ def test_account_of_a_pretrain_recipe_and_a_checkpoint(checkpoint):
     assert report["workload"]["seq_len"] == 256 and report["workload"]["batch_size"] == 16
     assert report["flops"]["tokens"] == 150 * 16 * 256
     ckpt = json.loads(mmctl("account", str(checkpoint), "--json").stdout)
-    from mmctl.models import hf
+    from mmctl.models import transformer
 
-    assert ckpt["params"]["total"] == sum(p.numel() for p in hf.load_checkpoint(checkpoint).parameters())
+    assert ckpt["params"]["total"] == sum(p.numel() for p in transformer.load_checkpoint(checkpoint).parameters())

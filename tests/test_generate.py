@@ -15,8 +15,11 @@ from transformers.generation.logits_process import (  # noqa: E402
 
 from mmctl.errors import UsageError  # noqa: E402
 from mmctl.generate import SamplingConfig, generate, process_logits  # noqa: E402
-from mmctl.models.hf import save_checkpoint  # noqa: E402
-from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
+from mmctl.models.transformer import (  # noqa: E402
+    ModelConfig,
+    Transformer,
+    save_checkpoint,  # noqa: E402
+)
 from tests.models import one_thread  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,7 @@
-"""DESIGN §2: imports point down only — cli → stages → library → {tokenizer, console, errors}."""
+"""DESIGN §2: imports point down only —
+cli → stages → {rl, evals} → {data, models, train, quant, generate, accounting} → {recipe, artifacts, runtime,
+tokenizer, presets} → {console, errors}; stages never import each other, models never import data or train, and
+train is model-agnostic."""
 
 from __future__ import annotations
 
@@ -6,7 +9,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mmctl"
-BOTTOM = {"tokenizer", "console", "errors"}
+LAYERS = [{"cli", "__main__"}, {"stages"}, {"rl", "evals"},
+          {"data", "models", "train", "quant", "generate", "accounting"},
+          {"recipe", "artifacts", "runtime", "tokenizer", "presets"}, {"console", "errors", "__init__"}]
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -32,16 +38,13 @@ def test_imports_point_down():
     for path in ROOT.rglob("*.py"):
         rel = path.relative_to(ROOT)
         here = rel.parts[0].removesuffix(".py")
+        assert here in LEVEL, f"{rel}: a new top-level module; give it a layer in LAYERS"
         for module in imports_of(path):
             top = layer_of(module)
             if top == "__version__" or top == here:
                 continue
-            if top == "cli" and here != "__main__":
-                problems.append(f"{rel} imports the CLI")
-            elif top == "stages" and here != "cli":
-                problems.append(f"{rel} imports a stage ({module})")
-            elif here in BOTTOM and top not in BOTTOM:
-                problems.append(f"{rel} (bottom layer) imports {module}")
+            if LEVEL[top] < LEVEL[here]:
+                problems.append(f"{rel} imports {module}, a layer above it")
             elif here == "models" and top in ("data", "train"):
                 problems.append(f"{rel}: models must not import {module}")
             elif here == "train" and top in ("models", "data"):

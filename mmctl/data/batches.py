@@ -1,4 +1,6 @@
-"""Training batches from token shards: random windows, each row a pure function of (seed, step, row).
+"""Batches: training windows from token shards, and left-padded rows for scoring and decoding.
+
+Training windows are random, each row a pure function of (seed, step, row).
 
 nanoGPT's sampler (a random offset per row into the token stream, windows may span document boundaries at
 <|eos|>), made reproducible without any hidden state: the "data cursor" of a resumed run is just the step
@@ -8,6 +10,8 @@ micro-batches and two processes taking one each train on exactly the same rows.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,3 +40,22 @@ class TokenWindows:
             start = rng.integers(0, len(tokens) - self.seq_len)
             out.append(np.asarray(tokens[start:start + self.seq_len + 1], dtype=np.int64))
         return np.stack(out)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0):
+    """(ids, attention_mask), both (B, T) int64 with T the longest row: each row right-aligned after padding.
+
+    Left padding puts every row's last token at T - 1, so decoding appends one slot for all rows at once and a
+    score never depends on what else shares the batch (the model masks the padding and gives each real token the
+    position it would have alone). Generation and log-likelihood scoring share it.
+    """
+    import torch
+
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        if len(row):
+            ids[b, T - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[b, T - len(row):] = 1
+    return ids, mask

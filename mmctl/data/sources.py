@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,25 +122,11 @@ def _text(path: Path, separator: str | None) -> Iterator[str]:
     yield from (text.split(separator) if separator else [text])
 
 
-def _jsonl(path: Path, field: str) -> Iterator[str]:
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    with f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-            if not isinstance(record, dict) or field not in record:
-                keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                raise DataError(f"{path}:{number}: no field {field!r} (has: {keys})")
-            if not isinstance(record[field], str):
-                raise DataError(f"{path}:{number}: field {field!r} is {type(record[field]).__name__}, not text")
-            yield record[field]
+def _jsonl(path: Path, name: str) -> Iterator[str]:
+    from mmctl.data import jsonl
+
+    for where, record in jsonl.records(path):
+        yield jsonl.field(record, name, str, where)
 
 
 def _parquet(path: Path, column: str) -> Iterator[str]:

@@ -14,7 +14,7 @@ from mmctl.evals.tasks import TaskConfig, fewshot_prefix
 
 def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int, seed: int,
              stats: dict) -> tuple[dict, list[dict]]:
-    from mmctl.generate import SamplingConfig, generate
+    from mmctl.generate import SamplingConfig, completion_text, generate
 
     prefix = fewshot_prefix(task, seed, lambda it: f"{it['prompt']} {it['answer']}")
     stop = task.stop or ["\n"]
@@ -28,9 +28,7 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
         if out.decode_tokens_per_s:
             decode_rates.append(out.decode_tokens_per_s)
         for item, completion in zip(batch, out.completions, strict=True):
-            text = tok.decode(completion.ids, skip_special_tokens=True)
-            for s in stop:  # the stop string ends the answer; it is not part of it
-                text = text.split(s, 1)[0]
+            text = completion_text(tok, completion, stop)
             predicted = extract(text, task.extract)
             correct.append(float(exact_match(predicted, item["answer"])))
             samples.append({"prompt": item["prompt"], "target": item["answer"], "completion": text,

@@ -52,13 +52,13 @@ class MmctlLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, batch_size: int | str = 8, max_length: int | str | None = None,
                  device: str | None = None):
         super().__init__()
-        from mmctl.models import hf
+        from mmctl.models import transformer
         from mmctl.tokenizer import bpe
 
         if not pretrained:
             raise UsageError("model_args: pretrained=CKPT (an mmctl or local HF checkpoint dir) is required")
         self._device = pick_device(device)
-        self.model = hf.load_checkpoint(pretrained, device=self._device)
+        self.model = transformer.load_checkpoint(pretrained, device=self._device)
         self.tok = bpe.load(pretrained)
         self.batch_size = to_int(batch_size, "batch_size")
         if self.batch_size < 1:
@@ -116,7 +116,7 @@ class MmctlLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from mmctl.generate import generate
+        from mmctl.generate import completion_text, generate
 
         # one sampling setup per batch: group requests by their generation kwargs, longest prompts together
         groups = defaultdict(list)
@@ -135,10 +135,7 @@ class MmctlLM(TemplateLM):
                 out = generate(self.model, [prompts[i] for i in batch], sampling, stop_token_ids=[self.eot_token_id],
                                decode=self.tok.decode)
                 for i, completion in zip(batch, out.completions, strict=True):
-                    text = self.tok.decode(completion.ids, skip_special_tokens=True)
-                    for stop in until:  # the completion's ids spell the stop string; the answer ends before it
-                        text = text.split(stop, 1)[0]
-                    results[i] = text
+                    results[i] = completion_text(self.tok, completion, until)
         return results
 
     def sampling(self, gen_kwargs: dict):
@@ -162,12 +159,14 @@ class MmctlLM(TemplateLM):
 
 def pick_device(device: str | None) -> str:
     """The device to load on. The harness's CLI passes cuda:0 unless told otherwise, also on machines without
-    CUDA, so (as HFLM) an unavailable CUDA device falls back to the CPU."""
+    CUDA, so (as HFLM) an unavailable CUDA device falls back to what `auto` picks."""
     import torch
 
-    if device and (not device.startswith("cuda") or torch.cuda.is_available()):
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from mmctl import runtime
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        device = None
+    return runtime.pick_device(device)
 
 
 def to_int(value: int | str, name: str) -> int:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mmctl.data.batches import left_pad
+
 
 @dataclass(frozen=True)
 class Score:
@@ -27,7 +29,7 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     import torch
 
     max_length = max_length or model.cfg.max_position_embeddings
-    device = model.lm_head.weight.device
+    device = model.device
     rows = []
     for i, (context, continuation) in enumerate(requests):
         if not continuation:
@@ -43,15 +45,9 @@ def loglikelihoods(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     with torch.inference_mode():
         for b in range(0, len(order), batch_size):
             batch = order[b:b + batch_size]
-            T = max(len(w) - 1 for _, w, _ in batch)
-            ids = torch.zeros(len(batch), T, dtype=torch.long)
-            mask = torch.zeros(len(batch), T, dtype=torch.long)
-            targets = torch.zeros(len(batch), T, dtype=torch.long)
-            for r, (_, window, _) in enumerate(batch):
-                n = len(window) - 1
-                ids[r, T - n:] = torch.tensor(window[:-1])
-                targets[r, T - n:] = torch.tensor(window[1:])
-                mask[r, T - n:] = 1
+            ids, mask = left_pad([w[:-1] for _, w, _ in batch])
+            targets, _ = left_pad([w[1:] for _, w, _ in batch])
+            T = ids.shape[1]
             logits = model(ids.to(device), attention_mask=mask.to(device)).float()
             logprobs = torch.log_softmax(logits, dim=-1).cpu()  # (B, T, V)
             for r, (index, _, n_cont) in enumerate(batch):

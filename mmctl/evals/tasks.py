@@ -15,7 +15,6 @@ stage changes: `arithmetic` (generation, the held-out tenth of problems), `arith
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -77,32 +76,19 @@ class TaskConfig:
 
 
 def read_jsonl(path: str | Path, required: dict[str, type | tuple]) -> list[dict]:
-    """Task items, each checked for its fields; a malformed line is a one-line UsageError naming it (exit 2)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: task file not found")
+    """Task items, each checked for its fields; a malformed line is one DataError naming file:line (exit 3)."""
+    from mmctl.data import jsonl
+
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError as e:
-            raise UsageError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-        if not isinstance(item, dict):
-            raise UsageError(f"{path}:{number}: expected a JSON object, got {type(item).__name__}")
-        for key, typ in required.items():
-            if key not in item:
-                raise UsageError(f"{path}:{number}: missing field {key!r}")
-            if not isinstance(item[key], typ) or isinstance(item[key], bool):
-                raise UsageError(f"{path}:{number}: field {key!r} has the wrong type ({type(item[key]).__name__})")
+    for where, item in jsonl.records(path):
+        for key, kind in required.items():
+            jsonl.field(item, key, kind, where)
         if "choices" in required:
             choices = item["choices"]
             if len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-                raise UsageError(f"{path}:{number}: choices must be a list of at least two strings")
+                raise DataError(f"{where}: choices must be a list of at least two strings")
             if not 0 <= item["answer"] < len(choices):
-                raise UsageError(f"{path}:{number}: answer {item['answer']} is not an index into the "
-                                 f"{len(choices)} choices")
+                raise DataError(f"{where}: answer {item['answer']} is not an index into the {len(choices)} choices")
         items.append(item)
     if not items:
         raise DataError(f"{path}: no task items")

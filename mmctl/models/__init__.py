@@ -1,1 +1,1 @@
-"""Model architectures: the decoder LM (`transformer`) and Hugging Face checkpoint interop (`hf`)."""
+"""Model architectures: the decoder LM (`config`, `transformer`) and safetensors checkpoint dirs (`hf`)."""

@@ -17,68 +17,15 @@ o_proj or the MLP.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from mmctl.errors import UsageError
-from mmctl.recipe import option
-
-ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-@dataclass
-class ModelConfig:
-    """The architecture; usable directly as a recipe's `model:` section. Defaults make a tiny model."""
-
-    vocab_size: int = option(512, "vocabulary size (tokens)", ge=1)
-    hidden_size: int = option(128, "width of the residual stream (C)", ge=1)
-    intermediate_size: int = option(384, "width of the SwiGLU MLP (F)", ge=1)
-    num_layers: int = option(4, "number of transformer blocks (L)", ge=1)
-    num_heads: int = option(4, "query heads per layer (H)", ge=1)
-    num_kv_heads: int = option(2, "key/value heads per layer (K): H for MHA, 1 for MQA, between for GQA", ge=1)
-    head_dim: int | None = option(None, "width of one head (D); null means hidden_size / num_heads", ge=2)
-    max_position_embeddings: int = option(512, "longest sequence the model accepts (tokens)", ge=1)
-    rope_theta: float = option(10000.0, "RoPE base wavelength", gt=0)
-    rope_scaling: dict | None = option(None, "null, or Llama 3.1 RoPE scaling: factor, low_freq_factor, "
-                                             "high_freq_factor, original_max_position_embeddings")
-    rms_norm_eps: float = option(1e-5, "epsilon inside RMSNorm's square root", gt=0)
-    tie_embeddings: bool = option(True, "share one matrix between the token embedding and the output head")
-    qkv_bias: bool = option(False, "biases on the q/k/v projections (Qwen2 style)")
-    init_std: float = option(0.02, "std of the normal init; o_proj and down_proj get std / sqrt(2 * num_layers)",
-                             gt=0)
-
-    @property
-    def head_size(self) -> int:
-        """The head width D actually used."""
-        return self.head_dim or self.hidden_size // self.num_heads
-
-    def check(self) -> list[tuple[str, str]]:
-        """Cross-field rules as (field, message) pairs; mmctl.recipe prefixes the section path."""
-        problems = []
-        if self.num_heads % self.num_kv_heads:
-            problems.append(("num_kv_heads", f"{self.num_kv_heads} must divide num_heads ({self.num_heads})"))
-        if self.head_dim is None and self.hidden_size % self.num_heads:
-            problems.append(("num_heads", f"{self.num_heads} must divide hidden_size ({self.hidden_size}) "
-                                          "unless head_dim is set"))
-        elif self.head_size % 2:
-            problems.append(("head_dim", f"{self.head_size} must be even (RoPE rotates pairs of dimensions)"))
-        if self.rope_scaling is not None:
-            extra = set(self.rope_scaling) - set(ROPE_SCALING_KEYS) - {"rope_type"}
-            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
-            if self.rope_scaling.get("rope_type", "llama3") != "llama3":
-                problems.append(("rope_scaling", "only rope_type llama3 is supported"))
-            elif extra or missing:
-                problems.append(("rope_scaling", f"expected exactly the keys {', '.join(ROPE_SCALING_KEYS)}"))
-            elif not all(isinstance(self.rope_scaling[k], (int, float)) for k in ROPE_SCALING_KEYS):
-                problems.append(("rope_scaling", "every value must be a number"))
-            elif not 0 < self.rope_scaling["low_freq_factor"] < self.rope_scaling["high_freq_factor"]:
-                problems.append(("rope_scaling", "needs 0 < low_freq_factor < high_freq_factor"))
-        return problems
-
+from mmctl.errors import DataError, UsageError
+from mmctl.models.config import ModelConfig
 
 # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -113,17 +60,23 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
-def attention_mask_for(valid: torch.Tensor | None, start: int, end: int, decode: bool, device=None
-                       ) -> torch.Tensor | None:
-    """The boolean mask SDPA takes (True = may attend) for queries at slots [start, end) over keys [0, end), or
-    None for plain causal attention. `valid` (B, S) marks the key slots that hold real tokens (None: all do)."""
+def build_mask(valid: torch.Tensor | None, document_ids: torch.Tensor | None, start: int, end: int,
+                   decode: bool, device=None) -> torch.Tensor | None:
+    """The one mask builder: the boolean mask SDPA takes (True = may attend) for queries at slots [start, end)
+    over keys [0, end), or None for plain causal attention.
+
+    valid: (B, S) which key slots hold real tokens (None: all do) — left padding, in a batch or a KV cache.
+    document_ids: (B, T) packed rows (no cache): a query sees only earlier tokens of its own document.
+    """
     if decode:  # the one new token per row comes after every key: only padding needs masking
         return None if valid is None else valid[:, None, None, :]  # (B, 1, 1, S)
-    if valid is None and start == 0:
+    if valid is None and document_ids is None and start == 0:
         return None
     T = end - start
     slots = torch.arange(end, device=device)
     mask = slots[None, :] <= slots[start:, None]  # (T, S) causal
+    if document_ids is not None:
+        mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])  # (B, T, T) block-diagonal causal
     if valid is not None:
         mask = mask & valid[:, None, :]  # (B, T, S)
     # A padding query has no real key before it; letting it see itself avoids an all-masked row, which SDPA turns
@@ -277,10 +230,11 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg)
-        self.activation_checkpointing = False  # set by the training loop (train.activation_checkpointing)
+        self.activation_checkpointing = False  # Transformer.gradient_checkpointing_enable() turns it on
 
-    def forward(self, input_ids, position_ids, mask=None, cache=None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)  # (B, T, C)
+    def forward(self, x, position_ids, mask=None, cache=None) -> torch.Tensor:
+        """The blocks and the final norm over embeddings x (B, T, C) (the embedding lookup is the caller's, so a
+        VLM can write image features into them first)."""
         cos, sin = self.rotary(position_ids, x.dtype)
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and self.training and cache is None:
@@ -321,16 +275,31 @@ class Transformer(nn.Module):
             for proj in (block.self_attn.o_proj, block.mlp.down_proj):
                 nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.cfg.num_layers))
 
+    @property
+    def device(self) -> torch.device:
+        """Read from the embeddings: a swapped-in (quantized, LoRA) layer may hold other dtypes or wrappers."""
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Keep only each block's input during training; recompute its insides in the backward pass."""
+        self.model.activation_checkpointing = True
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` rows of up to `max_len` tokens, in the model's dtype and device."""
-        w = self.lm_head.weight
-        return KVCache(self.cfg, batch_size, max_len, dtype=w.dtype, device=w.device)
+        return KVCache(self.cfg, batch_size, max_len, dtype=self.dtype, device=self.device)
 
-    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                document_ids: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, document_ids: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) for the last position if `last_only`.
 
+        inputs_embeds: (B, T, C) instead of input_ids — the embeddings with something written into them (a VLM's
+            projected image patches at its `<|image|>` slots).
         attention_mask: (B, T) 1 for real tokens, 0 for (left) padding, covering the new tokens only — a cache
             remembers the earlier ones. Padding slots are never attended to.
         position_ids: (B, T); by default each real token's index among the real tokens of its row, so a
@@ -341,7 +310,10 @@ class Transformer(nn.Module):
             only to earlier tokens of its own document, and positions restart at each document, so each document
             computes what it would alone. Training and scoring only (not with a cache).
         """
-        B, T = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T = x.shape[:2]
         start = cache.length if cache is not None else 0
         end = start + T
         if end > self.cfg.max_position_embeddings:
@@ -349,6 +321,8 @@ class Transformer(nn.Module):
                              f"{self.cfg.max_position_embeddings})")
         if cache is not None and end > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} tokens, {end} needed")
+        if document_ids is not None and cache is not None:
+            raise UsageError("document_ids (packed documents) cannot be combined with a KV cache")
 
         if cache is not None and attention_mask is not None:
             cache.valid[:, start:end] = attention_mask.bool()
@@ -357,23 +331,61 @@ class Transformer(nn.Module):
         valid = None  # (B, S) which key slots hold real tokens, when some do not
         if padded:
             valid = cache.valid[:, :end] if cache is not None else attention_mask.bool()
-        if document_ids is not None and cache is not None:
-            raise UsageError("document_ids (packed documents) cannot be combined with a KV cache")
         if position_ids is None and document_ids is not None:
             position_ids = positions_in_documents(document_ids)
         elif position_ids is None and valid is not None:
             position_ids = (valid.cumsum(-1)[:, start:] - 1).clamp(min=0)  # (B, T)
         elif position_ids is None:
-            position_ids = torch.arange(start, end, device=input_ids.device).expand(B, T)
+            position_ids = torch.arange(start, end, device=x.device).expand(B, T)
 
         decode = cache is not None and T == 1
-        mask = attention_mask_for(valid, start, end, decode, input_ids.device)
-        if document_ids is not None:
-            same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-            packed = (same & causal)[:, None]  # (B, 1, T, T): block-diagonal causal
-            mask = packed if mask is None else mask & packed
-        x = self.model(input_ids, position_ids, mask, cache)
+        mask = build_mask(valid, document_ids, start, end, decode, x.device)
+        x = self.model(x, position_ids, mask, cache)
         if cache is not None:
             cache.length = end
         return self.lm_head(x[:, -1:] if last_only else x)
+
+
+# --- checkpoint dirs -----------------------------------------------------------------------------------------
+
+def checkpoint_files(model: Transformer, tokenizer=None) -> dict[str, dict]:
+    """config.json and generation_config.json for `model` (with the tokenizer's bos/eos/pad ids)."""
+    special = tokenizer.special_token_ids() if tokenizer is not None else {}
+    return {"config.json": {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch.")},
+            "generation_config.json": {**special, "do_sample": False}}
+
+
+def save_checkpoint(model: Transformer, out: str | Path, tokenizer=None) -> Path:
+    """Write `model` (and `tokenizer`'s files) as a Hugging Face checkpoint dir that
+    `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline."""
+    from mmctl.models import hf
+
+    state = model.state_dict()
+    if model.cfg.tie_embeddings:  # transformers stores a tied head once, under the embedding's name
+        state.pop("lm_head.weight")
+    return hf.write_dir(out, state, checkpoint_files(model, tokenizer), tokenizer.files() if tokenizer else [])
+
+
+def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                    ) -> Transformer:
+    """A local checkpoint dir (mmctl's, or Hugging Face Llama / Mistral / Qwen2 / SmolLM; safetensors only) →
+    Transformer in eval mode. Weight names and shapes are checked against config.json before any memory is
+    allocated for the model."""
+    from mmctl.models import hf
+
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: checkpoint dir not found")
+    cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
+    with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
+        model = Transformer(cfg)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight")
+    skip = ["lm_head.weight"] if cfg.tie_embeddings else []  # a tied head some checkpoints store anyway
+    tensors = hf.read_tensors(path, expected, dtype=dtype, device=device, skip=skip)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer, not in the file: computed here
+    return model.eval()

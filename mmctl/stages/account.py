@@ -15,15 +15,19 @@ from typing import Literal
 from mmctl import presets, recipe
 from mmctl.accounting import SECTIONS, Arch, Line, Workload, account, from_hf_config, nest
 from mmctl.artifacts import Run, atomic_write_json
-from mmctl.errors import DataError
+from mmctl.errors import DataError, UsageError
+from mmctl.models.config import ModelConfig
 from mmctl.recipe import option
+from mmctl.runtime import RunConfig
+from mmctl.stages import Options, StageResult
+from mmctl.train.loop import TrainConfig
 
 STAGE = "account"
 JSON_SCHEMA = "mmctl.account/1"
 
 
 @dataclass
-class RunSection:
+class AccountRun(RunConfig):
     out: str | None = option(None, "output directory for account.json and manifest.json; unset: print only")
 
 
@@ -76,7 +80,7 @@ class HardwareSection:
 
 @dataclass
 class AccountConfig:
-    run: RunSection = option(RunSection, "where results go")
+    run: AccountRun = option(AccountRun, "where results go")
     model: ModelSection = option(ModelSection, "the architecture to account for")
     train: TrainSection = option(TrainSection, "the workload: context, batch, tokens, precision, memory savers")
     hardware: HardwareSection = option(HardwareSection, "the accelerators and the utilization assumed")
@@ -94,14 +98,46 @@ class AccountConfig:
         return problems
 
 
-def target_overrides(target: str) -> list[str] | None:
-    """A non-recipe target as the `--set` that selects it, or None if `target` is a recipe file."""
+# command-line flag → the AccountConfig field it sets
+FLAGS = {"seq_len": "train.seq_len", "batch": "train.batch_size", "tokens": "train.tokens", "gpu": "hardware.gpu",
+         "num_gpus": "hardware.num_gpus", "mfu": "hardware.mfu", "precision": "train.precision", "zero": "train.zero",
+         "activation_checkpointing": "train.activation_checkpointing", "attention": "train.attention"}
+
+
+def load_config(target: str, flags: dict, overrides: list[str]) -> AccountConfig:
+    """`mmctl account TARGET [flags]` → AccountConfig. TARGET is a preset name, a config.json (or a directory
+    holding one), an account recipe, or a training recipe (its model, context and micro-batch)."""
     path = Path(target)
+    selects: list[str] | None
     if path.suffix in (".yaml", ".yml"):
-        return None
-    if path.suffix == ".json" or path.is_dir() or "/" in target:
-        return [f"model.config={json.dumps(target, ensure_ascii=False)}"]
-    return [f"model.preset={json.dumps(target, ensure_ascii=False)}"]
+        data, source = recipe.parse(recipe.read(path), str(path))
+        selects = None if data.get("stage") in (None, STAGE) else _training_recipe(data, source)
+    elif path.suffix == ".json" or path.is_dir() or "/" in target:
+        selects = [f"model.config={json.dumps(target, ensure_ascii=False)}"]
+    else:
+        selects = [f"model.preset={json.dumps(target, ensure_ascii=False)}"]
+    given = [f"{FLAGS[k]}={json.dumps(v, ensure_ascii=False)}" for k, v in flags.items() if v is not None]
+    overrides = (selects or []) + given + list(overrides)
+    if selects is None:
+        return recipe.load(path, AccountConfig, overrides, stage=STAGE)
+    return recipe.build(AccountConfig, {}, recipe.Source("(command line)", {}, set()), overrides, stage=STAGE)
+
+
+@dataclass
+class _TrainingRecipe:
+    """The two sections of a training recipe that account reads (the rest is the stage's business)."""
+
+    model: ModelConfig = option(ModelConfig, "the architecture")
+    train: TrainConfig = option(TrainConfig, "the run's context, batch and precision")
+
+
+def _training_recipe(data: dict, source: recipe.Source) -> list[str]:
+    """Overrides that make account describe a training recipe's model, context and micro-batch."""
+    if "model" not in data:
+        raise UsageError(f"{source.file}: a `mmctl {data.get('stage')}` recipe has no model section to account for")
+    cfg = recipe.build(_TrainingRecipe, {"model": data["model"], "train": data.get("train", {})}, source)
+    return [f"model.hf={json.dumps(cfg.model.to_hf())}"] + [
+        f"train.{key}={json.dumps(value)}" for key, value in cfg.train.workload().items()]
 
 
 def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:
@@ -124,33 +160,38 @@ def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:
     return from_hf_config(config, name or "model", str(path)), path
 
 
-@dataclass
-class Report:
-    sections: dict[str, list[Line]]
-    arch: Arch
-    json: dict
-    up_to_date: bool = False  # run.out already held this exact result
-
-
-def run(cfg: AccountConfig, force: bool = False) -> Report:
-    """Account for the model under the workload; if run.out is set, write account.json and the manifest."""
+def run(cfg: AccountConfig, options: Options = Options(), verify: bool = False) -> StageResult:
+    """Account for the model under the workload (and with `verify`, check the numbers against transformers and
+    torch's FLOP counter); if run.out is set, write account.json and the manifest."""
     arch, source = resolve_arch(cfg.model)
     t, h = cfg.train, cfg.hardware
     workload = Workload(seq_len=t.seq_len, batch_size=t.batch_size, tokens=t.tokens, precision=t.precision,
                         zero=t.zero, num_gpus=h.num_gpus, activation_checkpointing=t.activation_checkpointing,
                         attention=t.attention)
     sections = account(arch, workload, h.gpu, presets.load_hardware(h.gpu), h.mfu)
-    report = Report(sections, arch, to_json(sections, arch, cfg))
+    results = to_json(sections, arch, cfg)
+    checks = None
+    if verify:
+        from mmctl.accounting.verify import verify as run_checks
+
+        checks = run_checks(arch, sections, cfg.train.seq_len)
+        results["verify"] = [c.__dict__ for c in checks]
+    up_to_date = False
     if cfg.run.out:
-        out = Run(cfg.run.out, STAGE, recipe.to_dict(cfg, STAGE), inputs={"model": source} if source else {})
-        if not force and out.up_to_date():
-            report.up_to_date = True
-        else:
-            out.start()
-            atomic_write_json(out.out / "account.json", report.json)
-            out.finish({"params.total": report.json["params"]["total"],
-                        "params.active": report.json["params"]["active"]})
-    return report
+        run_dir = Run(cfg.run.out, STAGE, recipe.to_dict(cfg, STAGE), inputs={"model": source} if source else {})
+        up_to_date = not options.force and run_dir.up_to_date()
+        if not up_to_date:
+            run_dir.start()
+            atomic_write_json(run_dir.out / "account.json", results)
+            run_dir.finish({"params.total": results["params"]["total"],
+                            "params.active": results["params"]["active"]})
+    return StageResult(Path(cfg.run.out) if cfg.run.out else None, results, up_to_date,
+                       detail={"sections": sections, "arch": arch, "checks": checks})
+
+
+def disagrees(result: StageResult) -> bool:
+    """True if --verify found a number that disagrees with its reference."""
+    return any(c.ok is False for c in result.detail["checks"] or [])
 
 
 def to_json(sections: dict[str, list[Line]], arch: Arch, cfg: AccountConfig) -> dict:
@@ -169,12 +210,13 @@ def to_json(sections: dict[str, list[Line]], arch: Arch, cfg: AccountConfig) -> 
     }
 
 
-def render(sections: dict[str, list[Line]], arch: Arch, explain: bool) -> None:
-    """Rich tables on the console (stderr), one per section."""
+def render(result: StageResult, explain: bool = False) -> None:
+    """Rich tables on the console (stderr), one per section, then the --verify checks if any."""
     from rich.table import Table
 
     from mmctl.console import console
 
+    sections, arch = result.detail["sections"], result.detail["arch"]
     console.print(f"[bold]{arch.name}[/bold] ({arch.family}): d={arch.hidden_size} L={arch.num_layers} "
                   f"H={arch.num_heads} K={arch.num_kv_heads} Dh={arch.head_dim} F={arch.intermediate_size} "
                   f"V={arch.vocab_size}" + (f" E={arch.num_experts} k={arch.experts_per_token}"
@@ -190,6 +232,24 @@ def render(sections: dict[str, list[Line]], arch: Arch, explain: bool) -> None:
             row = [line.label, human(line.value, line.unit)]
             table.add_row(*(row + [line.formula, line.source] if explain else row))
         console.print(table)
+    if result.detail["checks"] is not None:
+        render_checks(result.detail["checks"])
+
+
+def render_checks(checks) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from mmctl.console import console
+
+    table = Table(title="Self-check (--verify)", title_justify="left")
+    for col in ("check", "mmctl", "reference", "result", "how"):
+        table.add_column(col)
+    for c in checks:
+        result = {True: "[green]agree[/green]", False: "[red]DISAGREE[/red]", None: "—"}[c.ok]
+        table.add_row(c.name, "—" if c.mmctl is None else f"{c.mmctl:,.0f}",
+                      "—" if c.reference is None else f"{c.reference:,.0f}", result, escape(c.note))
+    console.print(table)
 
 
 def human(value: float, unit: str) -> str:

@@ -17,14 +17,15 @@ from mmctl.console import console
 from mmctl.errors import DataError, UsageError
 from mmctl.evals.tasks import TaskConfig
 from mmctl.recipe import option
+from mmctl.runtime import RunConfig
+from mmctl.stages import Options, StageResult
 
 STAGE = "eval"
 
 
 @dataclass
-class RunSection:
+class EvalRun(RunConfig):
     out: str = option("out/eval", "output directory: results.json, samples.jsonl, manifest.json")
-    seed: int = option(0, "seed of the few-shot example choice")
 
 
 @dataclass
@@ -35,7 +36,7 @@ class EvalSection:
 
 @dataclass
 class EvalConfig:
-    run: RunSection = option(RunSection, "output directory and seed")
+    run: EvalRun = option(EvalRun, "output directory, seed (of the few-shot example choice) and device")
     checkpoints: list[str] = option(list, "checkpoint directories (mmctl's, or local Hugging Face ones)")
     tasks: list[TaskConfig] = option(list, "the tasks (fields: mmctl/evals/tasks.py)")
     eval: EvalSection = option(EvalSection, "batching and limits")
@@ -62,23 +63,25 @@ def inputs_of(cfg: EvalConfig) -> dict[str, Path]:
     return inputs
 
 
-def run(cfg: EvalConfig, force: bool = False) -> tuple[Path, dict | None]:
-    from mmctl.models import hf
+def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
+    from mmctl.models import transformer
+    from mmctl.runtime import pick_device
     from mmctl.tokenizer import bpe
 
     out = Path(cfg.run.out)
     for ckpt in cfg.checkpoints:  # all of them before scoring any
         if not (Path(ckpt) / "config.json").is_file():
-            raise DataError(f"{ckpt}: not a checkpoint directory (no config.json); `mmctl pretrain` writes one to "
-                            "<out>/model")
+            raise DataError(f"{ckpt}: not a checkpoint directory (no config.json); `mmctl pretrain` writes "
+                            "<out>/model and <out>/checkpoints/step-N")
     run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
-    if not force and run_dir.up_to_date():
-        return out, None
+    if not options.force and run_dir.up_to_date():
+        return StageResult(out, run_dir.results(), up_to_date=True)
+    device = pick_device(cfg.run.device)
     run_dir.start()
     results: dict = {"checkpoints": {}}
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
-        model, tok = hf.load_checkpoint(ckpt), bpe.load(ckpt)
+        model, tok = transformer.load_checkpoint(ckpt, device=device), bpe.load(ckpt)
         entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
@@ -91,8 +94,8 @@ def run(cfg: EvalConfig, force: bool = False) -> tuple[Path, dict | None]:
         results["checkpoints"][ckpt] = entry
     atomic_write_json(out / "results.json", {**results, "config": recipe.to_dict(cfg, STAGE)})
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    run_dir.finish(results)
-    return out, results
+    run_dir.finish(results, device=device)
+    return StageResult(out, results)
 
 
 def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict) -> tuple[dict, list[dict]]:
@@ -101,7 +104,7 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict) -> tuple[d
 
     kind = task.task_kind
     if kind == "perplexity" and task.data and Path(task.data).is_dir():
-        items = shard_documents(task, tok)
+        items = [{"text": doc} for doc in perplexity.shard_documents(task.data, task.split, tok)]
     else:
         items = items_of(task)
     items = items[: cfg.eval.limit] if cfg.eval.limit else items
@@ -109,18 +112,6 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict) -> tuple[d
     if kind == "perplexity":
         items = [item["text"] for item in items]
     return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats)
-
-
-def shard_documents(task: TaskConfig, tok) -> list[dict]:
-    """The documents of a shard split, decoded (perplexity over what `tokenize` held out)."""
-    from mmctl.tokenizer.shards import Shards
-
-    shards = Shards(task.data, task.split)
-    if shards.tokenizer_sha256 != tok.sha256:
-        raise DataError(f"{task.data}: written by another tokenizer than the checkpoint's (sha256 "
-                        f"{shards.tokenizer_sha256[:12]}… vs {tok.sha256[:12]}…)")
-    return [{"text": tok.decode(doc[:-1].tolist())} for i in range(len(shards.arrays))
-            for doc in shards.documents_of(i)]
 
 
 def task_from_flag(name: str, data: str | None) -> dict:
@@ -157,10 +148,11 @@ def throughput(stats: dict) -> dict:
     return out
 
 
-def render(results: dict, out: Path) -> None:
+def render(result: StageResult) -> None:
     """One table: a row per task metric, a column per checkpoint."""
     from rich.table import Table
 
+    results, out = result.results, result.out
     ckpts = list(results["checkpoints"])
     table = Table(title="Evaluation", title_justify="left")
     table.add_column("task")

@@ -7,15 +7,16 @@ checkpoint's chat template. Decoding itself lives in `mmctl/generate.py`, shared
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from mmctl.console import console
-from mmctl.errors import DataError, UsageError
+from mmctl.errors import DataError
 from mmctl.generate import SamplingConfig
 from mmctl.recipe import option
+from mmctl.stages import Options, StageResult
 
 
 @dataclass
@@ -23,6 +24,7 @@ class GenerateConfig:
     checkpoint: str = option(None, "the checkpoint directory", required=True)
     prompts: list[str] = option(list, "the prompts")
     chat: bool = option(False, "wrap each prompt as a user turn with the checkpoint's chat template")
+    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: cuda, then mps, then cpu")
     sampling: SamplingConfig = option(SamplingConfig, "how tokens are picked (mmctl/generate.py)")
 
     def check(self) -> list[tuple[str, str]]:
@@ -30,32 +32,31 @@ class GenerateConfig:
 
 
 def read_prompts(path: str) -> list[str]:
+    """Prompts from a file: jsonl with a "prompt" field, or else one prompt per non-blank line."""
+    from mmctl.data import jsonl
+
     file = Path(path)
+    if file.suffix == ".jsonl":
+        return [jsonl.field(record, "prompt", str, where) for where, record in jsonl.records(file)]
     if not file.is_file():
         raise DataError(f"{file}: prompts file not found")
     try:
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{file}: not UTF-8 text (byte {e.start})") from None
-    lines = [line for line in text.splitlines() if line.strip()]
-    if file.suffix != ".jsonl":
-        return lines
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        try:
-            prompts.append(json.loads(line)["prompt"])
-        except (ValueError, KeyError, TypeError):
-            raise UsageError(f"{file}:{number}: expected a JSON object with a \"prompt\" field") from None
-    return prompts
+    return [line for line in text.splitlines() if line.strip()]
 
 
-def run(cfg: GenerateConfig, stream: bool) -> dict:
+def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
+    """Complete every prompt; a single prompt streams to stdout unless the results go there as JSON."""
     from mmctl.data.chat import render
     from mmctl.generate import generate
-    from mmctl.models import hf
+    from mmctl.models import hf, transformer
+    from mmctl.runtime import pick_device
     from mmctl.tokenizer import bpe
 
-    model, tok = hf.load_checkpoint(cfg.checkpoint), bpe.load(cfg.checkpoint)
+    model = transformer.load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
+    tok = bpe.load(cfg.checkpoint)
     if cfg.chat:
         texts = [render([{"role": "user", "content": p}], tok.chat_template, add_generation_prompt=True)
                  for p in cfg.prompts]
@@ -64,7 +65,7 @@ def run(cfg: GenerateConfig, stream: bool) -> dict:
         ids = [tok.encode(p) for p in cfg.prompts]
     stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | {tok.eos_id} |
                    ({tok.token_id("<|end|>")} if cfg.chat and tok.token_id("<|end|>") is not None else set()))
-    printer = _Streamer(tok, cfg.prompts[0]) if stream and len(ids) == 1 else None
+    printer = _Streamer(tok, cfg.prompts[0]) if not options.json and len(ids) == 1 else None
     out = generate(model, ids, cfg.sampling, stop_token_ids=stops, decode=tok.decode,
                    on_tokens=printer.add if printer else None)
     if printer:
@@ -72,8 +73,8 @@ def run(cfg: GenerateConfig, stream: bool) -> dict:
     completions = [{"prompt": p, "completion": tok.decode(c.ids, skip_special_tokens=True), "tokens": len(c.ids),
                     "prompt_tokens": len(i), "finish_reason": c.finish_reason}
                    for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
-    return {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
-            "decode_tokens_per_s": out.decode_tokens_per_s}
+    return StageResult(None, {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
+                              "decode_tokens_per_s": out.decode_tokens_per_s}, detail={"streamed": printer is not None})
 
 
 class _Streamer:
@@ -104,8 +105,9 @@ class _Streamer:
         sys.stdout.flush()
 
 
-def render_results(results: dict, streamed: bool) -> None:
-    if not streamed:
+def render(result: StageResult) -> None:
+    results = result.results
+    if not result.detail["streamed"]:
         for c in results["completions"]:
             sys.stdout.write(c["prompt"] + c["completion"] + "\n")
     rate = results["decode_tokens_per_s"]

@@ -9,19 +9,19 @@ and the peak memory.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from mmctl import recipe
 from mmctl.artifacts import Run
 from mmctl.console import console
 from mmctl.errors import DataError, UsageError
-from mmctl.models.transformer import ModelConfig
+from mmctl.models.config import ModelConfig
 from mmctl.recipe import option
+from mmctl.runtime import RunConfig
+from mmctl.stages import Options, StageResult
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 
@@ -29,10 +29,8 @@ STAGE = "pretrain"
 
 
 @dataclass
-class RunSection:
+class PretrainRun(RunConfig):
     out: str = option("out/pretrain", "output directory: model/, checkpoints/, metrics.jsonl, manifest.json")
-    seed: int = option(0, "seed of the initial weights and of the batch order")
-    device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: cuda, then mps, then cpu")
 
 
 @dataclass
@@ -49,7 +47,7 @@ class EvalSection:
 
 @dataclass
 class PretrainConfig:
-    run: RunSection = option(RunSection, "output directory, seed and device")
+    run: PretrainRun = option(PretrainRun, "output directory, seed and device")
     data: DataSection = option(DataSection, "the token shards to train on")
     model: ModelConfig = option(ModelConfig, "the architecture (mmctl/models/transformer.py)")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
@@ -67,20 +65,71 @@ class PretrainConfig:
         return problems
 
 
-def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_resume: bool = False
-        ) -> tuple[Path, dict | None]:
-    """Train, then write <out>/model/. Returns (out, results), results None when already up to date."""
+def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
+    """Train, then write <out>/model/ (and the manifest); or find the same run already finished."""
     import torch
 
-    from mmctl.data.batches import TokenWindows
-    from mmctl.models import hf
     from mmctl.models.transformer import Transformer
-    from mmctl.tokenizer import bpe
-    from mmctl.tokenizer.shards import Shards
+    from mmctl.runtime import peak_flops, pick_device, pick_precision, setup_distributed
     from mmctl.train import checkpoint
-    from mmctl.train.loop import micro_batches, resumable, setup_distributed, train
+    from mmctl.train.loop import resumable, train
 
     out, data = Path(cfg.run.out), Path(cfg.data.path)
+    tok, shards = _inputs(cfg)
+    dist = setup_distributed(pick_device(cfg.run.device))
+    resolved = recipe.to_dict(cfg, STAGE)
+    run_dir = Run(out, STAGE, resolved, seed=cfg.run.seed,
+                  inputs={"tokenizer": data / "tokenizer" / "tokenizer.json",
+                          "shards": data / "shards" / "manifest.json"})
+    if not options.force and run_dir.up_to_date():
+        return StageResult(out, run_dir.results(), up_to_date=True)
+    fingerprint = {"model": resolved["model"], "data": run_dir.inputs["shards"]["sha256"],
+                   "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
+                   "run.seed": cfg.run.seed}
+    if options.fresh and dist.main:
+        checkpoint.prune(out / "checkpoints", keep=0)
+    dist.barrier()
+    # refuse an incompatible checkpoint before the finished run's manifest is touched
+    resume_step = _step_of(resumable(out / "checkpoints", fingerprint, options.force_resume))
+    if dist.main:
+        run_dir.start(keep_metrics_through=resume_step)
+
+    precision = pick_precision(cfg.train.precision, dist.device)
+    torch.manual_seed(cfg.run.seed)
+    model = Transformer(cfg.model).to(dist.device)
+    peak, flops_per_token = peak_flops(dist.device, precision), _flops_per_token(cfg)
+    rss_before, start = _rss_bytes(), time.time()
+    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, shards["train"], dist),
+                 loss_fn=next_token_loss, out=out, log=run_dir.log,
+                 evaluate=lambda step: evaluation(model, tok, data / "shards", cfg, dist.device, precision),
+                 export=lambda d: _export(model, tok, d), fingerprint=fingerprint,
+                 force_resume=options.force_resume, precision=precision, dist=dist,
+                 flops_per_token=flops_per_token, peak_flops=peak)
+    if not dist.main:
+        return StageResult(out, {})
+    from mmctl.models.transformer import save_checkpoint
+
+    save_checkpoint(model, out / "model", tok)
+    results = {
+        "final": last,
+        "params": sum(p.numel() for p in model.parameters()),
+        "seconds": time.time() - start,
+        "throughput": {"measured_tok_s": last.get("tok_s"), "measured_mfu": last.get("mfu"),
+                       "peak_flops": peak, "train_flops_per_token": flops_per_token,
+                       "tok_s_at_peak": peak / flops_per_token},
+        "memory": {"predicted_peak_bytes": _predicted(cfg, dist.world, precision),
+                   "measured_peak_rss_bytes": _rss_bytes() - rss_before},
+    }
+    run_dir.finish(results, device=dist.device)
+    return StageResult(out, results)
+
+
+def _inputs(cfg: PretrainConfig):
+    """The tokenizer and the train/val shards of `data.path`, checked against each other and the model."""
+    from mmctl.tokenizer import bpe
+    from mmctl.tokenizer.shards import Shards
+
+    data = Path(cfg.data.path)
     if not (data / "shards" / "manifest.json").is_file():
         raise DataError(f"{data}: no finished `mmctl tokenize` output here (data.path resolves against the working "
                         f"directory, {Path.cwd()}); run the tokenize recipe first")
@@ -93,166 +142,73 @@ def run(cfg: PretrainConfig, force: bool = False, fresh: bool = False, force_res
     if shards["val"].tokens <= cfg.train.seq_len:
         raise DataError(f"{data / 'shards'}: the val split has {shards['val'].tokens} tokens, fewer than one window "
                         f"of {cfg.train.seq_len + 1}; lower train.seq_len or add data")
-    dist = setup_distributed(pick_device(cfg.run.device))
-    device = dist.device
+    return tok, shards
+
+
+def _batches(cfg: PretrainConfig, train_shards, dist):
+    """batches(step, rank) → this process's micro-batches of random windows (each row a function of seed, step,
+    row: one process with 2 micro-batches and 2 processes with 1 train on the same rows)."""
+    import torch
+
+    from mmctl.data.batches import TokenWindows
+    from mmctl.train.loop import micro_batches
+
     rows, accum = micro_batches(cfg.train, dist.world)
-    resolved = recipe.to_dict(cfg, STAGE)
-    run_dir = Run(out, STAGE, resolved, seed=cfg.run.seed,
-                  inputs={"tokenizer": data / "tokenizer" / "tokenizer.json",
-                          "shards": data / "shards" / "manifest.json"})
-    if not force and run_dir.up_to_date():
-        return out, None
-    fingerprint = {"model": resolved["model"], "data": run_dir.inputs["shards"]["sha256"],
-                   "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
-                   "run.seed": cfg.run.seed}
-    if fresh and dist.main:
-        checkpoint.prune(out / "checkpoints", keep=0)
-    dist.barrier()
-    # refuse an incompatible checkpoint before the finished run's manifest is touched
-    resume_step = _step_of(resumable(out / "checkpoints", fingerprint, force_resume))
-    if dist.main:
-        run_dir.start(keep_metrics_through=resume_step)
+    windows = TokenWindows(train_shards, cfg.train.seq_len, cfg.run.seed)
 
-    precision = pick_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.run.seed)
-    model = Transformer(cfg.model).to(device)
-    peak = peak_flops(device, precision)
-    flops_per_token = _flops_per_token(cfg)
-    windows = TokenWindows(shards["train"], cfg.train.seq_len, cfg.run.seed)
+    def batches(step: int, rank: int) -> list:
+        first = rank * accum * rows
+        return [torch.from_numpy(windows.rows(step, first + m * rows, rows)).to(dist.device) for m in range(accum)]
 
-    def batches(step: int, micro: int, rank: int):
-        ids = torch.from_numpy(windows.rows(step, (rank * accum + micro) * rows, rows)).to(device)
-        return ids[:, :-1], ids[:, 1:]
-
-    def loss_fn(m, inputs, targets):
-        logits = m(inputs)
-        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    def evaluate(step: int) -> dict:
-        return evaluation(model, tok, shards["val"], cfg, device, precision)
-
-    rss_before = _rss_bytes()
-    start = time.time()
-    last = train(model, cfg=cfg.train, optim=cfg.optim,
-                 batches=batches, loss_fn=loss_fn, out=out, log=run_dir.log, evaluate=evaluate,
-                 fingerprint=fingerprint, force_resume=force_resume, precision=precision, dist=dist,
-                 flops_per_token=flops_per_token, peak_flops=peak)
-    if not dist.main:
-        return out, {}
-    hf.save_checkpoint(model, out / "model", tokenizer_dir=data / "tokenizer")
-    predicted = _predicted(cfg, dist.world, precision)
-    results = {
-        "final": last,
-        "params": sum(p.numel() for p in model.parameters()),
-        "seconds": time.time() - start,
-        "throughput": {"measured_tok_s": last.get("tok_s"), "measured_mfu": last.get("mfu"),
-                       "peak_flops": peak, "train_flops_per_token": flops_per_token,
-                       "tok_s_at_peak": peak / flops_per_token},
-        "memory": {"predicted_peak_bytes": predicted, "measured_peak_rss_bytes": _rss_bytes() - rss_before},
-    }
-    run_dir.finish(results, device=device)
-    return out, results
+    return batches
 
 
-def pick_device(device: str) -> str:
+def next_token_loss(model, ids):
+    """Cross-entropy of every next token in rows of `seq_len + 1` ids, summed."""
     import torch
 
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    from mmctl.train.loop import LossOut
+
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    logits = model(inputs)
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                             reduction="sum")
+    return LossOut(loss, targets.numel(), inputs.numel())
 
 
-def pick_precision(precision: str, device: str) -> str:
-    """auto: bf16 autocast where it is fast — CUDA with bf16 support, and modern CPUs — else fp32."""
-    import torch
+def _export(model, tok, directory: Path) -> None:
+    """What makes a training checkpoint dir loadable by `mmctl eval` / `generate`: config and tokenizer files."""
+    from mmctl.models import hf
+    from mmctl.models.transformer import checkpoint_files
 
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device == "cpu" else "fp32"
+    hf.write_files(directory, None, checkpoint_files(model, tok), tok.files())
 
 
-def peak_flops(device: str, precision: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 10) -> float:
-    """The device's matmul FLOP/s in this precision, measured now: the denominator of MFU.
-
-    A CPU has no datasheet peak worth quoting (clocks, SIMD width and thread count all vary, and a shared
-    machine varies by the second), so the best rate of square matmuls of a few sizes, measured in the same
-    process just before training, is what MFU is relative to.
-    """
-    import torch
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    best = 0.0
-    for size in sizes:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
-        for _ in range(repeats + 1):  # the first run warms up
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            a @ b
-            if device == "cuda":
-                torch.cuda.synchronize()
-            best = max(best, 2 * size**3 / (time.perf_counter() - t))
-    return best
-
-
-def evaluation(model, tok, val, cfg: PretrainConfig, device: str, precision: str) -> dict:
-    """Validation loss (nats/token) and bits per byte over the first `eval.tokens` of the val split, and a greedy
-    sample. Bits per byte divide the summed loss by the bytes the target tokens stand for (<|eos|> counts 0), so
-    they compare across tokenizers."""
-    import numpy as np
-    import torch
-
+def evaluation(model, tok, shards_dir: Path, cfg: PretrainConfig, device: str, precision: str) -> dict:
+    """Validation loss (nats/token) and bits per byte over the val split's first documents holding `eval.tokens`
+    tokens, in windows of train.seq_len — `mmctl eval`'s perplexity code, so the two agree — and a greedy
+    sample."""
+    from mmctl.evals import perplexity
     from mmctl.generate import SamplingConfig, generate
-    from mmctl.train.loop import autocast
+    from mmctl.runtime import autocast
 
+    documents = perplexity.shard_documents(shards_dir, "val", tok, max_tokens=cfg.eval.tokens)
     T = cfg.train.seq_len
-    token_bytes = _token_bytes(tok)
-    need, parts = cfg.eval.tokens + 1, []
-    for array in val.arrays:  # read only what the evaluation scores, not the whole split
-        parts.append(np.asarray(array[:need - sum(len(p) for p in parts)]))
-        if sum(len(p) for p in parts) >= need:
-            break
-    stream = np.concatenate(parts)
-    n = (len(stream) - 1) // T
-    ids = torch.from_numpy(stream[: n * T + 1].astype(np.int64))
-    inputs, targets = ids[:-1].view(n, T).to(device), ids[1:].view(n, T).to(device)
-    model.eval()
-    nats, nbytes = 0.0, 0
-    with torch.no_grad(), autocast(precision, device):
-        for i in range(0, n, 8):
-            logits = model(inputs[i:i + 8]).float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
-                                                     targets[i:i + 8].reshape(-1), reduction="sum")
-            nats += loss.item()
-            nbytes += int(token_bytes[targets[i:i + 8].cpu()].sum())
+    with autocast(precision, device):
+        metrics, _ = perplexity.score(model, tok, documents, max_length=T, stride=T, label="eval")
     prompt = tok.encode(cfg.eval.sample_prompt)
     sample = generate(model, [prompt], SamplingConfig(max_new_tokens=cfg.eval.sample_tokens),
                       stop_token_ids=[tok.eos_id]).completions[0].ids
     model.train()
-    return {"val_loss": nats / (n * T), "val_bpb": nats / math.log(2) / max(nbytes, 1),
+    return {"val_loss": metrics["nats_per_token"], "val_bpb": metrics["bits_per_byte"],
             "sample": cfg.eval.sample_prompt + tok.decode(sample)}
-
-
-def _token_bytes(tok):
-    """Bytes each token id stands for (special tokens: 0), for bits per byte."""
-    import torch
-
-    return torch.tensor([len(tok.token_bytes(i)) for i in range(tok.vocab_size)])
 
 
 def _arch(cfg: PretrainConfig):
     """The model as mmctl.accounting sees it (one set of formulas for `mmctl account` and for MFU)."""
     from mmctl.accounting.arch import from_hf_config
-    from mmctl.models.hf import config_to_hf
 
-    return from_hf_config(config_to_hf(cfg.model))
+    return from_hf_config(cfg.model.to_hf())
 
 
 def _flops_per_token(cfg: PretrainConfig) -> float:
@@ -285,7 +241,8 @@ def _step_of(path: Path | None) -> int | None:
     return int(path.name.split("-")[1]) if path is not None else None
 
 
-def render(results: dict, out: Path) -> None:
+def render(result: StageResult) -> None:
+    results, out = result.results, result.out
     final = results["final"]
     t, m = results["throughput"], results["memory"]
     console.print(f"trained {results['params']:,} parameters for {final.get('step')} steps in "

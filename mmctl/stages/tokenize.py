@@ -21,6 +21,8 @@ from mmctl.artifacts import Run, publish_dir
 from mmctl.console import Progress, console
 from mmctl.data.sources import FILE_KINDS, SourceConfig, files, mixture
 from mmctl.recipe import option
+from mmctl.runtime import RunConfig
+from mmctl.stages import Options, StageResult
 from mmctl.tokenizer import bpe
 from mmctl.tokenizer.shards import ShardWriter, write_manifest
 
@@ -30,9 +32,8 @@ BATCH = 1024  # documents per encode_batch call: large enough for the Rust threa
 
 
 @dataclass
-class RunSection:
+class TokenizeRun(RunConfig):
     out: str = option("out/tokenize", "output directory: tokenizer/, shards/, manifest.json")
-    seed: int = option(0, "seed of the generated corpora, the train/val split and the mixture sampling")
 
 
 @dataclass
@@ -60,7 +61,8 @@ class ShardsSection:
 
 @dataclass
 class TokenizeConfig:
-    run: RunSection = option(RunSection, "where the outputs go, and the seed")
+    run: TokenizeRun = option(TokenizeRun, "where the outputs go, and the seed of the generated corpora, the "
+                                                  "train/val split and the mixture sampling")
     data: DataSection = option(DataSection, "the corpora and the validation split")
     tokenizer: TokenizerSection = option(TokenizerSection, "train a BPE tokenizer, or reuse one")
     shards: ShardsSection = option(ShardsSection, "the token shard files")
@@ -78,19 +80,19 @@ def inputs_of(cfg: TokenizeConfig) -> dict[str, Path]:
     return inputs
 
 
-def run(cfg: TokenizeConfig, force: bool = False) -> tuple[Path, dict | None]:
-    """Tokenizer and shards into run.out. Returns (out dir, results), results None when already up to date."""
+def run(cfg: TokenizeConfig, options: Options = Options()) -> StageResult:
+    """Tokenizer and shards into run.out (or the same run found already finished there)."""
     out = Path(cfg.run.out)
     run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
-    if not force and run_dir.up_to_date():
-        return out, None
+    if not options.force and run_dir.up_to_date():
+        return StageResult(out, run_dir.results(), up_to_date=True)
     run_dir.start()
     tok, train_seconds = make_tokenizer(cfg, out)
     results = encode(cfg, tok, out)
     results["tokenizer"] = {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": train_seconds,
                             "longest_tokens": bpe.longest_tokens(tok)}
     run_dir.finish(results)
-    return out, results
+    return StageResult(out, results)
 
 
 def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float | None]:
@@ -166,9 +168,10 @@ def encode(cfg: TokenizeConfig, tok: bpe.Tokenizer, out: Path) -> dict:
     }
 
 
-def render(results: dict, out: Path) -> None:
+def render(result: StageResult) -> None:
     from rich.table import Table
 
+    results, out = result.results, result.out
     table = Table(title=f"Corpus ({out / 'shards'})", title_justify="left")
     for col in ("split", "documents", "tokens", "MB"):
         table.add_column(col, justify="right" if col != "split" else "left")

@@ -123,6 +123,8 @@ class Tokenizer:
         value = self.config.get(key)
         if isinstance(value, dict):  # older tokenizer_config files store {"content": "<s>", ...}
             value = value.get("content")
+        if value is not None and not isinstance(value, str):
+            raise DataError(f"{self.path}: {key} must be a token string, got {value!r}")
         return self.token_id(value) if value else None
 
     @cached_property
@@ -139,6 +141,16 @@ class Tokenizer:
     @cached_property
     def pad_id(self) -> int | None:
         return self._special("pad_token")
+
+    def special_token_ids(self) -> dict[str, int]:
+        """{"bos_token_id": …, "eos_token_id": …, "pad_token_id": …} for the roles the tokenizer names (what a
+        checkpoint's config.json and generation_config.json record)."""
+        ids = {"bos": self.bos_id, "eos": self._special("eos_token"), "pad": self.pad_id}
+        return {f"{role}_token_id": i for role, i in ids.items() if i is not None}
+
+    def files(self) -> list[Path]:
+        """The files of this tokenizer directory, to copy into a checkpoint dir."""
+        return [self.path / n for n in FILES if (self.path / n).is_file()]
 
     @cached_property
     def sha256(self) -> str:
@@ -160,11 +172,16 @@ class Tokenizer:
 
     def encode_special(self, text: str) -> list[int]:
         """Token ids of text that mmctl itself rendered (a chat template): special tokens are recognized."""
+        return self.encode_special_with_offsets(text)[0]
+
+    def encode_special_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode_special`, with each token's (start, end) character offsets into `text`."""
         self.backend.encode_special_tokens = False
         try:
-            return self.backend.encode(text, add_special_tokens=False).ids
+            encoding = self.backend.encode(text, add_special_tokens=False)
         finally:
             self.backend.encode_special_tokens = True
+        return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: list[str], dtype=np.uint32) -> list[np.ndarray]:
         """Encode many documents at once (parallel in the Rust backend), as arrays."""
@@ -201,11 +218,16 @@ def load(directory: str | Path) -> Tokenizer:
         backend = Backend.from_file(str(file))
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
         raise DataError(f"{file}: not a valid tokenizers file ({str(e).splitlines()[0]})") from None
-    config_file = directory / "tokenizer_config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-    except ValueError as e:
-        raise DataError(f"{config_file}: not valid JSON ({e})") from None
+    config = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+        file = directory / name
+        try:
+            data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{file}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{file}: expected a JSON object")
+        config.update(data)
     template = directory / "chat_template.jinja"  # where transformers ≥ 4.50 saves a chat template
     if not config.get("chat_template") and template.is_file():
         config["chat_template"] = template.read_text(encoding="utf-8")

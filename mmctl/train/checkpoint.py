@@ -1,6 +1,7 @@
 """Resumable training state: `checkpoints/step-000200/` with everything needed to continue bit-exactly.
 
-    model.safetensors      parameters by name (a tied matrix stored once)
+    model.safetensors      the trainable parameters by name (a tied matrix stored once); frozen ones (a LoRA
+                           run's base) are not rewritten every checkpoint — the loop fingerprints them instead
     optimizer.safetensors  AdamW moments and step counts, and torch's CPU RNG state
     state.json             step, optimizer hyperparameters (for reference), Python/NumPy RNG states, and the
                            caller's extra state (what the run was trained with, its last metrics) — written
@@ -20,8 +21,6 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from mmctl.errors import DataError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -32,8 +31,16 @@ def step_dir(directory: Path, step: int) -> Path:
     return Path(directory) / f"step-{step:06d}"
 
 
-def save(directory: Path, step: int, model, optimizer, extra: dict) -> Path:
-    """Save the full training state after `step` optimizer steps; returns the published directory."""
+def trainable(model) -> dict:
+    """name → parameter for every parameter the run trains (a tied matrix once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save(directory: Path, step: int, model, optimizer, extra: dict, export=None) -> Path:
+    """Save the training state after `step` optimizer steps; returns the published directory.
+
+    `export(tmp_dir)`, if given, adds files before the directory is published (config.json, tokenizer)."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -42,8 +49,8 @@ def save(directory: Path, step: int, model, optimizer, extra: dict) -> Path:
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = {name: p.detach().contiguous() for name, p in model.named_parameters()}
-    save_file(params, tmp / "model.safetensors")
+    params = {name: p.detach().contiguous() for name, p in trainable(model).items()}
+    save_file(params, tmp / "model.safetensors", metadata={"format": "pt"})
     opt = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state()}
     for index, state in opt["state"].items():
@@ -64,6 +71,8 @@ def save(directory: Path, step: int, model, optimizer, extra: dict) -> Path:
         json.dump(state, f)
         f.flush()
         os.fsync(f.fileno())
+    if export is not None:
+        export(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -89,6 +98,7 @@ def read_state(path: Path) -> dict:
 
 def load(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG states from a checkpoint; returns its state.json."""
+    import numpy as np
     import torch
     from safetensors.torch import load_file
 
@@ -99,7 +109,7 @@ def load(path: Path, model, optimizer) -> dict:
         tensors = load_file(path / "optimizer.safetensors")
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable checkpoint ({e})") from None
-    named = dict(model.named_parameters())
+    named = trainable(model)
     if set(params) != set(named):
         missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
         raise DataError(f"{path}: checkpoint does not match the model (missing {missing[:3]}, unexpected "

@@ -1,34 +1,42 @@
 """The one training loop: pretrain, sft, rl and align-vision all run through `train()`.
 
-Model-agnostic (nanoGPT's train.py, with CS336's resumability): it takes a model, a batch function
-`batches(step, micro, rank) -> (inputs, targets)`, and a loss function `loss_fn(model, inputs, targets)`.
-Per optimizer step: the learning rate from the closed-form schedule, gradient accumulation over micro-batches
-(DDP synchronizes only on the last), bf16 autocast with fp32 master weights when asked, a finiteness check of
-the loss and of the gradient norm *before* the optimizer step (a NaN never reaches the weights or a
-checkpoint: exit 5), clipping, the step, then logging, evaluation and checkpointing on their schedules.
-Ctrl-C / SIGTERM finish the current step, save a checkpoint and exit 75.
+Model-agnostic (nanoGPT's train.py, with CS336's resumability). The contract with a stage:
+- `batches(step, rank) -> list[micro_batch]`: called once per optimizer step, returning this process's
+  micro-batches for that step (anything the loss function understands). A pure function of (seed, step, rank)
+  and, for on-policy RL, of the weights: a resumed run sees exactly the batches the uninterrupted one saw.
+- `loss_fn(model, micro_batch) -> LossOut`: the loss *summed* over what it counts (trained tokens, sequences,
+  pairs), that count, the real tokens the micro-batch ran through the model, and extra metrics.
+The loop backpropagates the sums and divides the gradient once by the count summed over every micro-batch and
+process, so 4 accumulated micro-batches of 4 equal one batch of 16 even when each holds a different number of
+trained tokens (averaging per-micro-batch means is the gradient-accumulation bug transformers fixed in 4.46).
 
-Distributed: under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the environment names the
-rank and world size; the model is wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU), each rank
-draws its own rows of the global batch, all ranks stop at the same step, and only rank 0 writes.
-Leaves out: FSDP, tensor parallelism, gradient scaling for fp16.
+Per optimizer step: the learning rate from the closed-form schedule (times each parameter group's `lr_scale`),
+the micro-batches (DDP synchronizes only on the last), bf16 autocast with fp32 master weights when asked, a
+finiteness check of the loss and of the gradient norm *before* the optimizer step (a NaN never reaches the
+weights or a checkpoint: exit 5), clipping, the step, then logging, evaluation and checkpointing on their
+schedules. Ctrl-C / SIGTERM finish the current step, save a checkpoint and exit 75. Only trainable tensors are
+checkpointed; the frozen rest (a LoRA run's base, a VLM's vision tower) is identified by a fingerprint.
+
+Distributed: under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the model is wrapped in
+DistributedDataParallel (gloo on CPU, nccl on GPU), each rank draws its own rows of the global batch, all
+ranks stop at the same step, and only rank 0 writes. Leaves out: FSDP, tensor parallelism, fp16 loss scaling.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from mmctl.console import Progress, console
-from mmctl.errors import Interrupted, NonFiniteError, UsageError
+from mmctl.errors import DataError, Interrupted, NonFiniteError, UsageError
 from mmctl.recipe import option
+from mmctl.runtime import Dist, autocast
 from mmctl.train import checkpoint
 from mmctl.train.optim import OptimConfig, lr_at, make_optimizer
 
@@ -49,7 +57,6 @@ class TrainConfig:
     checkpoint_every: int = option(100, "steps between resumable checkpoints (and at the end)", ge=1)
     keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted", ge=1)
 
-
     def workload(self, world: int = 1, precision: str | None = None) -> dict:
         """This run in `mmctl account`'s terms (its Workload fields): one process's micro-batch, all tokens."""
         precision = precision or self.precision
@@ -64,45 +71,6 @@ class TrainConfig:
         return []
 
 
-@dataclass
-class Dist:
-    """Where this process sits in a multi-process run (rank 0 of 1 when alone), and its device."""
-
-    rank: int = 0
-    world: int = 1
-    device: str = "cpu"
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed
-
-            torch.distributed.barrier()
-
-
-def setup_distributed(device: str) -> Dist:
-    """Join the process group that `accelerate launch` / torchrun describe in the environment, if any.
-
-    On GPUs each process takes the GPU of its local rank (without this every rank would use cuda:0).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=device)
-    import torch
-    import torch.distributed as dist
-
-    if device.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
-
-
 def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
     """(rows per micro-batch on one process, micro-batches per step); raises if the batch does not divide."""
     per_rank, rest = divmod(cfg.batch_size, world)
@@ -114,10 +82,28 @@ def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def autocast(precision: str, device: str):
-    import torch
+@dataclass
+class LossOut:
+    """What a loss function returns for one micro-batch.
 
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    sum: the loss summed over `count` items (a scalar tensor with a graph).
+    count: what it is summed over — trained tokens, sequences or pairs; the step's loss is Σ sum / Σ count.
+    tokens: real (non-padding) tokens the micro-batch ran through the model, for tokens/s and MFU.
+    metrics: name → (sum, weight), logged as Σ sum / Σ weight over the step (DPO margins, GRPO rewards, …).
+    """
+
+    sum: Any
+    count: float
+    tokens: int
+    metrics: dict[str, tuple[Any, float]] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    metrics: dict[str, float]
 
 
 class StopRequest:
@@ -142,104 +128,186 @@ class StopRequest:
 
 
 def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, loss_fn: Callable, out: Path,
-          log: Callable[[dict], None], evaluate: Callable[[int], dict] | None = None, fingerprint: dict,
+          log: Callable[[dict], None], fingerprint: dict, evaluate: Callable[[int], dict] | None = None,
+          export: Callable[[Path], None] | None = None, lr_scales: dict[str, float] | None = None,
           force_resume: bool = False, precision: str = "fp32", dist: Dist | None = None,
           flops_per_token: float = 0.0, peak_flops: float = 0.0) -> dict:
     """Train `model` for cfg.steps optimizer steps, resuming from the newest checkpoint in `out`; returns the
     last logged metrics.
 
-    `fingerprint` is what a checkpoint must have been trained with to be resumed (model and data identity);
-    a mismatch is refused, naming the key, unless `force_resume` (`resumable()` checks it up front).
+    fingerprint: what a checkpoint must have been trained with to be resumed (model and data identity); a
+        mismatch is refused, naming the key, unless `force_resume`. The frozen parameters' fingerprint is added.
+    export: writes the files that make a checkpoint directory loadable as a model (config, tokenizer), so
+        `mmctl eval out/checkpoints/step-000100` works.
+    lr_scales: parameter-name prefix → learning-rate multiplier (a projector faster than its LM).
     """
-    import torch
-
     dist = dist or Dist()
-    device = dist.device
     ckpt_dir = Path(out) / "checkpoints"
-    optimizer = make_optimizer(model, optim)
-    path = resumable(ckpt_dir, fingerprint, force_resume)
-    start, last = 0, {}
-    if path is not None:
-        state = checkpoint.load(path, model, optimizer)
-        start, last = int(state["step"]), state["extra"].get("last", {})
-        if dist.main:
-            console.print(f"resumed from {path}")
-    trained = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda")
-                                          else None)
-    if cfg.compile:
-        trained = torch.compile(trained)  # checkpoints still save `model`: the compiled wrapper renames nothing
-    if cfg.activation_checkpointing:
-        inner = getattr(model, "model", None)  # the decoder stack of an mmctl Transformer
-        if not hasattr(inner, "activation_checkpointing"):
-            raise UsageError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
-        inner.activation_checkpointing = True
-    micro, accum = micro_batches(cfg, dist.world)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    params = [p for p in model.parameters() if p.requires_grad]
-    window_start, window_steps = time.perf_counter(), 0
+    fingerprint = {**fingerprint, **frozen_fingerprint(model)}
+    optimizer = make_optimizer(model, optim, lr_scales)
+    start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, force_resume, dist)
+    trained = _prepare(model, cfg, dist)
+    window = Window()
     with StopRequest() as stop, Progress(cfg.steps, "train") as progress:
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg.steps, optim)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for m in range(accum):
-                inputs, targets = batches(step, m, dist.rank)
-                sync = trained.no_sync() if dist.world > 1 and m < accum - 1 else nullcontext()
-                with sync:
-                    with autocast(precision, device):
-                        loss = loss_fn(trained, inputs, targets) / accum
-                    loss.backward()
-                loss_sum += loss.detach().float()
-            if dist.world > 1:
-                torch.distributed.all_reduce(loss_sum)
-                loss_sum /= dist.world
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                raise NonFiniteError(f"step {step + 1}: loss is {loss_value}; stopped before the optimizer step, "
-                                     f"the last checkpoint in {ckpt_dir} is intact")
-            norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip if optim.grad_clip > 0 else math.inf)
-            if not math.isfinite(norm.item()):
-                raise NonFiniteError(f"step {step + 1}: gradient norm is {norm.item()}; stopped before the optimizer "
-                                     f"step, the last checkpoint in {ckpt_dir} is intact")
-            optimizer.step()
-            done = step + 1
-            window_steps += 1
+                group["lr"] = lr * group["lr_scale"]
+            result = train_step(trained, model, optimizer, batches(step, dist.rank), loss_fn, optim.grad_clip,
+                                precision, dist, step)
+            done, seen_tokens = step + 1, seen_tokens + result.tokens
+            window.add(result.tokens)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                elapsed = time.perf_counter() - window_start
-                tok_s = tokens_per_step * window_steps / elapsed
-                last = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": norm.item(),
-                        "tokens": done * tokens_per_step, "tok_s": tok_s,
-                        "mfu": flops_per_token * tok_s / peak_flops if peak_flops else None}
+                tok_s = window.rate()
+                last = {"step": done, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                        "tokens": seen_tokens, "tok_s": tok_s,
+                        "mfu": flops_per_token * tok_s / peak_flops if peak_flops else None, **result.metrics}
                 if dist.main:
                     log(last)
-                window_start, window_steps = time.perf_counter(), 0
             if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                result = evaluate(done) if dist.main else {}
-                if dist.main:
-                    log({"step": done, **result})
-                    last.update(result)
-            stopping = stop.signal is not None
-            if dist.world > 1:  # every rank stops at the same step, or they would deadlock in the next all-reduce
-                flag = torch.tensor([float(stopping)], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stopping = bool(flag.item())
+                last.update(_evaluate(evaluate, done, log, dist))
+            stopping = dist.all_reduce([float(stop.signal is not None)], "max")[0] > 0  # all ranks stop together
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                if dist.main:
-                    checkpoint.save(ckpt_dir, done, model, optimizer, {"fingerprint": fingerprint, "last": last})
-                    checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
-                dist.barrier()
+                _save(ckpt_dir, done, model, optimizer, cfg, dist, export,
+                      {"fingerprint": fingerprint, "last": last, "tokens": seen_tokens})
             if dist.main:
-                progress.update(done, loss=loss_value, lr=lr, tok_s=last.get("tok_s", 0.0))
+                progress.update(done, loss=result.loss, lr=lr, tok_s=last.get("tok_s", 0.0))
             if stopping:
                 raise Interrupted(f"interrupted at step {done}: resumable checkpoint "
                                   f"{checkpoint.step_dir(ckpt_dir, done)}")
     return last
+
+
+def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_clip: float, precision: str,
+               dist: Dist, step: int) -> StepResult:
+    """One optimizer step over this process's micro-batches: backward the summed losses, divide the gradient by
+    the global count, check, clip, step."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum, count, tokens, metrics = 0.0, 0.0, 0, {}
+    for i, micro_batch in enumerate(micro):
+        last_micro = i == len(micro) - 1
+        with trained.no_sync() if dist.world > 1 and not last_micro else nullcontext():
+            with autocast(precision, dist.device):
+                out = loss_fn(trained, micro_batch)
+            out.sum.backward()
+        loss_sum += float(out.sum.detach())
+        count += float(out.count)
+        tokens += int(out.tokens)
+        for name, (value, weight) in out.metrics.items():
+            s, w = metrics.get(name, (0.0, 0.0))
+            metrics[name] = (s + float(value.detach() if hasattr(value, "detach") else value), w + float(weight))
+    names = sorted(metrics)
+    totals = dist.all_reduce([loss_sum, count, float(tokens)] + [x for n in names for x in metrics[n]])
+    loss_sum, count, tokens = totals[0], totals[1], int(totals[2])
+    if count <= 0:
+        raise DataError(f"step {step + 1}: the batch has nothing to train on (no tokens or sequences counted by "
+                        "the loss); check the data's masks")
+    loss = loss_sum / count
+    if not math.isfinite(loss):
+        raise NonFiniteError(f"step {step + 1}: loss is {loss}; stopped before the optimizer step, the last "
+                             "checkpoint is intact")
+    params = [p for p in model.parameters() if p.requires_grad]
+    scale = dist.world / count  # DDP averaged the gradients over the processes; we want Σ / global count
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"step {step + 1}: gradient norm is {norm}; stopped before the optimizer step, the "
+                             "last checkpoint is intact")
+    optimizer.step()
+    pairs = totals[3:]
+    means = {n: pairs[2 * i] / pairs[2 * i + 1] for i, n in enumerate(names) if pairs[2 * i + 1]}
+    return StepResult(loss, norm, tokens, means)
+
+
+class Window:
+    """Tokens per second since the last logged line."""
+
+    def __init__(self):
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.start, self.tokens = now, 0
+        return rate
+
+
+def frozen_fingerprint(model) -> dict:
+    """{"frozen": digest} of every tensor the run does not train (empty when all are trained).
+
+    Hashing a multi-GB base at every start would cost seconds to minutes, so the digest covers each tensor's
+    name, shape, dtype and a strided sample of its values: enough to tell one base model from another.
+    """
+    import hashlib
+
+    import torch
+
+    frozen = {name: t for name, t in model.state_dict(keep_vars=True).items()
+              if not (isinstance(t, torch.nn.Parameter) and t.requires_grad)}
+    if not frozen:
+        return {}
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in sorted(frozen.items()):
+            flat = t.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float64)
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{sample.sum().item()!r}|{sample.abs().sum().item()!r}"
+                     .encode())
+    return {"frozen": h.hexdigest()}
+
+
+def _prepare(model, cfg: TrainConfig, dist: Dist):
+    """The module the steps run: activation checkpointing switched on (the model owns how), DDP, compile."""
+    import torch
+
+    if cfg.activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise UsageError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable()
+    trained = model
+    if dist.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = dist.device.startswith("cuda")
+        trained = DistributedDataParallel(model, device_ids=[torch.device(dist.device).index] if cuda else None)
+    if cfg.compile:
+        trained = torch.compile(trained)  # checkpoints still save `model`: the compiled wrapper renames nothing
+    return trained
+
+
+def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool, dist: Dist) -> tuple[int, dict, int]:
+    """(first step, last metrics, tokens seen) from the newest checkpoint, or a fresh start."""
+    path = resumable(ckpt_dir, fingerprint, force)
+    if path is None:
+        return 0, {}, 0
+    state = checkpoint.load(path, model, optimizer)
+    if dist.main:
+        console.print(f"resumed from {path}")
+    extra = state["extra"]
+    return int(state["step"]), extra.get("last", {}), int(extra.get("tokens", 0))
+
+
+def _evaluate(evaluate: Callable[[int], dict], done: int, log: Callable[[dict], None], dist: Dist) -> dict:
+    """Rank 0 evaluates and logs; the others wait at the next collective."""
+    if not dist.main:
+        return {}
+    result = evaluate(done)
+    log({"step": done, **result})
+    return result
+
+
+def _save(ckpt_dir: Path, done: int, model, optimizer, cfg: TrainConfig, dist: Dist, export, extra: dict) -> None:
+    if dist.main:
+        checkpoint.save(ckpt_dir, done, model, optimizer, extra, export=export)
+        checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
+    dist.barrier()
 
 
 def resumable(ckpt_dir: Path, fingerprint: dict, force: bool) -> Path | None:

@@ -1,7 +1,8 @@
 """AdamW with decay / no-decay parameter groups, and learning-rate schedules as closed-form functions of the step.
 
 Decay applies to matrices (projections and embeddings) and not to vectors (norm gains, biases), the split of
-nanoGPT and most GPT-style training since Loshchilov & Hutter 2019 made decay decoupled. Schedules:
+nanoGPT and most GPT-style training since Loshchilov & Hutter 2019 made decay decoupled. Parameter groups may
+scale the schedule's rate (LLaVA trains its projector faster than its LM). Schedules:
 - cosine: linear warmup to `lr`, then a half cosine down to `min_lr` at the last step (GPT-3, Chinchilla);
 - wsd: warmup, a long stable phase at `lr`, then a linear decay to `min_lr` over the last `decay_fraction` of
   the steps ("warmup-stable-decay", Hu et al. 2024, MiniCPM) — it can be continued from the stable phase;
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from mmctl.errors import UsageError
 from mmctl.recipe import option
 
 
@@ -52,12 +54,21 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, cfg: OptimConfig):
-    """AdamW over two groups: matrices with weight decay, vectors without."""
+def make_optimizer(model, cfg: OptimConfig, lr_scales: dict[str, float] | None = None):
+    """AdamW over the trainable parameters: matrices with weight decay, vectors without, and one group per
+    learning-rate scale. `lr_scales` maps a parameter-name prefix (`projector.`) to a multiplier of the schedule's
+    rate, stored in each group as `lr_scale`; frozen parameters (requires_grad False) are in no group."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((scale, p.dim() >= 2), []).append(p)
+    if not groups:
+        raise UsageError("the model has no trainable parameters")
+    param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
+                    for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -36,3 +36,32 @@ def test_bad_messages_and_missing_template(tok_dir):
         render([{"role": "robot", "content": "x"}], template)
     with pytest.raises(UsageError, match="no chat_template"):
         render(CHATS[0], None)
+
+
+@pytest.mark.parametrize("messages", CHATS)
+def test_ids_and_assistant_mask_equal_transformers(tok_dir, messages):
+    """The assistant mask from the template's {% generation %} spans, as transformers computes it."""
+    from mmctl.data.chat import tokenize
+
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    theirs = hf.apply_chat_template(messages, tokenize=True, return_assistant_tokens_mask=True, return_dict=True)
+    ids, mask = tokenize(messages, bpe.load(tok_dir))
+    assert ids == theirs["input_ids"]
+    assert mask == theirs["assistant_masks"]
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    assistant = "".join(m["content"] + "<|end|>" for m in messages if m["role"] == "assistant")
+    assert hf.decode(trained) == assistant  # the assistant's words and its end-of-turn token, nothing else
+
+
+def test_broken_and_hostile_templates(tok_dir):
+    from mmctl.errors import DataError, UnsafeInputError
+
+    with pytest.raises(DataError, match="not a valid Jinja template"):
+        render(CHATS[0], "{% for %}")
+    with pytest.raises(UnsafeInputError, match="sandbox"):
+        render(CHATS[0], "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}")
+    with pytest.raises(DataError, match="failed to render"):
+        render(CHATS[0], "{{ raise_exception('no') if true }}{{ 1 / 0 }}")
+    with pytest.raises(UsageError, match="reserved"):
+        render([{"role": "user", "content": "\ue000"}], bpe.load(tok_dir).chat_template)

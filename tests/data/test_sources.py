@@ -24,13 +24,13 @@ def test_jsonl_field_and_errors(tmp_path):
     path.write_text('{"text": "a"}\n\n{"text": "b", "x": 1}\n')
     assert list(sources.read(SourceConfig(kind="jsonl", path=str(path)), 0)) == ["a", "b"]
     path.write_text('{"text": "a"}\n{"body": "b"}\n')
-    with pytest.raises(DataError, match=r"d.jsonl:2: no field 'text' \(has: body\)"):
+    with pytest.raises(DataError, match=r"d.jsonl:2: missing field 'text' \(has: body\)"):
         list(sources.read(SourceConfig(kind="jsonl", path=str(path)), 0))
     path.write_text('{"text": "a"}\nnot json\n')
     with pytest.raises(DataError, match=r"d.jsonl:2: not a JSON object"):
         list(sources.read(SourceConfig(kind="jsonl", path=str(path)), 0))
     path.write_text('{"text": 5}\n')
-    with pytest.raises(DataError, match="field 'text' is int, not text"):
+    with pytest.raises(DataError, match="field 'text' is int, expected str"):
         list(sources.read(SourceConfig(kind="jsonl", path=str(path)), 0))
 
 

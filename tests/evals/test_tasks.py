@@ -1,10 +1,11 @@
-"""Task files: malformed ones are one-line errors naming the line (exit 2); built-ins are well formed."""
+"""Task files: malformed ones are one-line errors naming the line (exit 3, as every JSONL reader); built-ins
+are well formed."""
 
 import json
 
 import pytest
 
-from mmctl.errors import UsageError
+from mmctl.errors import DataError
 from mmctl.evals.tasks import MC_FIELDS, TaskConfig, builtin_items, read_jsonl
 
 
@@ -14,15 +15,15 @@ from mmctl.evals.tasks import MC_FIELDS, TaskConfig, builtin_items, read_jsonl
     (['[1, 2]'], "t.jsonl:1: expected a JSON object, got list"),
     (['{"context": "a", "choices": ["x", "y"], "answer": 2}'], "t.jsonl:1: answer 2 is not an index"),
     (['{"context": "a", "choices": ["x"], "answer": 0}'], "t.jsonl:1: choices must be a list of at least two"),
-    (['', '{"context": 5, "choices": ["x", "y"], "answer": 0}'], "t.jsonl:2: field 'context' has the wrong type"),
-    (['{"context": "a", "choices": ["x", "y"], "answer": true}'], "t.jsonl:1: field 'answer' has the wrong type"),
+    (['', '{"context": 5, "choices": ["x", "y"], "answer": 0}'], "t.jsonl:2: field 'context' is int, expected str"),
+    (['{"context": "a", "choices": ["x", "y"], "answer": true}'], "t.jsonl:1: field 'answer' is bool, expected int"),
 ])
 def test_malformed_task_files(tmp_path, lines, fragment):
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(DataError) as e:
         read_jsonl(path, MC_FIELDS)
-    assert fragment in str(e.value) and e.value.exit_code == 2 and "\n" not in str(e.value)
+    assert fragment in str(e.value) and e.value.exit_code == 3 and "\n" not in str(e.value)
 
 
 def test_builtins_are_well_formed():

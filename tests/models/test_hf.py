@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mmctl.errors import DataError, UnsafeInputError, UsageError  # noqa: E402
-from mmctl.models import hf  # noqa: E402
+from mmctl.models import hf, transformer  # noqa: E402
 from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
+from mmctl.tokenizer import bpe  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -67,7 +68,7 @@ def assert_same_logits(ours: Transformer, theirs) -> None:
 def hf_model(cfg: ModelConfig):
     """A randomly initialised transformers model of `cfg`'s architecture (norms and biases randomised too)."""
     torch.manual_seed(0)
-    fields = hf.config_to_hf(cfg)
+    fields = cfg.to_hf()
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)).eval()
     with torch.no_grad():
@@ -80,7 +81,7 @@ def hf_model(cfg: ModelConfig):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_mmctl_checkpoint_loads_in_transformers_with_the_same_logits(name, tmp_path):
     ours = random_model(CONFIGS[name])
-    hf.save_checkpoint(ours, tmp_path / "model")
+    transformer.save_checkpoint(ours, tmp_path / "model")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert type(theirs).__name__ == ("Qwen2ForCausalLM" if ours.cfg.qkv_bias else "LlamaForCausalLM")
     assert_same_logits(ours, theirs)
@@ -90,7 +91,7 @@ def test_mmctl_checkpoint_loads_in_transformers_with_the_same_logits(name, tmp_p
 def test_transformers_checkpoint_loads_in_mmctl_with_the_same_logits(name, tmp_path):
     theirs = hf_model(CONFIGS[name])
     theirs.save_pretrained(tmp_path / "model")
-    ours = hf.load_checkpoint(tmp_path / "model")
+    ours = transformer.load_checkpoint(tmp_path / "model")
     assert ours.cfg == CONFIGS[name]
     assert set(ours.state_dict()) == set(theirs.state_dict())
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ours.cfg.tie_embeddings
@@ -101,7 +102,7 @@ def test_sharded_checkpoint(tmp_path):
     theirs = hf_model(CONFIGS["llama-gqa-untied"])
     theirs.save_pretrained(tmp_path / "model", max_shard_size="100KB")
     assert (tmp_path / "model" / "model.safetensors.index.json").is_file()
-    assert_same_logits(hf.load_checkpoint(tmp_path / "model"), theirs)
+    assert_same_logits(transformer.load_checkpoint(tmp_path / "model"), theirs)
 
 
 def test_mistral_loads_with_its_window_as_the_context(tmp_path):
@@ -111,7 +112,7 @@ def test_mistral_loads_with_its_window_as_the_context(tmp_path):
                                         max_position_embeddings=4096)
     theirs = transformers.MistralForCausalLM(config).eval()
     theirs.save_pretrained(tmp_path / "model")
-    ours = hf.load_checkpoint(tmp_path / "model")
+    ours = transformer.load_checkpoint(tmp_path / "model")
     assert ours.cfg.max_position_embeddings == 64
     assert_same_logits(ours, theirs)
 
@@ -119,47 +120,47 @@ def test_mistral_loads_with_its_window_as_the_context(tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_round_trip(name):
     cfg = CONFIGS[name]
-    assert hf.config_from_hf(hf.config_to_hf(cfg)) == cfg
+    assert ModelConfig.from_hf(cfg.to_hf()) == cfg
 
 
 def test_pickle_weights_are_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(CONFIGS["llama-gqa-untied"])))
+    (tmp_path / "config.json").write_text(json.dumps(CONFIGS["llama-gqa-untied"].to_hf()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not unpickled, ever")
     with pytest.raises(UnsafeInputError, match=r"pytorch_model\.bin: refusing a pickle checkpoint") as e:
-        hf.load_checkpoint(tmp_path)
+        transformer.load_checkpoint(tmp_path)
     assert e.value.exit_code == 4
 
 
 def test_missing_and_mismatched_tensors_are_data_errors(tmp_path):
-    path = hf.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
+    path = transformer.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
     tensors = load_file(path / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
               path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DataError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is missing \(expected shape "
                                         r"\[96, 128\]\)"):
-        hf.load_checkpoint(path)
+        transformer.load_checkpoint(path)
 
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DataError, match=r"gate_proj\.weight has shape \[96, 128\], config.json implies \[64, 128\]"):
-        hf.load_checkpoint(path)
+        transformer.load_checkpoint(path)
 
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read safetensors"):
-        hf.load_checkpoint(path)
+        transformer.load_checkpoint(path)
     with pytest.raises(DataError, match="checkpoint dir not found"):
-        hf.load_checkpoint(tmp_path / "nowhere")
+        transformer.load_checkpoint(tmp_path / "nowhere")
 
 
 def test_unsupported_families_and_features_are_usage_errors():
-    fields = hf.config_to_hf(CONFIGS["llama-gqa-untied"])
+    fields = CONFIGS["llama-gqa-untied"].to_hf()
     with pytest.raises(UsageError, match=r"model_type 'gpt2' is not supported \(supported: llama, mistral, qwen2\)"):
-        hf.config_from_hf({**fields, "model_type": "gpt2"})
+        ModelConfig.from_hf({**fields, "model_type": "gpt2"})
     with pytest.raises(UsageError, match="attention_bias"):
-        hf.config_from_hf({**fields, "attention_bias": True})
+        ModelConfig.from_hf({**fields, "attention_bias": True})
     with pytest.raises(UsageError, match="rope type 'yarn'"):
-        hf.config_from_hf({**fields, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None})
+        ModelConfig.from_hf({**fields, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None})
 
 
 def write_tokenizer(path: Path) -> None:
@@ -182,7 +183,7 @@ def write_tokenizer(path: Path) -> None:
 def test_checkpoint_dir_carries_the_tokenizer_and_special_ids(tmp_path):
     write_tokenizer(tmp_path / "tok")
     cfg = ModelConfig(**{**SMALL, "vocab_size": 320}, num_kv_heads=2)
-    path = hf.save_checkpoint(random_model(cfg), tmp_path / "model", tokenizer_dir=tmp_path / "tok")
+    path = transformer.save_checkpoint(random_model(cfg), tmp_path / "model", bpe.load(tmp_path / "tok"))
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                       "tokenizer.json", "tokenizer_config.json"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -190,20 +191,23 @@ def test_checkpoint_dir_carries_the_tokenizer_and_special_ids(tmp_path):
     assert hf.eos_token_ids(path) == [tokenizer.eos_token_id] == [1]
     generation = transformers.GenerationConfig.from_pretrained(path)
     assert (generation.bos_token_id, generation.pad_token_id) == (0, 2)
-    with pytest.raises(DataError, match="tokenizer.json: tokenizer file not found"):
-        hf.save_checkpoint(random_model(cfg), tmp_path / "other", tokenizer_dir=tmp_path)
+    with pytest.raises(DataError, match="no tokenizer.json"):  # the tokenizer is read before anything is written
+        transformer.save_checkpoint(random_model(cfg), tmp_path / "other", bpe.load(tmp_path))
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_failed_save_leaves_the_old_checkpoint_alone(tmp_path, monkeypatch):
     model = random_model(CONFIGS["llama-gqa-untied"])
-    path = hf.save_checkpoint(model, tmp_path / "model")
+    path = transformer.save_checkpoint(model, tmp_path / "model")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hf, "save_file", killed)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
-        hf.save_checkpoint(model, path)
+        transformer.save_checkpoint(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp dir left beside it

@@ -14,10 +14,13 @@ def load(data: dict):
 
 
 def test_targets():
-    assert account.target_overrides("recipes/tiny/account.yaml") is None
-    assert account.target_overrides("llama-7b") == ['model.preset="llama-7b"']
-    assert account.target_overrides("ckpt/config.json") == ['model.config="ckpt/config.json"']
-    assert account.target_overrides("runs/pretrain/model") == ['model.config="runs/pretrain/model"']
+    assert account.load_config("recipes/tiny/account.yaml", {}, []).model.hf["model_type"] == "llama"
+    assert account.load_config("llama-7b", {"seq_len": 512}, []).model.preset == "llama-7b"
+    assert account.load_config("llama-7b", {"seq_len": 512}, []).train.seq_len == 512
+    assert account.load_config("ckpt/config.json", {}, []).model.config == "ckpt/config.json"
+    assert account.load_config("runs/pretrain/model", {}, []).model.config == "runs/pretrain/model"
+    tiny = account.load_config("recipes/tiny/pretrain.yaml", {}, [])  # a training recipe: its model and run
+    assert tiny.model.hf["hidden_size"] == 256 and tiny.train.seq_len == 256 and tiny.train.batch_size == 16
 
 
 @pytest.mark.parametrize("data, fragment", [
@@ -46,7 +49,7 @@ def test_config_dir_is_an_input_with_its_hash(tmp_path):
     (model / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
     cfg = load({"model": {"config": str(model)}, "run": {"out": str(tmp_path / "out")}})
     report = account.run(cfg)
-    assert report.arch.name == "ckpt" and report.arch.num_layers == 2
+    assert report.detail["arch"].name == "ckpt" and report.detail["arch"].num_layers == 2
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"]["model"]["path"].endswith("config.json")
     assert json.loads((tmp_path / "out" / "account.json").read_text())["params"]["total"] == \
@@ -63,7 +66,7 @@ def test_missing_config_is_a_data_error(tmp_path):
 
 def test_json_keys_are_stable():
     report = account.run(load({"model": {"preset": "mixtral-8x7b"}}))
-    j = report.json
+    j = report.results
     assert set(j) == {"schema", "model", "workload", "params", "flops", "time", "memory", "scaling"}
     assert isinstance(j["params"]["total"], int) and isinstance(j["params"]["active"], int)
     assert j["params"]["active"] < j["params"]["total"]

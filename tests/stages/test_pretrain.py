@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted  # noqa: E402
-from mmctl.stages import pretrain, tokenize  # noqa: E402
+from mmctl.stages import Options, pretrain, tokenize  # noqa: E402
 
 TIMINGS = ("tok_s", "mfu")
 
@@ -60,7 +60,8 @@ def one_thread():
 
 
 def test_outputs(shards, tmp_path):
-    out, results = pretrain.run(config(shards, tmp_path / "a"))
+    result = pretrain.run(config(shards, tmp_path / "a"))
+    out, results = result.out, result.results
     assert results["final"]["step"] == 8 and results["final"]["val_loss"] > 0
     assert results["memory"]["predicted_peak_bytes"] > 0 and results["throughput"]["measured_tok_s"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
@@ -69,7 +70,40 @@ def test_outputs(shards, tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(out / "model")
     assert model.num_parameters() == results["params"]
     assert tok.eos_token == "<|eos|>"
-    assert pretrain.run(config(shards, tmp_path / "a"))[1] is None  # up to date
+    assert pretrain.run(config(shards, tmp_path / "a")).up_to_date
+
+
+def test_training_checkpoints_are_evaluable(shards, tmp_path):
+    """A step dir holds config.json and the tokenizer: `mmctl eval` and `mmctl generate` take it as a model."""
+    from mmctl.models import transformer
+
+    out = pretrain.run(config(shards, tmp_path / "a")).out
+    step = out / "checkpoints" / "step-000006"
+    at_6 = transformer.load_checkpoint(step)
+    final = transformer.load_checkpoint(out / "model")
+    assert not torch.equal(at_6.lm_head.weight, final.lm_head.weight)
+    run = [sys.executable, "-m", "mmctl"]
+    scored = subprocess.run(run + ["eval", str(step), "--task", "stories-ppl", "--limit", "2", "--out",
+                                   str(tmp_path / "e"), "--json"], capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["checkpoints"][str(step)]["tasks"]["stories-ppl"]["bits_per_byte"] > 0
+    sample = subprocess.run(run + ["generate", str(step), "-p", "Once", "--max-new-tokens", "4", "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert sample.returncode == 0 and json.loads(sample.stdout)["completions"][0]["tokens"] > 0, sample.stderr
+
+
+def test_validation_is_evals_perplexity(shards, tmp_path):
+    """One bits-per-byte: pretrain's val numbers equal `mmctl eval`'s perplexity over the same documents."""
+    from mmctl.evals import perplexity
+    from mmctl.models import transformer
+    from mmctl.tokenizer import bpe
+
+    result = pretrain.run(config(shards, tmp_path / "a"))
+    model, tok = transformer.load_checkpoint(result.out / "model"), bpe.load(result.out / "model")
+    documents = perplexity.shard_documents(shards / "shards", "val", tok, max_tokens=256)
+    metrics, _ = perplexity.score(model, tok, documents, max_length=32, stride=32)
+    assert result.results["final"]["val_loss"] == pytest.approx(metrics["nats_per_token"], rel=1e-5)
+    assert result.results["final"]["val_bpb"] == pytest.approx(metrics["bits_per_byte"], rel=1e-5)
 
 
 def test_same_recipe_twice_gives_identical_metrics(shards, tmp_path):
@@ -166,9 +200,11 @@ def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
 
 
 def test_force_after_a_finished_run_and_a_refused_resume_keep_the_results(shards, tmp_path):
-    out, first = pretrain.run(config(shards, tmp_path / "f"))
+    result = pretrain.run(config(shards, tmp_path / "f"))
+    out, first = result.out, result.results
     manifest = (out / "manifest.json").read_text()
-    again, results = pretrain.run(config(shards, tmp_path / "f"), force=True)  # nothing left to train
+    result = pretrain.run(config(shards, tmp_path / "f"), Options(force=True))  # nothing left to train
+    results = result.results
     assert results["final"]["step"] == 8 and results["final"]["loss"] == first["final"]["loss"]
     data = recipe_data(shards, tmp_path / "f")
     data["model"]["hidden_size"] = 64

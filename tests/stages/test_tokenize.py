@@ -31,7 +31,8 @@ def config(tmp_path, out="out", **tokenizer):
 
 def test_shards_decode_back_to_the_documents(tmp_path):
     cfg = config(tmp_path)
-    out, results = tokenize.run(cfg)
+    result = tokenize.run(cfg)
+    out, results = result.out, result.results
     tok = bpe.load(out / "tokenizer")
     expected = {"train": [], "val": []}
     for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction):
@@ -50,8 +51,10 @@ def test_shards_decode_back_to_the_documents(tmp_path):
 
 
 def test_same_recipe_and_seed_give_byte_identical_outputs(tmp_path):
-    a, _ = tokenize.run(config(tmp_path, "a"))
-    b, _ = tokenize.run(config(tmp_path, "b"))
+    result = tokenize.run(config(tmp_path, "a"))
+    a, _ = result.out, result.results
+    result = tokenize.run(config(tmp_path, "b"))
+    b, _ = result.out, result.results
     files = sorted(str(p.relative_to(a)) for p in (a / "shards").iterdir()) + ["tokenizer/tokenizer.json"]
     for rel in files:
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
@@ -60,14 +63,16 @@ def test_same_recipe_and_seed_give_byte_identical_outputs(tmp_path):
 def test_rerun_is_up_to_date_until_an_input_changes(tmp_path):
     cfg = config(tmp_path)
     tokenize.run(cfg)
-    assert tokenize.run(cfg)[1] is None
+    assert tokenize.run(cfg).up_to_date
     (tmp_path / "notes.txt").write_text("a changed note")
-    assert tokenize.run(cfg)[1] is not None
+    assert not tokenize.run(cfg).up_to_date
 
 
 def test_reusing_a_tokenizer_gives_the_same_ids(tmp_path):
-    first, _ = tokenize.run(config(tmp_path, "first"))
-    second, _ = tokenize.run(config(tmp_path, "second", path=str(first / "tokenizer")))
+    result = tokenize.run(config(tmp_path, "first"))
+    first, _ = result.out, result.results
+    result = tokenize.run(config(tmp_path, "second", path=str(first / "tokenizer")))
+    second, _ = result.out, result.results
     assert (first / "shards" / "train-00000.bin").read_bytes() == (second / "shards" / "train-00000.bin").read_bytes()
 
 
@@ -96,7 +101,7 @@ def mmctl(*args, cwd):
 
 @pytest.mark.parametrize("sources, code, fragment", [
     ("[{kind: text, path: missing.txt}]", 3, "missing.txt: no such file"),
-    ("[{kind: jsonl, path: d.jsonl, field: text}]", 3, "d.jsonl:1: no field 'text' (has: body)"),
+    ("[{kind: jsonl, path: d.jsonl, field: text}]", 3, "d.jsonl:1: missing field 'text' (has: body)"),
     ("[]", 2, "data.sources: missing required value"),
     ("[{kind: stories}]", 2, "data.sources[0].documents: missing required value"),
     ("[{kind: storys, documents: 3}]", 2, "'storys' is not one of"),

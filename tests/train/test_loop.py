@@ -1,5 +1,7 @@
 """The training loop with a toy model: bit-exact resume, NaN stops before the step, signals save and exit 75,
-a killed checkpoint write is never resumed, and the same run twice logs the same numbers."""
+a killed checkpoint write is never resumed, the same run twice logs the same numbers; the loss is normalised
+once per step (accumulation equals one big batch even with uneven masks), metrics come from the loss, learning
+rates scale per group, and frozen parameters stay out of the optimizer and the checkpoints."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mmctl.errors import Interrupted, NonFiniteError, UsageError  # noqa: E402
+from mmctl.runtime import Dist  # noqa: E402
 from mmctl.train import checkpoint  # noqa: E402
-from mmctl.train.loop import TrainConfig, train  # noqa: E402
+from mmctl.train.loop import LossOut, TrainConfig, train, train_step  # noqa: E402
 from mmctl.train.optim import OptimConfig  # noqa: E402
 
 V, T = 32, 8
@@ -30,14 +33,19 @@ class Toy(torch.nn.Module):
         return self.head(self.norm(self.embed(x)))
 
 
-def batches(step, micro, rank):
-    g = torch.Generator().manual_seed(step * 1000 + micro * 10 + rank)
-    x = torch.randint(0, V, (4, T + 1), generator=g)
-    return x[:, :-1], x[:, 1:]
+def batches(step, rank):
+    """Two micro-batches of 2 rows (batch_size 4, micro_batch_size 2)."""
+    out = []
+    for micro in range(2):
+        g = torch.Generator().manual_seed(step * 1000 + micro * 10 + rank)
+        out.append(torch.randint(0, V, (2, T + 1), generator=g))
+    return out
 
 
-def loss_fn(model, inputs, targets):
-    return torch.nn.functional.cross_entropy(model(inputs).reshape(-1, V), targets.reshape(-1))
+def loss_fn(model, ids):
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    loss = torch.nn.functional.cross_entropy(model(inputs).reshape(-1, V), targets.reshape(-1), reduction="sum")
+    return LossOut(loss, targets.numel(), inputs.numel(), {"first_logit": (model(inputs)[:, 0, 0].sum(), 2)})
 
 
 def run(out, steps=12, log=None, loss=loss_fn, **train_kw):
@@ -59,11 +67,11 @@ def interrupt_during_step(n):
     """A loss function that sends SIGTERM while step `n` runs (2 micro-batches per step)."""
     calls = []
 
-    def loss(model, inputs, targets):
+    def loss(model, ids):
         calls.append(1)
         if len(calls) == 2 * n - 1:
             signal.raise_signal(signal.SIGTERM)
-        return loss_fn(model, inputs, targets)
+        return loss_fn(model, ids)
 
     return loss
 
@@ -89,9 +97,10 @@ def test_nan_stops_before_the_step_and_keeps_the_checkpoint(tmp_path):
     run(tmp_path, steps=4)  # a checkpoint at step 4
     before = {p.name: p.read_bytes() for p in checkpoint.latest(tmp_path / "checkpoints").iterdir()}
 
-    def poisoned(model, inputs, targets):
-        loss = loss_fn(model, inputs, targets)
-        return loss * float("nan") if torch.rand(()) < 2 else loss  # always NaN from the resumed step on
+    def poisoned(model, ids):
+        out = loss_fn(model, ids)
+        out.sum = out.sum * float("nan")  # NaN from the resumed step on
+        return out
 
     with pytest.raises(NonFiniteError) as e:
         run(tmp_path, steps=12, loss=poisoned)
@@ -163,3 +172,116 @@ def test_sigkill_while_saving_never_leaves_a_resumable_checkpoint(tmp_path):
     assert checkpoint.latest(tmp_path / "checkpoints").name == "step-000004"
     _, records = run(tmp_path, steps=6)  # resumes from step 4, not from the half-published step 8
     assert [r["step"] for r in records if "loss" in r] == [5, 6]
+
+
+def test_logs_real_tokens_and_the_loss_functions_metrics(tmp_path):
+    _, records = run(tmp_path, steps=3)
+    rows = [r for r in records if "loss" in r]
+    assert [r["tokens"] for r in rows] == [32, 64, 96]  # 4 rows × 8 inputs per step
+    assert all("first_logit" in r and "tok_s" in r for r in rows)
+
+
+# --- one normalisation per step -------------------------------------------------------------------------------
+
+def masked_rows(n_rows, seed):
+    """Rows of ids with a mask of trained positions of random length (SFT's assistant-only loss)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (n_rows, T + 1), generator=g)
+    keep = torch.randint(1, T + 1, (n_rows,), generator=g)  # 1..T trained tokens per row
+    mask = torch.arange(T)[None, :] < keep[:, None]
+    return ids, mask
+
+
+def masked_loss(model, batch):
+    ids, mask = batch
+    per_token = torch.nn.functional.cross_entropy(model(ids[:, :-1]).reshape(-1, V), ids[:, 1:].reshape(-1),
+                                                  reduction="none").view(mask.shape)
+    return LossOut((per_token * mask).sum(), int(mask.sum()), ids[:, :-1].numel())
+
+
+def gradients_after_one_step(micro):
+    torch.set_num_threads(1)
+    model = Toy()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_step(model, model, optimizer, micro, masked_loss, 0.0, "fp32", Dist(), 0)
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def relative(a, b) -> float:
+    """‖a − b‖ / ‖b‖: fp32 sums in another order differ in the last bits of the smallest elements."""
+    return float((a - b).norm() / b.norm())
+
+
+def test_accumulated_micro_batches_equal_one_batch_with_uneven_masks():
+    ids, mask = masked_rows(16, seed=7)
+    one = gradients_after_one_step([(ids, mask)])
+    four = gradients_after_one_step([(ids[i:i + 4], mask[i:i + 4]) for i in range(0, 16, 4)])
+    assert all(relative(four[name], one[name]) < 1e-6 for name in one)
+    # the bug this prevents: averaging the four micro-batch means weighs a short-masked row's tokens more
+    means = sum(gradients_after_one_step([(ids[i:i + 4], mask[i:i + 4])])["head.weight"] for i in range(0, 16, 4)) / 4
+    assert relative(means, one["head.weight"]) > 1e-2
+
+
+def test_two_processes_equal_one(tmp_path):
+    """2 gloo ranks × 2 micro-batches with uneven masks give the gradient of one process holding all 16 rows."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("accelerate")
+    worker = Path(__file__).with_name("ddp_worker.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    done = subprocess.run(launch + [str(worker), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    two = load_file(tmp_path / "grads-rank0.safetensors")
+    ids, mask = masked_rows(16, seed=7)
+    one = gradients_after_one_step([(ids, mask)])
+    assert all(relative(two[name], one[name]) < 1e-6 for name in one)
+
+
+# --- parameter groups, frozen parameters ----------------------------------------------------------------------
+
+def test_learning_rate_scales_and_frozen_parameters():
+    from mmctl.train.optim import make_optimizer
+
+    model = Toy()
+    model.norm.requires_grad_(False)
+    opt = make_optimizer(model, OptimConfig(weight_decay=0.1), {"head.": 10.0})
+    groups = [(g["lr_scale"], g["weight_decay"], sorted(id(p) for p in g["params"])) for g in opt.param_groups]
+    assert groups == [(1.0, 0.1, [id(model.embed.weight)]), (10.0, 0.1, [id(model.head.weight)]),
+                      (10.0, 0.0, [id(model.head.bias)])]
+
+
+def test_frozen_parameters_are_fingerprinted_not_checkpointed(tmp_path):
+    def frozen_norm():
+        model = Toy()
+        model.norm.requires_grad_(False)
+        return model
+
+    cfg = TrainConfig(steps=2, batch_size=4, micro_batch_size=2, seq_len=T, checkpoint_every=2)
+    model = frozen_norm()
+    train(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
+          log=lambda r: None, fingerprint={"model": "toy"})
+    latest = checkpoint.latest(tmp_path / "checkpoints")
+    from safetensors.torch import load_file
+
+    assert sorted(load_file(latest / "model.safetensors")) == ["embed.weight", "head.bias", "head.weight"]
+    assert "frozen" in json.loads((latest / "state.json").read_text())["extra"]["fingerprint"]
+    other = frozen_norm()
+    with torch.no_grad():
+        other.norm.weight.mul_(2)  # another frozen base
+    with pytest.raises(UsageError, match="cannot resume: frozen changed"):
+        train(other, cfg=TrainConfig(steps=4, batch_size=4, micro_batch_size=2, seq_len=T), optim=OptimConfig(),
+              batches=batches, loss_fn=loss_fn, out=tmp_path, log=lambda r: None, fingerprint={"model": "toy"})
+
+
+def test_an_export_makes_the_checkpoint_dir_carry_more_files(tmp_path):
+    cfg = TrainConfig(steps=2, batch_size=4, micro_batch_size=2, seq_len=T, checkpoint_every=2)
+    train(Toy(), cfg=cfg, optim=OptimConfig(warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
+          log=lambda r: None, fingerprint={}, export=lambda d: (d / "config.json").write_text("{}"))
+    assert (checkpoint.latest(tmp_path / "checkpoints") / "config.json").read_text() == "{}"

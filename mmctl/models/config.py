@@ -1,0 +1,157 @@
+"""The decoder's architecture: `ModelConfig`, usable directly as a recipe's `model:` section, and its mapping to
+and from a Hugging Face `config.json` (transformers' LlamaConfig and Qwen2Config field names; Mistral's are read).
+
+Each model owns its config mapping (DESIGN §10): this one is the Llama family's; a VLM maps its own Llava config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmctl.errors import DataError, UsageError
+from mmctl.recipe import option
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+# transformers' defaults for fields a config.json may leave out (LlamaConfig / MistralConfig / Qwen2Config).
+DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0),
+    "mistral": dict(max_position_embeddings=4096 * 32, rms_norm_eps=1e-6, rope_theta=10000.0),
+    "qwen2": dict(max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0),
+}
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelConfig:
+    """The architecture; usable directly as a recipe's `model:` section. Defaults make a tiny model."""
+
+    vocab_size: int = option(512, "vocabulary size (tokens)", ge=1)
+    hidden_size: int = option(128, "width of the residual stream (C)", ge=1)
+    intermediate_size: int = option(384, "width of the SwiGLU MLP (F)", ge=1)
+    num_layers: int = option(4, "number of transformer blocks (L)", ge=1)
+    num_heads: int = option(4, "query heads per layer (H)", ge=1)
+    num_kv_heads: int = option(2, "key/value heads per layer (K): H for MHA, 1 for MQA, between for GQA", ge=1)
+    head_dim: int | None = option(None, "width of one head (D); null means hidden_size / num_heads", ge=2)
+    max_position_embeddings: int = option(512, "longest sequence the model accepts (tokens)", ge=1)
+    rope_theta: float = option(10000.0, "RoPE base wavelength", gt=0)
+    rope_scaling: dict | None = option(None, "null, or Llama 3.1 RoPE scaling: factor, low_freq_factor, "
+                                             "high_freq_factor, original_max_position_embeddings")
+    rms_norm_eps: float = option(1e-5, "epsilon inside RMSNorm's square root", gt=0)
+    tie_embeddings: bool = option(True, "share one matrix between the token embedding and the output head")
+    qkv_bias: bool = option(False, "biases on the q/k/v projections (Qwen2 style)")
+    init_std: float = option(0.02, "std of the normal init; o_proj and down_proj get std / sqrt(2 * num_layers)",
+                             gt=0)
+
+    @property
+    def head_size(self) -> int:
+        """The head width D actually used."""
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def check(self) -> list[tuple[str, str]]:
+        """Cross-field rules as (field, message) pairs; mmctl.recipe prefixes the section path."""
+        problems = []
+        if self.num_heads % self.num_kv_heads:
+            problems.append(("num_kv_heads", f"{self.num_kv_heads} must divide num_heads ({self.num_heads})"))
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            problems.append(("num_heads", f"{self.num_heads} must divide hidden_size ({self.hidden_size}) "
+                                          "unless head_dim is set"))
+        elif self.head_size % 2:
+            problems.append(("head_dim", f"{self.head_size} must be even (RoPE rotates pairs of dimensions)"))
+        if self.rope_scaling is not None:
+            extra = set(self.rope_scaling) - set(ROPE_SCALING_KEYS) - {"rope_type"}
+            missing = [k for k in ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            if self.rope_scaling.get("rope_type", "llama3") != "llama3":
+                problems.append(("rope_scaling", "only rope_type llama3 is supported"))
+            elif extra or missing:
+                problems.append(("rope_scaling", f"expected exactly the keys {', '.join(ROPE_SCALING_KEYS)}"))
+            elif not all(isinstance(self.rope_scaling[k], (int, float)) for k in ROPE_SCALING_KEYS):
+                problems.append(("rope_scaling", "every value must be a number"))
+            elif not 0 < self.rope_scaling["low_freq_factor"] < self.rope_scaling["high_freq_factor"]:
+                problems.append(("rope_scaling", "needs 0 < low_freq_factor < high_freq_factor"))
+        return problems
+
+    @property
+    def family(self) -> str:
+        """The Hugging Face model_type this architecture is saved as."""
+        return "qwen2" if self.qkv_bias else "llama"
+
+    def to_hf(self) -> dict:
+        """config.json fields: a `llama` model, or `qwen2` when it has q/k/v biases."""
+        cfg = self
+        model_type = cfg.family
+        rope_scaling = None if cfg.rope_scaling is None else {"rope_type": "llama3", **cfg.rope_scaling}
+        out = {
+            "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+            "model_type": model_type,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_size,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_position_embeddings,
+            "rms_norm_eps": cfg.rms_norm_eps,
+            # transformers 4.x reads rope_theta/rope_scaling, 5.x rope_parameters; both say the same thing.
+            "rope_theta": cfg.rope_theta,
+            "rope_scaling": rope_scaling,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, **(rope_scaling or {})},
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "initializer_range": cfg.init_std,
+        }
+        if model_type == "llama":
+            out.update(attention_bias=False, mlp_bias=False)
+        else:
+            out.update(use_sliding_window=False, sliding_window=None)
+        return out
+
+    @classmethod
+    def from_hf(cls, hf: dict, name: str = "config.json") -> ModelConfig:
+        """config.json fields → ModelConfig. UsageError for a family or feature mmctl's model does not have."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED:
+            raise UsageError(f"{name}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        missing = [k for k in REQUIRED if k not in hf]
+        if missing:
+            raise DataError(f"{name}: missing {', '.join(missing)}")
+        get = {**DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}.get
+        if get("hidden_act", "silu") != "silu":
+            raise UsageError(f"{name}: hidden_act {get('hidden_act')!r} is not supported (only silu)")
+        if model_type == "llama" and get("attention_bias", False):
+            raise UsageError(f"{name}: attention_bias: true (an o_proj bias too) is not supported; "
+                             "mmctl has q/k/v biases only (Qwen2)")
+        if get("mlp_bias", False):
+            raise UsageError(f"{name}: mlp_bias: true is not supported")
+
+        rope = dict(hf.get("rope_parameters") or {})
+        rope.update(hf.get("rope_scaling") or {})  # legacy keys win, as in transformers
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise UsageError(f"{name}: rope type {rope_type!r} is not supported (supported: default, llama3)")
+        theta = hf.get("rope_theta") or rope.get("rope_theta") or get("rope_theta")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = {k: rope.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")}
+            scaling["original_max_position_embeddings"] = rope.get("original_max_position_embeddings",
+                                                                   get("max_position_embeddings"))
+
+        context = get("max_position_embeddings")
+        window = get("sliding_window") if model_type == "mistral" or get("use_sliding_window", False) else None
+        if window:  # full attention equals windowed attention up to the window, so stop there
+            context = min(context, window)
+        heads = hf["num_attention_heads"]
+        head_dim = get("head_dim")
+        cfg = cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=get("num_key_value_heads", heads),
+            head_dim=None if head_dim == hf["hidden_size"] // heads else head_dim, max_position_embeddings=context,
+            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=get("rms_norm_eps"),
+            tie_embeddings=bool(get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2",
+            init_std=get("initializer_range", 0.02))
+        problems = cfg.check()
+        if problems:
+            raise DataError(*(f"{name}: {field}: {message}" for field, message in problems))
+        return cfg

@@ -1,0 +1,137 @@
+"""Where a run executes: its `run:` section, the device, the precision, the process group and the device's peak.
+
+Every stage's recipe has the same `run:` section (`RunConfig`: out, seed, device), so one Makefile can say
+`--set run.device=cuda` to any stage. `pick_device` / `pick_precision` resolve `auto`; `setup_distributed`
+joins the process group that `accelerate launch` or torchrun describe in the environment; `peak_flops` measures
+the matmul rate that MFU is relative to. torch is imported inside the functions: `mmctl --help` never loads it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
+
+from mmctl.recipe import option
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class RunConfig:
+    """The `run:` section of every recipe. A stage subclasses it only to give `out` its own default."""
+
+    out: str | None = option(None, "output directory (manifest.json, metrics.jsonl and the stage's product)")
+    seed: int = option(0, "seed of everything random in the stage (weights, data order, sampling)", ge=0,
+                       lt=2**63)
+    device: Literal["auto", "cpu", "cuda", "mps"] = option(
+        "auto", "auto: cuda, then mps, then cpu (stages that run no model, tokenize and account, ignore it)")
+
+
+def pick_device(device: str | None = "auto") -> str:
+    """`auto` (or None) → cuda, then mps, then cpu. An explicit device is returned as given."""
+    import torch
+
+    if device not in (None, "auto"):
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """auto: bf16 autocast where it is fast — CUDA with bf16 support, and modern CPUs — else fp32."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device == "cpu" else "fp32"
+
+
+def autocast(precision: str, device: str):
+    """bf16 autocast (fp32 master weights) for `precision == "bf16"`, else nothing."""
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a multi-process run (rank 0 of 1 when alone), and its device."""
+
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed
+
+            torch.distributed.barrier()
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        """Sum (or max) a few numbers over all processes; returned unchanged when alone."""
+        if self.world == 1:
+            return values
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return t.tolist()
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group that `accelerate launch` / torchrun describe in the environment, if any.
+
+    On GPUs each process takes the GPU of its local rank (without this every rank would use cuda:0).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=device)
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def peak_flops(device: str, precision: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 10) -> float:
+    """The device's matmul FLOP/s in this precision, measured now: the denominator of MFU.
+
+    A CPU has no datasheet peak worth quoting (clocks, SIMD width and thread count all vary, and a shared
+    machine varies by the second), so the best rate of square matmuls of a few sizes, measured in the same
+    process just before training, is what MFU is relative to.
+    """
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    cuda = device.startswith("cuda")
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        for _ in range(repeats + 1):  # the first run warms up
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            a @ b
+            if cuda:
+                torch.cuda.synchronize()
+            best = max(best, 2 * size**3 / (time.perf_counter() - t))
+    return best
