@@ -48,6 +48,16 @@ def sha256_path(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def regular_file(path: str | Path) -> Path:
+    """`path`, which must exist and be a regular file (a FIFO or device would block a reader forever)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    return path
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -137,3 +137,10 @@ def test_account_of_a_pretrain_recipe_and_a_checkpoint(checkpoint):
     from mmctl.models import transformer
 
     assert ckpt["params"]["total"] == sum(p.numel() for p in transformer.load_checkpoint(checkpoint).parameters())
+
+
+def test_device_flag(checkpoint):
+    out = mmctl("generate", str(checkpoint), "-p", "Once", "--max-new-tokens", "2", "--device", "cpu", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["completions"][0]["tokens"] > 0, out.stderr
+    bad = mmctl("eval", str(checkpoint), "--task", "stories-mc", "--device", "tpu")
+    assert bad.returncode == 2 and "run.device" in bad.stderr and "Traceback" not in bad.stderr

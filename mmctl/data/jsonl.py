@@ -11,16 +11,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from mmctl.artifacts import regular_file
 from mmctl.errors import DataError
 
 
 def records(path: str | Path) -> Iterator[tuple[str, dict]]:
     """(`file:line`, object) for every non-blank line of `path`."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
+    path = regular_file(path)
     try:
         f = open(path, "rb")
     except OSError as e:

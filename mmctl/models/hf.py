@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from mmctl.artifacts import atomic_write_json, publish_dir
+from mmctl.artifacts import atomic_write_json, publish_dir, regular_file
 from mmctl.errors import DataError, UnsafeInputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -28,11 +28,7 @@ WEIGHTS, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 def read_json(path: str | Path) -> dict:
     """A JSON object from a regular file; DataError naming the file otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file")
+    path = regular_file(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:

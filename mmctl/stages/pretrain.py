@@ -49,7 +49,7 @@ class EvalSection:
 class PretrainConfig:
     run: PretrainRun = option(PretrainRun, "output directory, seed and device")
     data: DataSection = option(DataSection, "the token shards to train on")
-    model: ModelConfig = option(ModelConfig, "the architecture (mmctl/models/transformer.py)")
+    model: ModelConfig = option(ModelConfig, "the architecture (mmctl/models/config.py)")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, precision and schedules (mmctl/train/loop.py)")
     eval: EvalSection = option(EvalSection, "what each evaluation measures")

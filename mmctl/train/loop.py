@@ -192,12 +192,12 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
             with autocast(precision, dist.device):
                 out = loss_fn(trained, micro_batch)
             out.sum.backward()
-        loss_sum += float(out.sum.detach())
-        count += float(out.count)
+        loss_sum += _number(out.sum)
+        count += _number(out.count)
         tokens += int(out.tokens)
         for name, (value, weight) in out.metrics.items():
             s, w = metrics.get(name, (0.0, 0.0))
-            metrics[name] = (s + float(value.detach() if hasattr(value, "detach") else value), w + float(weight))
+            metrics[name] = (s + _number(value), w + _number(weight))
     names = sorted(metrics)
     totals = dist.all_reduce([loss_sum, count, float(tokens)] + [x for n in names for x in metrics[n]])
     loss_sum, count, tokens = totals[0], totals[1], int(totals[2])
@@ -221,6 +221,11 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
     pairs = totals[3:]
     means = {n: pairs[2 * i] / pairs[2 * i + 1] for i, n in enumerate(names) if pairs[2 * i + 1]}
     return StepResult(loss, norm, tokens, means)
+
+
+def _number(x) -> float:
+    """A Python float from a number or a (possibly grad-carrying) scalar tensor."""
+    return float(x.detach()) if hasattr(x, "detach") else float(x)
 
 
 class Window:

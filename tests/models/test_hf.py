@@ -211,3 +211,35 @@ def test_a_failed_save_leaves_the_old_checkpoint_alone(tmp_path, monkeypatch):
         transformer.save_checkpoint(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp dir left beside it
+
+
+def test_integer_tensors_keep_their_dtype(tmp_path):
+    """int8 weights and packed int4 bytes survive a read that casts floating tensors."""
+    save_file({"q": torch.tensor([[-128, 127]], dtype=torch.int8), "w": torch.ones(2, dtype=torch.float64)},
+              tmp_path / "model.safetensors")
+    tensors = hf.read_tensors(tmp_path, {"q": (1, 2), "w": (2,)}, dtype=torch.bfloat16)
+    assert tensors["q"].dtype == torch.int8 and tensors["q"].tolist() == [[-128, 127]]
+    assert tensors["w"].dtype == torch.bfloat16
+
+
+def test_weights_outside_the_checkpoint_dir_are_refused(tmp_path):
+    """Paths are resolved (symlinks followed), then confined to the checkpoint dir."""
+    outside = tmp_path / "outside.safetensors"
+    save_file({"w": torch.ones(2)}, outside)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").symlink_to(outside)
+    with pytest.raises(UnsafeInputError, match="outside the checkpoint dir"):
+        hf.read_tensors(ckpt, {"w": (2,)})
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
+    with pytest.raises(UnsafeInputError, match="outside the checkpoint dir"):
+        hf.read_tensors(ckpt, {"w": (2,)})
+
+
+def test_a_fifo_config_is_refused_not_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(DataError, match="not a regular file"):
+        transformer.load_checkpoint(tmp_path)

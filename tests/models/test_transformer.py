@@ -126,3 +126,34 @@ def test_packed_documents_compute_what_each_document_computes_alone():
         plain = model(packed)[0]
     assert torch.allclose(together, alone, atol=1e-5)
     assert not torch.allclose(plain[5:], alone[5:], atol=1e-3)  # without the mask, later documents see earlier ones
+
+
+def test_inputs_embeds_equal_input_ids():
+    """A VLM writes image features into the embeddings and runs the same decoder on them."""
+    m = model()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9])
+    expected = m(ids, attention_mask=mask)
+    assert torch.equal(m(inputs_embeds=m.model.embed_tokens(ids), attention_mask=mask), expected)
+    with pytest.raises(ValueError, match="exactly one"):
+        m(ids, inputs_embeds=m.model.embed_tokens(ids))
+
+
+def test_device_and_dtype_come_from_the_embeddings():
+    """A swapped-in int8 head (quantization) must not make the KV cache int8."""
+    m = model()
+    m.lm_head.weight = torch.nn.Parameter(torch.zeros(128, 128, dtype=torch.int8), requires_grad=False)
+    assert m.dtype == torch.float32 and m.device == torch.device("cpu")
+    assert m.new_cache(1, 4).k[0].dtype == torch.float32
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for recompute in (False, True):
+        m = model().train()
+        if recompute:
+            m.gradient_checkpointing_enable()
+        m(ids).float().pow(2).mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
