@@ -26,7 +26,7 @@ import transformers  # noqa: E402
 transformers.logging.set_verbosity_error()
 
 from mmctl.generate import SamplingConfig, generate  # noqa: E402
-from mmctl.models.transformer import ModelConfig, Transformer, load_checkpoint, save_checkpoint  # noqa: E402  # noqa: E402
+from mmctl.models.transformer import ModelConfig, Transformer, load_checkpoint, save_checkpoint  # noqa: E402
 
 # The benchmark model, and two smaller ones that show where Python overhead, not memory bandwidth, sets the pace.
 MODELS = {

@@ -53,7 +53,7 @@ def main() -> None:
         transformer.save_checkpoint(ours, tmp)
         ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     ref.train()
-    flops_per_token = 3 * formulas.forward_flops_per_token(from_hf_config(CFG.to_hf()), T)  # forward + backward
+    flops_per_token = formulas.train_flops_per_token(from_hf_config(CFG.to_hf()), T)
     print(f"model: {sum(p.numel() for p in ours.parameters()):,} parameters, batch {B} × {T}, "
           f"{flops_per_token / 1e6:.1f} MFLOP/token (training)\n")
     print("| precision | mmctl ms/step | transformers ms/step | mmctl / transformers | mmctl MFU | transformers MFU |")

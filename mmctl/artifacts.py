@@ -23,9 +23,10 @@ from typing import Any
 import yaml
 
 import mmctl
-from mmctl.errors import DataError
+from mmctl.errors import BusyError, DataError
 
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # held (flock) by the process writing the directory
 # Libraries whose versions a manifest records when they are installed.
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes", "datasets", "numpy")
 
@@ -97,6 +98,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def save_tensors(tensors: dict, path: str | Path) -> Path:
+    """Write tensors as safetensors, flushed to disk, with the permissions every other file gets (safetensors
+    itself creates files readable by their owner only, ignoring the umask)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, path, metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+    return path
+
+
 def publish_dir(tmp: str | Path, final: str | Path) -> Path:
     """Move a fully written directory `tmp` to `final`, replacing any old one, never leaving a mix of the two."""
     tmp, final = Path(tmp), Path(final)
@@ -150,11 +166,27 @@ class Run:
     """
 
     def __init__(self, out: str | Path, stage: str, recipe: dict, inputs: dict[str, str | Path] | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, lock: bool = True):
         self.out = Path(out)
         self.stage, self.recipe, self.seed = stage, recipe, seed
         self.inputs = {name: {"path": str(p), "sha256": sha256_path(p)} for name, p in (inputs or {}).items()}
         self.started: float | None = None
+        self._lock = self._claim() if lock else None
+
+    def _claim(self):
+        """An exclusive lock on the directory for this process's lifetime (the OS drops it if the process dies),
+        so a second run on the same directory is refused instead of interleaving its files with ours."""
+        import fcntl
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / LOCK, "a")  # noqa: SIM115 - held open until the process exits
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise BusyError(f"{self.out}: another mmctl process is using this output directory; nothing was "
+                            "changed (retry when it has finished)") from None
+        return f
 
     def up_to_date(self) -> bool:
         """True if a finished run of this stage with the same resolved recipe and input hashes is here."""
@@ -163,7 +195,7 @@ class Run:
             return False
         same_inputs = {k: v["sha256"] for k, v in manifest.get("inputs", {}).items()} == {
             k: v["sha256"] for k, v in self.inputs.items()}
-        return manifest.get("recipe") == self.recipe and same_inputs
+        return _without_device(manifest.get("recipe")) == _without_device(self.recipe) and same_inputs
 
     def results(self) -> dict:
         """The results recorded by the finished run in this directory (after `up_to_date()` said so)."""
@@ -177,6 +209,8 @@ class Run:
         """
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MANIFEST).unlink(missing_ok=True)
+        for stale in [*self.out.glob(".*.tmp-*"), *self.out.glob(".*.old-*")]:  # a killed publish's leftovers
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         metrics = self.out / "metrics.jsonl"
         kept = []
         if keep_metrics_through is not None and metrics.exists():
@@ -212,6 +246,14 @@ class Run:
             "results": results,
         }
         return atomic_write_json(self.out / MANIFEST, manifest)
+
+
+def _without_device(recipe):
+    """A resolved recipe minus `run.device`: where a stage ran does not change what it made (the manifest records
+    the device), so `--device cpu` after a finished run is still up to date."""
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("run"), dict):
+        return recipe
+    return {**recipe, "run": {k: v for k, v in recipe["run"].items() if k != "device"}}
 
 
 def _iso(t: float) -> str:

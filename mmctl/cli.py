@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 from pathlib import Path
 
 import typer
@@ -32,8 +33,8 @@ STAGES = {
     "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
     "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
-    "generate": ("mmctl.stages.generate", "GenerateConfig"),
 }
+COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
 
 def _yaml_value(value) -> str:
     """A Python value as the text of a `--set` override (JSON is YAML; non-ASCII kept as is)."""
@@ -55,23 +56,49 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """Build language and vision-language models from scratch, one reproducible stage at a time."""
 
 
+class Terminated(Exception):
+    """SIGTERM outside the training loop (which turns it into a checkpoint and exit 75)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def reports_errors(fn):
-    """Turn MmctlError into its one-line messages and exit code."""
+    """Turn failures the user can act on into one line each and the exit code of DESIGN §6: MmctlError as it
+    says, an operating-system error on a file (disk full, read-only, no permission) as exit 3, Ctrl-C as 130
+    and SIGTERM as 143 — every temporary file already removed by the code that was writing it."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
         except MmctlError as e:
-            from rich.markup import escape
-
-            from mmctl.console import console
-
-            for problem in e.problems:  # escaped: a problem may quote text like [a, b] that is not markup
-                console.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
+            _print_errors(e.problems)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:
+            if e.errno is None:
+                raise
+            _print_errors([f"{e.filename or 'mmctl'}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")])
+            raise typer.Exit(3) from None
+        except KeyboardInterrupt:
+            _print_errors(["interrupted (Ctrl-C); nothing unfinished was published"])
+            raise typer.Exit(130) from None
+        except Terminated:
+            _print_errors(["terminated (SIGTERM); nothing unfinished was published"])
+            raise typer.Exit(143) from None
 
     return wrapper
+
+
+def _print_errors(problems: list[str]) -> None:
+    from rich.markup import escape
+
+    from mmctl.console import console
+
+    for problem in problems:  # escaped: a problem may quote text like [a, b] that is not markup
+        console.print(f"[red]error:[/red] {escape(problem)}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -86,7 +113,7 @@ def validate(
 
     data, _ = recipe.parse(recipe.read(recipe_path), str(recipe_path))
     stage = data.get("stage")
-    if stage not in STAGES:
+    if not isinstance(stage, str) or stage not in STAGES:
         raise UsageError(f"{recipe_path}: stage: expected one of {', '.join(STAGES)} (the command the recipe is "
                          f"for), got {stage!r}")
     _load(stage, str(recipe_path), set_)
@@ -109,13 +136,13 @@ def _flags(flags: dict) -> list[str]:
     return [f"{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None]
 
 
-def _report(result, as_json: bool, render) -> None:
+def _report(result, as_json: bool, render, always_render: bool = False) -> None:
     """The end of every stage command: "up to date", or the results (tables on stderr, or JSON on stdout)."""
     from mmctl.console import console, emit_json
 
     if as_json:
         emit_json(result.results)
-    elif not result.up_to_date:
+    elif always_render or not result.up_to_date:
         render(result)
     if result.out is not None:
         written = result.out / "manifest.json"
@@ -160,7 +187,7 @@ def account(
     if dry_run:
         return _print_resolved(cfg, "account")
     result = stage.run(cfg, Options(force=force, json=as_json), verify=verify)
-    _report(result, as_json, lambda r: stage.render(r, explain))
+    _report(result, as_json, lambda r: stage.render(r, explain), always_render=True)  # the tables are the point
     if stage.disagrees(result):
         raise typer.Exit(1)
 
@@ -246,7 +273,7 @@ def _load(stage: str, recipe_path: str | None, overrides: list[str]):
 
     from mmctl import recipe
 
-    module, cls_name = STAGES[stage]
+    module, cls_name = COMMANDS[stage]
     cls = getattr(importlib.import_module(module), cls_name)
     if recipe_path is None:
         return recipe.build(cls, {}, recipe.Source("(command line)", {}, set()), overrides, stage=stage)
@@ -259,7 +286,7 @@ def _run_stage(stage: str, recipe_path: str | None, overrides: list[str], dry_ru
 
     from mmctl.stages import Options
 
-    module = importlib.import_module(STAGES[stage][0])
+    module = importlib.import_module(COMMANDS[stage][0])
     cfg = _load(stage, recipe_path, overrides)
     if dry_run:
         return _print_resolved(cfg, stage)

@@ -12,6 +12,7 @@ USAGE = 2
 DATA = 3
 UNSAFE = 4
 NON_FINITE = 5
+BUSY = 6
 INTERRUPTED = 75
 
 
@@ -47,6 +48,12 @@ class NonFiniteError(MmctlError):
     """Training produced a non-finite loss or gradient; the last good checkpoint is intact."""
 
     exit_code = NON_FINITE
+
+
+class BusyError(MmctlError):
+    """Another mmctl process holds the output directory; nothing was changed. Retry when it has finished."""
+
+    exit_code = BUSY
 
 
 class Interrupted(MmctlError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -39,13 +40,39 @@ RecipeLoader.add_implicit_resolver(
 )
 
 
+MAX_VALUES = 100_000  # values a YAML document may expand to; aliases of aliases grow exponentially
+
+
 def safe_load(text: str) -> Any:
-    """`yaml.safe_load` with RecipeLoader's float rule: plain data only, never Python objects."""
+    """`yaml.safe_load` with RecipeLoader's float rule and the alias budget: plain data only, never Python
+    objects, never a "billion laughs"."""
     loader = RecipeLoader(text)
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, "YAML")
+        return loader.construct_document(node) if node is not None else None
     finally:
         loader.dispose()
+
+
+def _check_expansion(node: yaml.Node, file: str) -> None:
+    """Refuse a document whose aliases expand to more than MAX_VALUES values (counted without expanding)."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) not in sizes:
+            sizes[id(n)] = -1  # a cycle (an alias inside its own anchor) is refused as too large
+            children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_VALUES + 1)
+        if sizes[id(n)] < 0:
+            return MAX_VALUES + 1
+        return sizes[id(n)]
+
+    if size(node) > MAX_VALUES:
+        raise UsageError(f"{file}: expands to more than {MAX_VALUES:,} values (aliases nested in aliases?); "
+                         "write the values out")
 
 
 def option(default: Any = None, doc: str = "", *, required: bool = False, ge: float | None = None,
@@ -103,14 +130,19 @@ def read(path: str | Path) -> str:
 
 def parse(text: str, file: str) -> tuple[dict, Source]:
     """YAML text → (plain data, Source with the line of every key). Duplicate keys are errors."""
-    loader = RecipeLoader(text)
+    loader = None
     try:
+        loader = RecipeLoader(text)  # the reader refuses control characters here
         node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, file)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        where = f"{file}:{mark.line + 1}" if mark else file
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UsageError(f"{where}: YAML syntax error: {problem}") from None
+        if loader is not None:
+            loader.dispose()
+        raise UsageError(f"{_where(e, file)}: YAML syntax error: {_problem(e)}") from None
+    except RecursionError:
+        loader.dispose()
+        raise UsageError(f"{file}: nested too deeply") from None
     try:
         lines: dict[str, int] = {}
         problems: list[str] = []
@@ -123,15 +155,45 @@ def parse(text: str, file: str) -> tuple[dict, Source]:
         if problems:
             raise UsageError(*problems)
         return data, Source(file, lines, set())
+    except RecursionError:
+        raise UsageError(f"{file}: nested too deeply") from None
     finally:
         loader.dispose()
 
 
+def _where(e: yaml.YAMLError, file: str) -> str:
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    return f"{file}:{mark.line + 1}" if mark else file
+
+
+def _problem(e: yaml.YAMLError) -> str:
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
+def _construct(loader: RecipeLoader, node: yaml.Node, path: str, problems: list, file: str) -> Any:
+    """A scalar (or key) as plain data; a tag the safe loader does not know (`!!python/name:…`, `!foo`) is a
+    problem naming its line, never constructed."""
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as e:
+        problems.append(f"{file}:{node.start_mark.line + 1}: {path or 'recipe'}: {_problem(e)}")
+        return _BAD
+
+
+PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def _to_data(loader: RecipeLoader, node: yaml.Node, path: str, lines: dict, problems: list, file: str) -> Any:
+    if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in PLAIN_TAGS:
+        problems.append(f"{file}:{node.start_mark.line + 1}: {path or 'recipe'}: the tag {node.tag!r} is not "
+                        "allowed (a recipe holds plain values)")
+        return _BAD
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            key = _construct(loader, key_node, path, problems, file)
+            if key is _BAD:
+                continue
             if not isinstance(key, str):
                 problems.append(f"{file}:{key_node.start_mark.line + 1}: {path or 'recipe'}: keys must be "
                                 f"strings, got {key!r}")
@@ -146,7 +208,7 @@ def _to_data(loader: RecipeLoader, node: yaml.Node, path: str, lines: dict, prob
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_data(loader, item, path, lines, problems, file) for item in node.value]
-    return loader.construct_object(node, deep=True)
+    return _construct(loader, node, path, problems, file)
 
 
 def _yaml_kind(node: yaml.Node) -> str:
@@ -279,7 +341,14 @@ def _convert(value: Any, typ: Any, path: str, source: Source, problems: list[str
         problems.append(f"{where}: expected an integer, got {_describe(value)}")
     elif typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer beyond any float
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            problems.append(f"{where}: expected a finite number, got {_describe(value)}")
+            return _BAD
         problems.append(f"{where}: expected a number, got {_describe(value)}")
     elif typ is str:
         if isinstance(value, str):
@@ -298,7 +367,8 @@ def _check_range(value: Any, f: dataclasses.Field, path: str, source: Source, pr
                            ("le", lambda a, b: a <= b, "≤"), ("lt", lambda a, b: a < b, "<")):
         bound = m.get(key)
         if bound is not None and not ok(value, bound):
-            problems.append(f"{source.where(path)}: {path}: {value!r} is out of range (must be {words} {bound:g})")
+            shown = f"{bound:,}" if isinstance(bound, int) and abs(bound) >= 10_000 else f"{bound:g}"
+            problems.append(f"{source.where(path)}: {path}: {value!r} is out of range (must be {words} {shown})")
 
 
 def _check(cfg: Any, path: str, source: Source, problems: list[str]) -> None:

@@ -14,6 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
+from mmctl.errors import UsageError
 from mmctl.recipe import option
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -79,15 +80,16 @@ class Dist:
 
             torch.distributed.barrier()
 
-    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
-        """Sum (or max) a few numbers over all processes; returned unchanged when alone."""
-        if self.world == 1:
-            return values
+    def all_reduce(self, values: list, op: str = "sum") -> list[float]:
+        """Sum (or max) a few numbers — Python numbers or scalar tensors — over all processes, as floats.
+        One transfer to the host for all of them."""
         import torch
-        import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return t.tolist()
 
 
@@ -109,6 +111,28 @@ def setup_distributed(device: str) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def memory_bytes(device: str) -> int | None:
+    """The memory a device has in all: the GPU's, or the machine's RAM for the CPU (None where unknown)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    if device == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def ensure_fits(needed: float, device: str, what: str) -> None:
+    """Refuse, before allocating anything, a run whose predicted peak memory exceeds all the device has."""
+    total = memory_bytes(device)
+    if total is not None and needed > total:
+        raise UsageError(f"{what}: needs about {needed / 1e9:,.1f} GB at its peak (mmctl account's estimate), more "
+                         f"than the {total / 1e9:,.1f} GB this {device} has; make the model, batch or context smaller")
 
 
 def peak_flops(device: str, precision: str, sizes: tuple[int, ...] = (512, 1024, 2048), repeats: int = 10) -> float:

@@ -92,6 +92,7 @@ def test_run_up_to_date_rule(tmp_path):
     assert manifest["inputs"]["data"]["sha256"] == artifacts.sha256_file(data)
     assert {"python", "mmctl"} <= set(manifest["versions"])
     assert (out / "recipe.yaml").exists() and (out / "metrics.jsonl").read_text().count("\n") == 1
+    del r  # releases the directory's lock
     assert run({"a": 1}).up_to_date()
     assert not run({"a": 2}).up_to_date()
     assert not Run(out, "pretrain", {"a": 1}, inputs={"data": data}).up_to_date()
@@ -106,3 +107,36 @@ def test_missing_input_is_a_data_error(tmp_path):
 
     with pytest.raises(DataError, match="input not found"):
         Run(tmp_path / "out", "x", {}, inputs={"data": tmp_path / "nope"})
+
+
+def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
+    from mmctl.errors import BusyError
+
+    first = Run(tmp_path / "out", "x", {})
+    with pytest.raises(BusyError) as e:
+        Run(tmp_path / "out", "x", {})
+    assert e.value.exit_code == 6 and "another mmctl process" in str(e.value)
+    del first  # the lock goes with the process (or its Run)
+    Run(tmp_path / "out", "x", {})
+
+
+def test_start_removes_what_a_killed_publish_left(tmp_path):
+    run = Run(tmp_path, "x", {})
+    (tmp_path / ".model.tmp-999").mkdir()
+    (tmp_path / ".results.json.tmp-999").write_text("half")
+    run.start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "metrics.jsonl", "recipe.yaml"]
+
+
+def test_tensor_files_honour_the_umask(tmp_path):
+    torch = pytest.importorskip("torch")
+    import os
+
+    from mmctl.artifacts import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        save_tensors({"w": torch.ones(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644

@@ -127,6 +127,21 @@ def from_hf_config(config: dict[str, Any], name: str = "model", where: str = "co
             return minimum or 1
         return value
 
+    def count(key: str) -> int:
+        """An optional count: absent or null means 0."""
+        return pos_int(key, 0) if c.get(key) is not None else 0
+
+    def rate(key: str) -> float:
+        """A dropout probability: absent or null means 0."""
+        value = c.get(key) or 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            problems.append(f"{where}.{key}: expected a probability in [0, 1], got {value!r}")
+            return 0.0
+        return float(value)
+
+    def window(key: str = "sliding_window") -> int | None:
+        return pos_int(key) if c.get(key) else None
+
     if family == "gpt2":
         d, heads = pos_int("n_embd"), pos_int("n_head")
         inner = c.get("n_inner")
@@ -135,13 +150,13 @@ def from_hf_config(config: dict[str, Any], name: str = "model", where: str = "co
                     intermediate_size=4 * d if inner is None else pos_int("n_inner"),
                     max_position_embeddings=pos_int("n_positions"), learned_positions=pos_int("n_positions"),
                     gated_mlp=False, layer_norm=True, qkv_bias=True, o_bias=True, mlp_bias=True,
-                    dropout=any(float(c.get(k) or 0) > 0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")))
+                    dropout=any(rate(k) > 0 for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")))
         if d % heads:
             problems.append(f"{where}.n_embd: {d} is not divisible by n_head ({heads})")
     else:
         d, heads = pos_int("hidden_size"), pos_int("num_attention_heads")
         kv = c.get("num_key_value_heads") or heads
-        head_dim = c.get("head_dim") or (d // heads)
+        head_dim = pos_int("head_dim") if c.get("head_dim") else d // heads
         if not c.get("head_dim") and d % heads:
             problems.append(f"{where}.hidden_size: {d} is not divisible by num_attention_heads ({heads}) "
                             "and no head_dim is given")
@@ -154,20 +169,19 @@ def from_hf_config(config: dict[str, Any], name: str = "model", where: str = "co
                     max_position_embeddings=pos_int("max_position_embeddings"),
                     qkv_bias=bool(c.get("attention_bias", False)), o_bias=bool(c.get("attention_bias", False)),
                     mlp_bias=bool(c.get("mlp_bias", False)),
-                    dropout=float(c.get("attention_dropout") or 0) > 0)
+                    dropout=rate("attention_dropout") > 0)
         layers = arch["num_layers"]
         if family == "qwen2":  # q/k/v always carry biases, o_proj never; windows only above max_window_layers
             arch.update(qkv_bias=True, o_bias=False)
-            if c.get("use_sliding_window") and c.get("sliding_window"):
-                arch.update(sliding_window=c["sliding_window"],
-                            sliding_layers=max(0, layers - int(c.get("max_window_layers") or 0)))
+            if c.get("use_sliding_window") and window():
+                arch.update(sliding_window=window(), sliding_layers=max(0, layers - count("max_window_layers")))
         elif family == "gemma2":  # four norms per layer; every other layer (0, 2, …) is sliding-window
             arch.update(norms_per_layer=4)
-            if c.get("sliding_window"):
-                arch.update(sliding_window=c["sliding_window"], sliding_layers=(layers + 1) // 2)
+            if window():
+                arch.update(sliding_window=window(), sliding_layers=(layers + 1) // 2)
         elif family in ("mistral", "mixtral", "phi3"):  # windowed everywhere when set
-            if c.get("sliding_window"):
-                arch.update(sliding_window=c["sliding_window"], sliding_layers=layers)
+            if window():
+                arch.update(sliding_window=window(), sliding_layers=layers)
         elif family == "olmo2":  # post-norms (2 per layer) and RMSNorm over all q and k features
             arch.update(qk_norm=True)
         if family == "phi3":
@@ -177,13 +191,13 @@ def from_hf_config(config: dict[str, Any], name: str = "model", where: str = "co
                         expert_size=arch["intermediate_size"])
         if family == "deepseek_v3":
             experts = pos_int("n_routed_experts")
-            dense = min(layers, int(c.get("first_k_dense_replace") or 0))
-            if int(c.get("moe_layer_freq") or 1) != 1:
+            dense = min(layers, count("first_k_dense_replace"))
+            if c.get("moe_layer_freq") not in (None, 1):
                 problems.append(f"{where}.moe_layer_freq: only 1 (every layer after the dense ones) is supported")
-            q_rank = c.get("q_lora_rank") or 0
+            q_rank = count("q_lora_rank")
             arch.update(num_experts=experts, experts_per_token=pos_int("num_experts_per_tok"),
                         expert_size=pos_int("moe_intermediate_size"),
-                        shared_expert_size=pos_int("moe_intermediate_size") * int(c.get("n_shared_experts") or 0),
+                        shared_expert_size=pos_int("moe_intermediate_size") * count("n_shared_experts"),
                         dense_layers=dense, q_lora_rank=q_rank, kv_lora_rank=pos_int("kv_lora_rank"),
                         head_dim=pos_int("qk_nope_head_dim"), qk_rope_head_dim=pos_int("qk_rope_head_dim"),
                         v_head_dim=pos_int("v_head_dim"))

@@ -193,6 +193,11 @@ def forward_flops_per_token(a: Arch, seq_len: int) -> float:
     return 2 * matmul_params(a) + attention_flops_per_token(a, seq_len)
 
 
+def train_flops_per_token(a: Arch, seq_len: int) -> float:
+    """Training FLOPs per token: forward + backward, the backward pass costing twice the forward (PaLM's)."""
+    return 3 * forward_flops_per_token(a, seq_len)
+
+
 def flops(a: Arch, w: Workload, tokens: float) -> list[Line]:
     T = w.seq_len
     n = matmul_params(a)
@@ -200,7 +205,7 @@ def flops(a: Arch, w: Workload, tokens: float) -> list[Line]:
     attn_causal = attention_flops_per_token(a, T, causal=True)
     fwd = forward_flops_per_token(a, T)
     recompute = {"none": 0.0, "selective": attn, "full": fwd}[w.activation_checkpointing]
-    train = 3 * fwd
+    train = train_flops_per_token(a, T)
     window = f", windows {a.sliding_window} on {a.sliding_layers} layers" if a.sliding_layers else ""
     return [
         Line("flops.tokens", "training tokens D", tokens, "tokens", "train.tokens, or Chinchilla's 20·N if unset"),

@@ -40,39 +40,47 @@ def _compile(template: str):
             mark = [nodes.Output([nodes.TemplateData(START)])], [nodes.Output([nodes.TemplateData(END)])]
             return nodes.Scope(mark[0] + body + mark[1], lineno=lineno)
 
+    def raise_exception(message):  # what transformers gives templates to refuse a conversation with
+        raise TemplateError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
-    try:
-        return env.from_string(template)
-    except TemplateError as e:
-        raise DataError(f"chat_template: not a valid Jinja template ({e})") from None
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
 
 
-def _render_marked(messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
+def _render_marked(messages: list[dict], template: str | None, add_generation_prompt: bool, where: str) -> str:
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
 
     if not template:
         raise UsageError("the tokenizer has no chat_template (tokenizer_config.json); chat data needs one")
+    if not isinstance(template, str):
+        raise DataError(f"{where}: expected the template's text, got {type(template).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise UsageError(f"message {i}: expected {{role: system|user|assistant, content: text}}, got {m!r}")
         if START in m["content"] or END in m["content"]:
-            raise UsageError(f"message {i}: contains the code point U+E000 or U+E001, reserved for rendering")
+            raise DataError(f"message {i}: contains the code point U+E000 or U+E001, reserved for rendering")
+    from jinja2 import TemplateSyntaxError
+
     try:
         text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    except TemplateSyntaxError as e:
+        raise DataError(f"{where}: not a valid Jinja template ({e})") from None
     except SecurityError as e:
-        raise UnsafeInputError(f"chat_template: refused by the sandbox ({e})") from None
+        raise UnsafeInputError(f"{where}: refused by the sandbox ({e})") from None
     except (TemplateError, RecursionError, TypeError, ValueError) as e:
-        raise DataError(f"chat_template: failed to render ({type(e).__name__}: {e})") from None
+        raise DataError(f"{where}: failed to render ({type(e).__name__}: {e})") from None
     if len(text) > MAX_CHARS:
-        raise DataError(f"chat_template: rendered {len(text):,} characters for one conversation (limit "
+        raise DataError(f"{where}: rendered {len(text):,} characters for one conversation (limit "
                         f"{MAX_CHARS:,})")
     return text
 
 
-def render(messages: list[dict], template: str | None, add_generation_prompt: bool = False) -> str:
-    """The chat as text, ready for `Tokenizer.encode_special`."""
-    return _render_marked(messages, template, add_generation_prompt).replace(START, "").replace(END, "")
+def render(messages: list[dict], template: str | None, add_generation_prompt: bool = False,
+           where: str = "chat_template") -> str:
+    """The chat as text, ready for `Tokenizer.encode_special`. `where` names the template in errors."""
+    return _render_marked(messages, template, add_generation_prompt, where).replace(START, "").replace(END, "")
 
 
 def spans(marked: str) -> tuple[str, list[tuple[int, int]]]:
@@ -94,7 +102,12 @@ def spans(marked: str) -> tuple[str, list[tuple[int, int]]]:
 def tokenize(messages: list[dict], tok, add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(token ids, assistant mask): 1 for every token of the template's `{% generation %}` spans — the
     assistant's words and its end-of-turn token — 0 elsewhere."""
-    text, marked = spans(_render_marked(messages, tok.chat_template, add_generation_prompt))
+    text, marked = spans(_render_marked(messages, tok.chat_template, add_generation_prompt, template_of(tok)))
     ids, offsets = tok.encode_special_with_offsets(text)
     mask = [int(any(s < e_span and e > s_span for s_span, e_span in marked)) for s, e in offsets]
     return ids, mask
+
+
+def template_of(tok) -> str:
+    """Where a tokenizer's chat template comes from, for error messages."""
+    return f"{tok.path / 'tokenizer_config.json'}: chat_template"

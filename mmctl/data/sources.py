@@ -38,7 +38,8 @@ class SourceConfig:
     split: str = option("train", "the datasets split to read")
     separator: str | None = option(None, "text files: split each file into documents at this string (e.g. a "
                                          "blank line); unset: one document per file")
-    documents: int | None = option(None, "documents to generate (stories, arithmetic), or at most to read", ge=1)
+    documents: int | None = option(None, "documents to generate (stories, arithmetic), or at most to read (at most "
+                                                "10^9)", ge=1, le=10**9)
     weight: float = option(1.0, "mixture weight: each training document is used this many times (0.5: half)",
                            gt=0)
 

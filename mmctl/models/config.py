@@ -72,6 +72,16 @@ class ModelConfig:
                 problems.append(("rope_scaling", "needs 0 < low_freq_factor < high_freq_factor"))
         return problems
 
+    def num_parameters(self) -> int:
+        """The parameter count this architecture implies (a tied head counted once), by arithmetic: a loader
+        compares it with what the weight files hold before building anything."""
+        C, D, F = self.hidden_size, self.head_size, self.intermediate_size
+        H, K = self.num_heads, self.num_kv_heads
+        attention = C * H * D + 2 * C * K * D + H * D * C + (H * D + 2 * K * D if self.qkv_bias else 0)
+        block = attention + 3 * C * F + 2 * C
+        head = 0 if self.tie_embeddings else self.vocab_size * C
+        return self.vocab_size * C + self.num_layers * block + C + head
+
     @property
     def family(self) -> str:
         """The Hugging Face model_type this architecture is saved as."""
@@ -126,31 +136,41 @@ class ModelConfig:
         if get("mlp_bias", False):
             raise UsageError(f"{name}: mlp_bias: true is not supported")
 
-        rope = dict(hf.get("rope_parameters") or {})
-        rope.update(hf.get("rope_scaling") or {})  # legacy keys win, as in transformers
+        rope = {}
+        for key in ("rope_parameters", "rope_scaling"):  # legacy keys win, as in transformers
+            if not isinstance(hf.get(key) or {}, dict):
+                raise DataError(f"{name}: {key} must be a mapping, got {type(hf[key]).__name__}")
+            rope.update(hf.get(key) or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise UsageError(f"{name}: rope type {rope_type!r} is not supported (supported: default, llama3)")
-        theta = hf.get("rope_theta") or rope.get("rope_theta") or get("rope_theta")
+        theta = next(t for t in (hf.get("rope_theta"), rope.get("rope_theta"), get("rope_theta")) if t is not None)
         scaling = None
         if rope_type == "llama3":
             scaling = {k: rope.get(k) for k in ("factor", "low_freq_factor", "high_freq_factor")}
             scaling["original_max_position_embeddings"] = rope.get("original_max_position_embeddings",
                                                                    get("max_position_embeddings"))
 
-        context = get("max_position_embeddings")
         window = get("sliding_window") if model_type == "mistral" or get("use_sliding_window", False) else None
-        if window:  # full attention equals windowed attention up to the window, so stop there
-            context = min(context, window)
-        heads = hf["num_attention_heads"]
-        head_dim = get("head_dim")
-        cfg = cls(
+        fields = dict(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=get("num_key_value_heads", heads),
-            head_dim=None if head_dim == hf["hidden_size"] // heads else head_dim, max_position_embeddings=context,
-            rope_theta=float(theta), rope_scaling=scaling, rms_norm_eps=get("rms_norm_eps"),
-            tie_embeddings=bool(get("tie_word_embeddings", False)), qkv_bias=model_type == "qwen2",
-            init_std=get("initializer_range", 0.02))
+            num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+            num_kv_heads=get("num_key_value_heads", hf["num_attention_heads"]), head_dim=get("head_dim"),
+            max_position_embeddings=get("max_position_embeddings"), rope_theta=theta, rope_scaling=scaling,
+            rms_norm_eps=get("rms_norm_eps"), tie_embeddings=get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2", init_std=get("initializer_range", 0.02))
+        from mmctl import recipe
+
+        try:  # as strictly as a recipe: types, ranges, finite numbers — a checkpoint's config is input data
+            cfg = recipe.build(cls, fields, recipe.Source(name, {}, set()))
+        except UsageError as e:
+            raise DataError(*e.problems) from None
+        if cfg.head_dim == cfg.hidden_size // cfg.num_heads:
+            cfg.head_dim = None
+        if window is not None:  # full attention equals windowed attention up to the window, so stop there
+            if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+                raise DataError(f"{name}: sliding_window must be a positive integer, got {window!r}")
+            cfg.max_position_embeddings = min(cfg.max_position_embeddings, window)
         problems = cfg.check()
         if problems:
             raise DataError(*(f"{name}: {field}: {message}" for field, message in problems))

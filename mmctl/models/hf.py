@@ -19,7 +19,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from mmctl.artifacts import atomic_write_json, publish_dir, regular_file
+from mmctl.artifacts import atomic_write_json, publish_dir, regular_file, save_tensors
 from mmctl.errors import DataError, UnsafeInputError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -33,6 +33,8 @@ def read_json(path: str | Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read JSON: {e}") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply") from None
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a JSON object")
     return data
@@ -49,8 +51,8 @@ def confined(directory: Path, name: str, named_in: Path) -> Path:
 
 def weight_files(path: Path) -> dict[Path, list[str] | None]:
     """The safetensors files of a checkpoint dir, each with its tensor names (None: all of them)."""
-    if (path / WEIGHTS).exists():
-        return {confined(path, WEIGHTS, path / WEIGHTS): None}
+    if (path / WEIGHTS).exists() or (path / WEIGHTS).is_symlink():
+        return {regular_file(confined(path, WEIGHTS, path / WEIGHTS)): None}
     if (path / INDEX).is_file():
         weight_map = read_json(path / INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -60,8 +62,9 @@ def weight_files(path: Path) -> dict[Path, list[str] | None]:
             if not isinstance(file, str):
                 raise DataError(f"{path / INDEX}: weight_map[{name!r}] is not a file name")
             shard = confined(path, file, path / INDEX)
-            if not shard.is_file():
+            if not shard.exists():
                 raise DataError(f"{shard}: shard named in {INDEX} not found")
+            regular_file(shard)
             files.setdefault(shard, []).append(name)
         return files
     pickled = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -69,6 +72,21 @@ def weight_files(path: Path) -> dict[Path, list[str] | None]:
         raise UnsafeInputError(f"{pickled[0]}: refusing a pickle checkpoint (loading it can run arbitrary code); "
                                "convert it to model.safetensors")
     raise DataError(f"{path}: no {WEIGHTS} or {INDEX}")
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape in checkpoint dir `path`, from the safetensors headers (no data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes = {}
+    for file, names in weight_files(Path(path)).items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in names or f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"{file}: cannot read safetensors: {e}") from None
+    return shapes
 
 
 def read_tensors(path: str | Path, expected: dict[str, tuple[int, ...]], *, dtype=None, device="cpu",
@@ -84,8 +102,6 @@ def read_tensors(path: str | Path, expected: dict[str, tuple[int, ...]], *, dtyp
     skip = set(skip)
     tensors = {}
     for file, names in weight_files(path).items():
-        if not file.is_file():
-            raise DataError(f"{file}: not a regular file")
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in names or f.keys():
@@ -124,12 +140,8 @@ def write_dir(out: str | Path, tensors: dict, json_files: dict[str, dict], copie
 def write_files(directory: Path, tensors: dict | None, json_files: dict[str, dict], copies: Iterable[Path] = ()
                 ) -> None:
     """Write weights (if any), JSON files and copies into an existing, not yet published directory."""
-    from safetensors.torch import save_file
-
     if tensors is not None:
-        save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, directory / WEIGHTS,
-                  metadata={"format": "pt"})
-        _fsync(directory / WEIGHTS)
+        save_tensors(tensors, directory / WEIGHTS)
     for name, obj in json_files.items():
         atomic_write_json(directory / name, obj)
     for f in copies:

@@ -377,6 +377,10 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     if not path.is_dir():
         raise DataError(f"{path}: checkpoint dir not found")
     cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
+    held = sum(math.prod(shape) for shape in hf.tensor_shapes(path).values())
+    if cfg.num_parameters() > 2 * held:  # refused before even an empty model of that size is built
+        raise DataError(f"{path / 'config.json'}: describes {cfg.num_parameters():,} parameters, more than twice "
+                        f"what the weight files hold ({held:,})")
     with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
         model = Transformer(cfg)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -384,8 +388,25 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
         expected.pop("lm_head.weight")
     skip = ["lm_head.weight"] if cfg.tie_embeddings else []  # a tied head some checkpoints store anyway
     tensors = hf.read_tensors(path, expected, dtype=dtype, device=device, skip=skip)
+    integer = next((name for name, t in tensors.items() if not t.is_floating_point()), None)
+    if integer is not None:  # a quantized checkpoint has its own loader; this one holds floating weights only
+        raise DataError(f"{path}: tensor {integer} is {tensors[integer].dtype}, a floating-point tensor is expected")
     model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer, not in the file: computed here
     return model.eval()
+
+
+def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu"):
+    """(model, tokenizer) of a checkpoint dir, checked together — what generate, eval and the lm-eval adapter
+    load, so one broken file fails every command the same way."""
+    from mmctl.models import hf
+    from mmctl.tokenizer import bpe
+
+    model, tok = load_checkpoint(path, device=device), bpe.load(path)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise DataError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
+                        f"({model.cfg.vocab_size})")
+    _ = tok.eos_id, hf.eos_token_ids(path)  # the document separator must exist; generation_config must parse
+    return model, tok

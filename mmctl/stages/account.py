@@ -52,9 +52,11 @@ class ModelSection:
 
 @dataclass
 class TrainSection:
-    seq_len: int = option(2048, "context length T in tokens", ge=1)
-    batch_size: int = option(1, "sequences per GPU per micro-step (activations and KV cache scale with it)", ge=1)
-    tokens: float | None = option(None, "training tokens D; unset: Chinchilla-optimal 20·N", gt=0)
+    seq_len: int = option(2048, "context length T in tokens (at most 2^31)", ge=1, le=2**31)
+    batch_size: int = option(1, "sequences per GPU per micro-step (activations and KV cache scale with it)", ge=1,
+                            le=2**31)
+    tokens: float | None = option(None, "training tokens D; unset: Chinchilla-optimal 20·N (at most 1e18, ~10^5 "
+                                               "times the largest published runs)", gt=0, le=1e18)
     precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16-true"] = option(
         "bf16-mixed", "fp32 | bf16-mixed / fp16-mixed (16-bit compute, fp32 master weights) | bf16-true")
     zero: int = option(0, "ZeRO stage over the GPUs: 0 none, 1 optimizer states, 2 + gradients, 3 + weights",
@@ -68,7 +70,7 @@ class TrainSection:
 @dataclass
 class HardwareSection:
     gpu: str = option("h100-sxm", "accelerator preset (`mmctl account --list`)")
-    num_gpus: int = option(1, "data-parallel GPUs", ge=1)
+    num_gpus: int = option(1, "data-parallel GPUs (at most 2^24)", ge=1, le=2**24)
     mfu: float = option(0.4, "model FLOPs utilization assumed for the time estimate", gt=0, le=1)
 
     def check(self) -> list[tuple[str, str]]:
@@ -154,8 +156,8 @@ def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:
         raise DataError(f"{path}: config.json not found")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: not a readable JSON file ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
     name = path.parent.name if path.name == "config.json" else path.stem
     return from_hf_config(config, name or "model", str(path)), path
 

@@ -66,7 +66,6 @@ def inputs_of(cfg: EvalConfig) -> dict[str, Path]:
 def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     from mmctl.models import transformer
     from mmctl.runtime import pick_device
-    from mmctl.tokenizer import bpe
 
     out = Path(cfg.run.out)
     for ckpt in cfg.checkpoints:  # all of them before scoring any
@@ -81,7 +80,7 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     results: dict = {"checkpoints": {}}
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
-        model, tok = transformer.load_checkpoint(ckpt, device=device), bpe.load(ckpt)
+        model, tok = transformer.load_with_tokenizer(ckpt, device=device)
         entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
@@ -125,16 +124,10 @@ def task_from_flag(name: str, data: str | None) -> dict:
         if not data:
             raise UsageError(f"--task {name} needs --data FILE")
         return {"kind": kinds[name], "data": data}
-    if name.endswith((".yaml", ".yml")):
-        from mmctl.recipe import safe_load
-
-        path = Path(name)
-        if not path.is_file():
-            raise UsageError(f"{name}: task file not found")
-        fields = safe_load(path.read_text(encoding="utf-8"))
-        if not isinstance(fields, dict):
-            raise UsageError(f"{name}: a task file is a mapping of task fields")
-        return fields
+    if name.endswith((".yaml", ".yml")):  # checked as strictly as a recipe, with its own file and lines
+        data, source = recipe.parse(recipe.read(name), name)
+        recipe.build(TaskConfig, data, source)
+        return data
     raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, or a task .yaml file")
 
 

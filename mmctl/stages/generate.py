@@ -49,17 +49,15 @@ def read_prompts(path: str) -> list[str]:
 
 def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     """Complete every prompt; a single prompt streams to stdout unless the results go there as JSON."""
-    from mmctl.data.chat import render
+    from mmctl.data.chat import render, template_of
     from mmctl.generate import generate
     from mmctl.models import hf, transformer
     from mmctl.runtime import pick_device
-    from mmctl.tokenizer import bpe
 
-    model = transformer.load_checkpoint(cfg.checkpoint, device=pick_device(cfg.device))
-    tok = bpe.load(cfg.checkpoint)
+    model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device))
     if cfg.chat:
-        texts = [render([{"role": "user", "content": p}], tok.chat_template, add_generation_prompt=True)
-                 for p in cfg.prompts]
+        texts = [render([{"role": "user", "content": p}], tok.chat_template, add_generation_prompt=True,
+                        where=template_of(tok)) for p in cfg.prompts]
         ids = [tok.encode_special(t) for t in texts]
     else:
         ids = [tok.encode(p) for p in cfg.prompts]

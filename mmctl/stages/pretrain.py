@@ -70,15 +70,18 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
     import torch
 
     from mmctl.models.transformer import Transformer
-    from mmctl.runtime import peak_flops, pick_device, pick_precision, setup_distributed
+    from mmctl.runtime import ensure_fits, peak_flops, pick_device, pick_precision, setup_distributed
     from mmctl.train import checkpoint
     from mmctl.train.loop import resumable, train
 
     out, data = Path(cfg.run.out), Path(cfg.data.path)
     tok, shards = _inputs(cfg)
     dist = setup_distributed(pick_device(cfg.run.device))
+    precision = pick_precision(cfg.train.precision, dist.device)
+    predicted = _predicted(cfg, dist.world, precision)
+    ensure_fits(predicted, dist.device, "model")  # a recipe no machine can run fails now, not mid-allocation
     resolved = recipe.to_dict(cfg, STAGE)
-    run_dir = Run(out, STAGE, resolved, seed=cfg.run.seed,
+    run_dir = Run(out, STAGE, resolved, seed=cfg.run.seed, lock=dist.main,
                   inputs={"tokenizer": data / "tokenizer" / "tokenizer.json",
                           "shards": data / "shards" / "manifest.json"})
     if not options.force and run_dir.up_to_date():
@@ -94,7 +97,6 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
     if dist.main:
         run_dir.start(keep_metrics_through=resume_step)
 
-    precision = pick_precision(cfg.train.precision, dist.device)
     torch.manual_seed(cfg.run.seed)
     model = Transformer(cfg.model).to(dist.device)
     peak, flops_per_token = peak_flops(dist.device, precision), _flops_per_token(cfg)
@@ -117,7 +119,7 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
         "throughput": {"measured_tok_s": last.get("tok_s"), "measured_mfu": last.get("mfu"),
                        "peak_flops": peak, "train_flops_per_token": flops_per_token,
                        "tok_s_at_peak": peak / flops_per_token},
-        "memory": {"predicted_peak_bytes": _predicted(cfg, dist.world, precision),
+        "memory": {"predicted_peak_bytes": predicted,
                    "measured_peak_rss_bytes": _rss_bytes() - rss_before},
     }
     run_dir.finish(results, device=dist.device)
@@ -194,8 +196,10 @@ def evaluation(model, tok, shards_dir: Path, cfg: PretrainConfig, device: str, p
 
     documents = perplexity.shard_documents(shards_dir, "val", tok, max_tokens=cfg.eval.tokens)
     T = cfg.train.seq_len
+    model.eval()
     with autocast(precision, device):
         metrics, _ = perplexity.score(model, tok, documents, max_length=T, stride=T, label="eval")
+    model.eval()  # scoring restores the mode it found; sampling wants eval mode too
     prompt = tok.encode(cfg.eval.sample_prompt)
     sample = generate(model, [prompt], SamplingConfig(max_new_tokens=cfg.eval.sample_tokens),
                       stop_token_ids=[tok.eos_id]).completions[0].ids
@@ -212,10 +216,10 @@ def _arch(cfg: PretrainConfig):
 
 
 def _flops_per_token(cfg: PretrainConfig) -> float:
-    """Training FLOPs per token at train.seq_len (3 × forward)."""
+    """Training FLOPs per token at train.seq_len (`mmctl account`'s formula)."""
     from mmctl.accounting import formulas
 
-    return 3 * formulas.forward_flops_per_token(_arch(cfg), cfg.train.seq_len)
+    return formulas.train_flops_per_token(_arch(cfg), cfg.train.seq_len)
 
 
 def _predicted(cfg: PretrainConfig, world: int, precision: str) -> float:

@@ -48,7 +48,9 @@ class DataSection:
 @dataclass
 class TokenizerSection:
     path: str | None = option(None, "reuse this tokenizer directory (mmctl's or a local Hugging Face one)")
-    vocab_size: int = option(4096, "vocabulary size, special tokens included", ge=len(bpe.SPECIAL_TOKENS) + 256)
+    vocab_size: int = option(4096, "vocabulary size, special tokens included (at most 2^24: the largest real ones "
+                                           "are ~2^18, and the trainer fails far below the id type's 2^32)",
+                              ge=len(bpe.SPECIAL_TOKENS) + 256, le=2**24)
     min_frequency: int = option(2, "merge only pairs seen at least this often", ge=1)
     pattern: Literal["llama3", "gpt2"] = option("llama3", "pre-tokenizer regex: llama3 (GPT-4's) or gpt2")
     max_length: int = option(2048, "model_max_length recorded in tokenizer_config.json (tokens)", ge=1)

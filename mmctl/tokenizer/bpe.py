@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmctl.artifacts import regular_file
 from mmctl.errors import DataError
 
 BOS, EOS, PAD, IMAGE = "<|bos|>", "<|eos|>", "<|pad|>", "<|image|>"
@@ -212,8 +213,9 @@ def load(directory: str | Path) -> Tokenizer:
 
     directory = Path(directory)
     file = directory / "tokenizer.json"
-    if not file.is_file():
+    if not file.exists():
         raise DataError(f"{directory}: no tokenizer.json (a tokenizer directory needs one)")
+    regular_file(file)  # a FIFO would block the reader forever
     try:
         backend = Backend.from_file(str(file))
     except Exception as e:  # tokenizers raises a plain Exception for malformed files
@@ -222,15 +224,15 @@ def load(directory: str | Path) -> Tokenizer:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
         file = directory / name
         try:
-            data = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-        except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{file}: not valid JSON ({e})") from None
+            data = json.loads(regular_file(file).read_text(encoding="utf-8")) if file.exists() else {}
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise DataError(f"{file}: not valid JSON ({type(e).__name__}: {e})") from None
         if not isinstance(data, dict):
             raise DataError(f"{file}: expected a JSON object")
         config.update(data)
     template = directory / "chat_template.jinja"  # where transformers ≥ 4.50 saves a chat template
-    if not config.get("chat_template") and template.is_file():
-        config["chat_template"] = template.read_text(encoding="utf-8")
+    if not config.get("chat_template") and template.exists():
+        config["chat_template"] = regular_file(template).read_text(encoding="utf-8")
     backend.encode_special_tokens = True
     return Tokenizer(directory, backend, config)
 

@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+from mmctl.artifacts import save_tensors, sha256_file
 from mmctl.errors import DataError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -42,58 +43,96 @@ def save(directory: Path, step: int, model, optimizer, extra: dict, export=None)
     `export(tmp_dir)`, if given, adds files before the directory is published (config.json, tokenizer)."""
     import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     directory = Path(directory)
     final = step_dir(directory, step)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    params = {name: p.detach().contiguous() for name, p in trainable(model).items()}
-    save_file(params, tmp / "model.safetensors", metadata={"format": "pt"})
-    opt = optimizer.state_dict()
-    tensors = {"rng.torch": torch.get_rng_state()}
-    for index, state in opt["state"].items():
-        for key, value in state.items():
-            tensors[f"state.{index}.{key}"] = value.detach().contiguous() if torch.is_tensor(value) else \
-                torch.tensor(value)
-    save_file(tensors, tmp / "optimizer.safetensors")
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "step": step,
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-        "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
-                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-        "extra": extra,
-    }
-    with open(tmp / "state.json", "w", encoding="utf-8") as f:
-        json.dump(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    if export is not None:
-        export(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        save_tensors(trainable(model), tmp / "model.safetensors")
+        opt = optimizer.state_dict()
+        tensors = {"rng.torch": torch.get_rng_state()}
+        names = _names_by_index(model, optimizer)
+        for index, state in opt["state"].items():  # by parameter name: groups may be ordered otherwise on resume
+            for key, value in state.items():
+                tensors[f"state.{names[index]}.{key}"] = value.detach().contiguous() if torch.is_tensor(value) \
+                    else torch.tensor(value)
+        save_tensors(tensors, tmp / "optimizer.safetensors")
+        files = {name: sha256_file(tmp / name) for name in FILES[:2]}
+        py_state = random.getstate()
+        np_state = np.random.get_state()
+        state = {
+            "step": step,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+            "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
+                    "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+            "extra": extra,
+            "files": files,
+        }
+        with open(tmp / "state.json", "w", encoding="utf-8") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if export is not None:
+            export(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:  # a failed or interrupted save leaves nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
+
+
+def complete(directory: Path) -> list[Path]:
+    """The complete checkpoints under `directory` (every file present), newest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    done = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
+    return sorted(done, key=lambda p: -int(STEP_DIR.match(p.name).group(1)))
 
 
 def latest(directory: Path) -> Path | None:
     """The newest complete checkpoint under `directory`, or None."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    done = [p for p in directory.iterdir() if STEP_DIR.match(p.name) and all((p / f).is_file() for f in FILES)]
-    return max(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
+    return next(iter(complete(directory)), None)
+
+
+def problem(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed (corrupt, truncated, tampered), or None if it can.
+
+    The tensors files are checked against the sha256 recorded at save time, state.json against the directory's
+    step, and the RNG states for their shape — without loading anything into the model."""
+    try:
+        state = read_state(path)
+    except DataError as e:
+        return str(e)
+    step = int(STEP_DIR.match(Path(path).name).group(1))
+    if not isinstance(state, dict) or state.get("step") != step or isinstance(state.get("step"), bool):
+        return f"{path / 'state.json'}: its step is not {step}, the directory's"
+    rng = state.get("rng")
+    if not (isinstance(rng, dict) and isinstance(rng.get("python"), list) and len(rng["python"]) == 3
+            and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5
+            and isinstance(rng["numpy"][1], list) and len(rng["numpy"][1]) == 624):
+        return f"{path / 'state.json'}: the random number generator states are malformed"
+    if not isinstance(state.get("extra", {}), dict):
+        return f"{path / 'state.json'}: extra is not a mapping"
+    for name, digest in (state.get("files") or {}).items():
+        if name not in FILES or sha256_file(Path(path) / name) != digest:
+            return f"{path / name}: does not match the sha256 recorded when it was saved (truncated or changed)"
+    return None
 
 
 def read_state(path: Path) -> dict:
     """A checkpoint's state.json (step, hyperparameters, RNG states, the caller's extra state)."""
     try:
-        return json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+        state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable checkpoint state ({e})") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path / 'state.json'}: expected a JSON object")
+    return state
 
 
 def load(path: Path, model, optimizer) -> dict:
@@ -107,8 +146,11 @@ def load(path: Path, model, optimizer) -> dict:
     try:
         params = load_file(path / "model.safetensors")
         tensors = load_file(path / "optimizer.safetensors")
-    except (OSError, ValueError) as e:
+    except Exception as e:  # safetensors raises its own error type, OSError or ValueError for a corrupt file
         raise DataError(f"{path}: unreadable checkpoint ({e})") from None
+    if "rng.torch" not in tensors:
+        raise DataError(f"{path / 'optimizer.safetensors'}: no rng.torch (the torch random state)")
+    opt_state = _optimizer_state(tensors, {name: i for i, name in _names_by_index(model, optimizer).items()}, path)
     named = trainable(model)
     if set(params) != set(named):
         missing, unexpected = sorted(set(named) - set(params)), sorted(set(params) - set(named))
@@ -120,19 +162,40 @@ def load(path: Path, model, optimizer) -> dict:
                 raise DataError(f"{path}: {name} has shape {tuple(params[name].shape)}, the model "
                                 f"{tuple(p.shape)}")
             p.copy_(params[name])
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
     # The moments come from the checkpoint; the hyperparameters (weight decay, betas, eps) from the recipe now
     # running, which the manifest records. The learning rate is set by the schedule at every step.
-    optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    py = state["rng"]["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_state = state["rng"]["numpy"]
-    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": optimizer.state_dict()["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise DataError(f"{path / 'optimizer.safetensors'}: does not fit the optimizer ({e})") from None
+    try:
+        torch.set_rng_state(tensors["rng.torch"])
+        py = state["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        np_state = state["rng"]["numpy"]
+        np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise DataError(f"{path}: cannot restore the random number generators ({type(e).__name__}: {e})") from None
+    return state
+
+
+def _names_by_index(model, optimizer) -> dict[int, str]:
+    """The optimizer's parameter index (its order over all groups) → the parameter's name."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {i: name_of[id(p)] for i, p in enumerate(params)}
+
+
+def _optimizer_state(tensors: dict, index_of: dict[str, int], path: Path) -> dict:
+    """`state.<parameter name>.<key>` tensors → the optimizer's per-parameter state, by its current indices."""
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            name, field = key[len("state."):].rsplit(".", 1)
+            if name not in index_of:
+                raise DataError(f"{path / 'optimizer.safetensors'}: optimizer state for {name!r}, which the run "
+                                "does not train")
+            state.setdefault(index_of[name], {})[field] = value
     return state
 
 

@@ -43,7 +43,7 @@ from mmctl.train.optim import OptimConfig, lr_at, make_optimizer
 
 @dataclass
 class TrainConfig:
-    steps: int = option(200, "optimizer steps", ge=1)
+    steps: int = option(200, "optimizer steps (at most 10^9: published runs take ~10^6)", ge=1, le=10**9)
     batch_size: int = option(16, "sequences per optimizer step, across all processes and micro-batches", ge=1)
     micro_batch_size: int | None = option(None, "sequences per forward/backward on one process; unset: "
                                                 "batch_size / processes (no accumulation)", ge=1)
@@ -89,7 +89,8 @@ class LossOut:
     sum: the loss summed over `count` items (a scalar tensor with a graph).
     count: what it is summed over — trained tokens, sequences or pairs; the step's loss is Σ sum / Σ count.
     tokens: real (non-padding) tokens the micro-batch ran through the model, for tokens/s and MFU.
-    metrics: name → (sum, weight), logged as Σ sum / Σ weight over the step (DPO margins, GRPO rewards, …).
+    metrics: name → (sum, weight), logged as Σ sum / Σ weight over the step (DPO margins, GRPO rewards, …);
+        the same names for every micro-batch.
     """
 
     sum: Any
@@ -136,14 +137,15 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
     last logged metrics.
 
     fingerprint: what a checkpoint must have been trained with to be resumed (model and data identity); a
-        mismatch is refused, naming the key, unless `force_resume`. The frozen parameters' fingerprint is added.
-    export: writes the files that make a checkpoint directory loadable as a model (config, tokenizer), so
-        `mmctl eval out/checkpoints/step-000100` works.
+        mismatch is refused, naming the key, unless `force_resume`. The frozen tensors' digest is added
+        (`with_frozen`: a stage that checks `resumable()` before training passes the same).
+    export: writes the files that make a checkpoint directory loadable (config and tokenizer when it holds the
+        whole model, so `mmctl eval out/checkpoints/step-000100` works; what loads the part it holds otherwise).
     lr_scales: parameter-name prefix → learning-rate multiplier (a projector faster than its LM).
     """
     dist = dist or Dist()
     ckpt_dir = Path(out) / "checkpoints"
-    fingerprint = {**fingerprint, **frozen_fingerprint(model)}
+    fingerprint = with_frozen(model, fingerprint)
     optimizer = make_optimizer(model, optim, lr_scales)
     start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, force_resume, dist)
     trained = _prepare(model, cfg, dist)
@@ -159,9 +161,9 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
             window.add(result.tokens)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 tok_s = window.rate()
+                mfu = flops_per_token * tok_s / (peak_flops * dist.world) if peak_flops else None  # per device
                 last = {"step": done, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                        "tokens": seen_tokens, "tok_s": tok_s,
-                        "mfu": flops_per_token * tok_s / peak_flops if peak_flops else None, **result.metrics}
+                        "tokens": seen_tokens, "tok_s": tok_s, "mfu": mfu, **result.metrics}
                 if dist.main:
                     log(last)
             if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
@@ -184,23 +186,27 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
     the global count, check, clip, step."""
     import torch
 
+    if not micro:
+        raise UsageError(f"step {step + 1}: batches() returned no micro-batches")
     optimizer.zero_grad(set_to_none=True)
-    loss_sum, count, tokens, metrics = 0.0, 0.0, 0, {}
+    sums: list = [0.0, 0.0, 0]  # loss, count, tokens — kept on the device: no synchronisation per micro-batch
+    names: list[str] | None = None
     for i, micro_batch in enumerate(micro):
         last_micro = i == len(micro) - 1
         with trained.no_sync() if dist.world > 1 and not last_micro else nullcontext():
             with autocast(precision, dist.device):
                 out = loss_fn(trained, micro_batch)
             out.sum.backward()
-        loss_sum += _number(out.sum)
-        count += _number(out.count)
-        tokens += int(out.tokens)
-        for name, (value, weight) in out.metrics.items():
-            s, w = metrics.get(name, (0.0, 0.0))
-            metrics[name] = (s + _number(value), w + _number(weight))
-    names = sorted(metrics)
-    totals = dist.all_reduce([loss_sum, count, float(tokens)] + [x for n in names for x in metrics[n]])
-    loss_sum, count, tokens = totals[0], totals[1], int(totals[2])
+        if names is None:
+            names = sorted(out.metrics)
+            sums += [0.0] * (2 * len(names))
+        if sorted(out.metrics) != names:  # every rank sums the same list, or the all-reduce would not line up
+            raise UsageError(f"the loss function's metrics changed between micro-batches ({names} → "
+                             f"{sorted(out.metrics)})")
+        values = [out.sum.detach(), out.count, out.tokens] + [x for n in names for x in out.metrics[n]]
+        sums = [a + (b.detach() if hasattr(b, "detach") else b) for a, b in zip(sums, values, strict=True)]
+    totals = dist.all_reduce(sums)
+    loss_sum, count, tokens, pairs = totals[0], totals[1], int(totals[2]), totals[3:]
     if count <= 0:
         raise DataError(f"step {step + 1}: the batch has nothing to train on (no tokens or sequences counted by "
                         "the loss); check the data's masks")
@@ -218,14 +224,8 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
         raise NonFiniteError(f"step {step + 1}: gradient norm is {norm}; stopped before the optimizer step, the "
                              "last checkpoint is intact")
     optimizer.step()
-    pairs = totals[3:]
     means = {n: pairs[2 * i] / pairs[2 * i + 1] for i, n in enumerate(names) if pairs[2 * i + 1]}
     return StepResult(loss, norm, tokens, means)
-
-
-def _number(x) -> float:
-    """A Python float from a number or a (possibly grad-carrying) scalar tensor."""
-    return float(x.detach()) if hasattr(x, "detach") else float(x)
 
 
 class Window:
@@ -242,6 +242,11 @@ class Window:
         rate = self.tokens / max(now - self.start, 1e-9)
         self.start, self.tokens = now, 0
         return rate
+
+
+def with_frozen(model, fingerprint: dict) -> dict:
+    """The run's fingerprint with the digest of the tensors it does not train (if any)."""
+    return {**fingerprint, **frozen_fingerprint(model)}
 
 
 def frozen_fingerprint(model) -> dict:
@@ -296,7 +301,8 @@ def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool, di
     if dist.main:
         console.print(f"resumed from {path}")
     extra = state["extra"]
-    return int(state["step"]), extra.get("last", {}), int(extra.get("tokens", 0))
+    last = extra.get("last", {})
+    return int(state["step"]), last, int(extra.get("tokens", last.get("tokens", 0)))
 
 
 def _evaluate(evaluate: Callable[[int], dict], done: int, log: Callable[[dict], None], dist: Dist) -> dict:
@@ -316,13 +322,24 @@ def _save(ckpt_dir: Path, done: int, model, optimizer, cfg: TrainConfig, dist: D
 
 
 def resumable(ckpt_dir: Path, fingerprint: dict, force: bool) -> Path | None:
-    """The newest complete checkpoint to resume from, or None; refuses one written for another model or data."""
-    path = checkpoint.latest(ckpt_dir)
-    if path is None:
-        return None
-    saved = checkpoint.read_state(path)["extra"].get("fingerprint", {})
-    changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-    if changed and not force:
-        raise UsageError(f"{path}: cannot resume: {', '.join(changed)} changed since this checkpoint was written "
-                         "(--force-resume to resume anyway, or --fresh to start over)")
-    return path
+    """The newest checkpoint that can be resumed, or None if there is none.
+
+    A corrupt, truncated or tampered checkpoint (`checkpoint.problem`) is skipped with a warning for the one
+    before it; if none is left, the run is refused rather than silently started over. One written for another
+    model or data is refused, naming what changed.
+    """
+    candidates = checkpoint.complete(ckpt_dir)
+    for path in candidates:
+        problem = checkpoint.problem(path)
+        if problem is not None:
+            console.print(f"[yellow]warning:[/yellow] cannot resume from {path.name}: {problem}")
+            continue
+        saved = checkpoint.read_state(path).get("extra", {}).get("fingerprint", {})
+        changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+        if changed and not force:
+            raise UsageError(f"{path}: cannot resume: {', '.join(changed)} changed since this checkpoint was "
+                             "written (--force-resume to resume anyway, or --fresh to start over)")
+        return path
+    if candidates:
+        raise DataError(f"{ckpt_dir}: no checkpoint here can be resumed (see the warnings); --fresh starts over")
+    return None

@@ -62,13 +62,18 @@ def make_optimizer(model, cfg: OptimConfig, lr_scales: dict[str, float] | None =
 
     lr_scales = lr_scales or {}
     groups: dict[tuple[float, bool], list] = {}
+    used = set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        scale = next((s for prefix, s in lr_scales.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault((scale, p.dim() >= 2), []).append(p)
+        prefix = max((q for q in lr_scales if name.startswith(q)), key=len, default=None)  # the most specific
+        used.add(prefix)
+        groups.setdefault((lr_scales.get(prefix, 1.0), p.dim() >= 2), []).append(p)
     if not groups:
         raise UsageError("the model has no trainable parameters")
+    unused = sorted(set(lr_scales) - used)
+    if unused:
+        raise UsageError(f"learning-rate scale for {', '.join(unused)}: no trainable parameter's name starts so")
     param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
                     for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -63,5 +63,5 @@ def test_broken_and_hostile_templates(tok_dir):
         render(CHATS[0], "{{ messages.__class__.__mro__ }}{{ ''.__class__.__subclasses__() }}")
     with pytest.raises(DataError, match="failed to render"):
         render(CHATS[0], "{{ raise_exception('no') if true }}{{ 1 / 0 }}")
-    with pytest.raises(UsageError, match="reserved"):
+    with pytest.raises(DataError, match="reserved"):
         render([{"role": "user", "content": "\ue000"}], bpe.load(tok_dir).chat_template)

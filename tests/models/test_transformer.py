@@ -157,3 +157,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
         m(ids).float().pow(2).mean().backward()
         grads.append([p.grad for p in m.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False}, {"qkv_bias": True}, {"head_dim": 48}])
+def test_parameter_count_by_arithmetic(overrides):
+    cfg = ModelConfig(**{**SMALL, **overrides})
+    assert cfg.num_parameters() == sum(p.numel() for p in Transformer(cfg).parameters())

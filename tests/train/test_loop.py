@@ -285,3 +285,78 @@ def test_an_export_makes_the_checkpoint_dir_carry_more_files(tmp_path):
     train(Toy(), cfg=cfg, optim=OptimConfig(warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
           log=lambda r: None, fingerprint={}, export=lambda d: (d / "config.json").write_text("{}"))
     assert (checkpoint.latest(tmp_path / "checkpoints") / "config.json").read_text() == "{}"
+
+
+# --- corrupt checkpoints --------------------------------------------------------------------------------------
+
+def corrupt_truncated(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def corrupt_garbage(path):
+    (path / "optimizer.safetensors").write_bytes(b"\x00garbage" * 100)
+
+
+def corrupt_step(path):  # a tampered state.json: the step does not match the directory
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, "step": 39999}))
+
+
+def corrupt_rng(path):
+    state = json.loads((path / "state.json").read_text())
+    (path / "state.json").write_text(json.dumps({**state, "rng": {"python": "x"}}))
+
+
+def corrupt_json(path):
+    (path / "state.json").write_text('{"step": 8, ')
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_truncated, corrupt_garbage, corrupt_step, corrupt_rng, corrupt_json])
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, corrupt):
+    full_model, full = run(tmp_path / "full")
+    with pytest.raises(Interrupted):  # the same 12-step run, stopped after step 8: checkpoints at 4 and 8
+        run(tmp_path / "part", loss=interrupt_during_step(8))
+    corrupt(tmp_path / "part" / "checkpoints" / "step-000008")
+    resumed_model, records = run(tmp_path / "part")  # warns, resumes from step 4, and ends where the full run did
+    assert [r["step"] for r in records if "loss" in r] == list(range(5, 13))
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_no_resumable_checkpoint_left_is_refused(tmp_path):
+    from mmctl.errors import DataError
+
+    run(tmp_path, steps=4)
+    corrupt_truncated(tmp_path / "checkpoints" / "step-000004")
+    with pytest.raises(DataError, match="no checkpoint here can be resumed"):
+        run(tmp_path)
+
+
+def test_scale_prefixes_match_the_longest_and_must_match_something():
+    from mmctl.train.optim import make_optimizer
+
+    model = Toy()
+    opt = make_optimizer(model, OptimConfig(), {"head": 2.0, "head.weight": 5.0})
+    scale_of = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert (scale_of[id(model.head.weight)], scale_of[id(model.head.bias)]) == (5.0, 2.0)
+    with pytest.raises(UsageError, match="projecter."):
+        make_optimizer(model, OptimConfig(), {"projecter.": 10.0})
+
+
+def test_moments_follow_their_parameter_when_the_groups_change(tmp_path):
+    """Optimizer state is saved by parameter name: a resume with other learning-rate groups reorders nothing."""
+    with pytest.raises(Interrupted):
+        run(tmp_path, loss=interrupt_during_step(4))
+    saved = checkpoint.latest(tmp_path / "checkpoints")
+    model = Toy()
+    from mmctl.train.optim import make_optimizer
+
+    opt = make_optimizer(model, OptimConfig(), {"head.": 0.5})  # head first in no group order it had
+    checkpoint.load(saved, model, opt)
+    from safetensors.torch import load_file
+
+    stored = load_file(saved / "optimizer.safetensors")
+    by_id = {id(p): st for p, st in opt.state.items()}
+    for name, p in model.named_parameters():
+        assert torch.equal(by_id[id(p)]["exp_avg"], stored[f"state.{name}.exp_avg"]), name
