@@ -34,3 +34,15 @@ def test_quick_start_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
     for target in re.findall(r"^make (\w+)", README, flags=re.M):
         assert re.search(rf"^{target}:", makefile, flags=re.M), target
+
+
+def test_reliability_counts():
+    from tests.hostile.checkpoints import CHAT_CASES
+    from tests.hostile.checkpoints import cases as checkpoint_cases
+    from tests.hostile.recipes import cases as recipe_cases
+
+    assert f"{len(recipe_cases())} hostile recipes" in README
+    assert f"{len(checkpoint_cases()) + len(CHAT_CASES)} hostile checkpoint dirs" in README
+    from tests.hostile.test_task_files import CASES
+
+    assert f"{len(CASES)} hostile eval task and prompt files" in README

@@ -111,7 +111,10 @@ def items_of(task: TaskConfig) -> list[dict]:
     if path.suffix == ".jsonl":
         return [{"text": item[task.field]} for item in read_jsonl(path, {task.field: str})]
     if path.is_file():
-        return [{"text": path.read_text(encoding="utf-8")}]
+        try:
+            return [{"text": path.read_text(encoding="utf-8")}]
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
     raise DataError(f"{path}: not a text or jsonl file")  # shard splits are read by mmctl.stages.eval
 
 
