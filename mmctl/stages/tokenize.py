@@ -24,7 +24,7 @@ from mmctl.recipe import option
 from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
 from mmctl.tokenizer import bpe
-from mmctl.tokenizer.shards import ShardWriter, write_manifest
+from mmctl.tokenizer.shards import Shards, ShardWriter, write_manifest
 
 STAGE = "tokenize"
 SPLITS = ("train", "val")
@@ -93,6 +93,8 @@ def run(cfg: TokenizeConfig, options: Options = Options()) -> StageResult:
     results = encode(cfg, tok, out)
     results["tokenizer"] = {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": train_seconds,
                             "longest_tokens": bpe.longest_tokens(tok)}
+    for split in SPLITS:  # every shard in place and as its manifest says, before the stage's manifest says done
+        Shards(out / "shards", split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
     run_dir.finish(results)
     return StageResult(out, results)
 
