@@ -80,11 +80,13 @@ def option(default: Any = None, doc: str = "", *, required: bool = False, ge: fl
     """A recipe field: its default, a one-line doc with units, and optional range limits.
 
     `required=True` means the recipe must set it (the default is then None). Mutable defaults (dataclass
-    sections, lists, dicts) are passed as a factory: `option(ModelConfig, "...")`.
+    sections, lists, dicts) are passed as a factory: `option(ModelConfig, "...")`, or as a list to copy.
     """
     meta = {"doc": doc, "required": required, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if callable(default) and (dataclasses.is_dataclass(default) or default in (list, dict)):
         return dataclasses.field(default_factory=default, metadata=meta)
+    if isinstance(default, list):  # a non-empty default list: each config gets its own copy
+        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -49,10 +49,13 @@ def confined(directory: Path, name: str, named_in: Path) -> Path:
     return target
 
 
-def weight_files(path: Path) -> dict[Path, list[str] | None]:
-    """The safetensors files of a checkpoint dir, each with its tensor names (None: all of them)."""
-    if (path / WEIGHTS).exists() or (path / WEIGHTS).is_symlink():
-        return {regular_file(confined(path, WEIGHTS, path / WEIGHTS)): None}
+def weight_files(path: Path, weights: str = WEIGHTS) -> dict[Path, list[str] | None]:
+    """The safetensors files of a checkpoint dir, each with its tensor names (None: all of them). `weights` is
+    the single-file name to look for (a PEFT adapter dir holds adapter_model.safetensors)."""
+    if (path / weights).exists() or (path / weights).is_symlink():
+        return {regular_file(confined(path, weights, path / weights)): None}
+    if weights != WEIGHTS:
+        raise DataError(f"{path}: no {weights}")
     if (path / INDEX).is_file():
         weight_map = read_json(path / INDEX).get("weight_map")
         if not isinstance(weight_map, dict):
@@ -90,7 +93,7 @@ def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 
 
 def read_tensors(path: str | Path, expected: dict[str, tuple[int, ...]], *, dtype=None, device="cpu",
-                 skip: Iterable[str] = ()) -> dict:
+                 skip: Iterable[str] = (), weights: str = WEIGHTS) -> dict:
     """Every tensor `expected` names, checked against its shape, from checkpoint dir `path`.
 
     Names in `skip` are ignored (derived tensors old checkpoints stored); any other unexpected name is an error,
@@ -101,7 +104,7 @@ def read_tensors(path: str | Path, expected: dict[str, tuple[int, ...]], *, dtyp
     path = Path(path)
     skip = set(skip)
     tensors = {}
-    for file, names in weight_files(path).items():
+    for file, names in weight_files(path, weights).items():
         try:
             with safe_open(file, framework="pt", device=str(device)) as f:
                 for name in names or f.keys():

@@ -360,3 +360,33 @@ def test_moments_follow_their_parameter_when_the_groups_change(tmp_path):
     by_id = {id(p): st for p, st in opt.state.items()}
     for name, p in model.named_parameters():
         assert torch.equal(by_id[id(p)]["exp_avg"], stored[f"state.{name}.exp_avg"]), name
+
+
+def test_lora_training_resumes_bit_exactly_and_checkpoints_only_adapters(tmp_path):
+    from mmctl.models import lora
+
+    def lora_toy():
+        model = Toy()
+        lora.apply_lora(model, lora.LoRAConfig(r=2, target_modules=["head"]))
+        return model
+
+    def run_lora(out, loss=loss_fn):
+        model = lora_toy()
+        cfg = TrainConfig(steps=8, batch_size=4, micro_batch_size=2, seq_len=T, log_every=1, checkpoint_every=2)
+        records = []
+        train(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=1), batches=batches, loss_fn=loss, out=out,
+              log=records.append, fingerprint={"model": "toy+lora"})
+        return model, losses(records)
+
+    full_model, full = run_lora(tmp_path / "full")
+    with pytest.raises(Interrupted):
+        run_lora(tmp_path / "part", loss=interrupt_during_step(5))
+    first = [r for r in full if r[0] <= 5]
+    resumed_model, second = run_lora(tmp_path / "part")
+    assert first + second == full
+    assert all(torch.equal(a, b) for a, b in zip(full_model.state_dict().values(),
+                                                  resumed_model.state_dict().values(), strict=True))
+    from safetensors.torch import load_file
+
+    saved = load_file(checkpoint.latest(tmp_path / "part" / "checkpoints") / "model.safetensors")
+    assert sorted(saved) == ["head.lora_A.weight", "head.lora_B.weight"]

@@ -1,0 +1,162 @@
+"""LoRA: low-rank adapters on frozen linear layers (Hu et al. 2021), with rsLoRA scaling (Kalajdzievski 2023).
+
+A wrapped projection computes y = W x + (α / r) · B A dropout(x), with A (r × in) and B (out × r) trained and W
+frozen. B starts at zero, so a freshly wrapped model computes exactly what the base model does. rsLoRA scales by
+α / √r instead of α / r, so the update's size does not shrink as the rank grows.
+
+Layout and files follow PEFT, so each side loads the other's adapters: the wrapped module keeps the original
+layer as `base_layer` beside `lora_A` and `lora_B`; `save_adapter` writes `adapter_config.json` and
+`adapter_model.safetensors` with PEFT's key names (`base_model.model.<module>.lora_A.weight`), which
+`peft.PeftModel.from_pretrained(base, dir)` reads. `merge` folds B A into W for an ordinary checkpoint.
+
+Leaves out: DoRA, LoRA on embeddings, per-module ranks (PEFT's rank_pattern), bias training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmctl.errors import DataError, UsageError
+from mmctl.recipe import option
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+@dataclass
+class LoRAConfig:
+    r: int = option(16, "rank of each adapter (columns of B, rows of A)", ge=1, le=2**16)
+    alpha: float = option(32.0, "scale numerator: the update is (alpha / r) · B A x (alpha / √r with rslora)", gt=0)
+    dropout: float = option(0.0, "dropout on the adapter's input during training", ge=0, lt=1)
+    target_modules: list[str] = option(TARGETS, "module names to wrap (the last part of the name): default every "
+                                                "attention and MLP projection")
+    rslora: bool = option(False, "rank-stabilised scaling alpha / √r (Kalajdzievski 2023)")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [] if self.target_modules else [("target_modules", "at least one module name")]
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus a trainable low-rank update. Shapes: x (…, in) → (…, out)."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scaling = scaling
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default for A
+        nn.init.zeros_(self.lora_B.weight)  # so the wrapped model starts as the base model
+        base.requires_grad_(False)
+
+    @classmethod
+    def from_linear(cls, base: nn.Linear, cfg: LoRAConfig) -> LoRALinear:
+        return cls(base, cfg.r, cfg.scaling, cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
+        return self.base_layer(x) + (self.scaling * update).to(x.dtype)
+
+    def merged(self) -> nn.Linear:
+        """The plain linear layer W + scaling · B A (in W's dtype)."""
+        base = self.base_layer
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+            merged.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        return merged
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+    """Freeze `model` and wrap every nn.Linear whose name ends in one of cfg.target_modules; returns their names."""
+    model.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear.from_linear(module, cfg))
+            wrapped.append(name)
+    missing = sorted(set(cfg.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
+    if missing:
+        raise UsageError(f"lora.target_modules: no linear layer is named {', '.join(missing)}")
+    return wrapped
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by its merged nn.Linear, in place: the model's names are the base's again."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.merged())
+    return model
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' weights under PEFT's names."""
+    return {f"base_model.model.{name}": p.detach() for name, p in model.named_parameters()
+            if name.endswith(("lora_A.weight", "lora_B.weight"))}
+
+
+def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, base_model: str | None = None) -> Path:
+    """Write `out/` (adapter_config.json + adapter_model.safetensors) as PEFT writes an adapter."""
+    from mmctl.artifacts import atomic_write_json, publish_dir, save_tensors
+
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+              "target_modules": names, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+              "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_tensors(adapter_tensors(model), tmp / ADAPTER_WEIGHTS)
+        atomic_write_json(tmp / ADAPTER_CONFIG, config)
+        return publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
+    """Wrap `model` as adapter dir `path` (PEFT's format, written by mmctl or by PEFT) says, and load its weights."""
+    from mmctl.models import hf
+
+    path = Path(path)
+    config = hf.read_json(path / ADAPTER_CONFIG)
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or \
+            config.get("alpha_pattern"):
+        raise DataError(f"{path / ADAPTER_CONFIG}: only plain LoRA adapters are supported (no DoRA, no per-module "
+                        "ranks)")
+    from mmctl import recipe
+
+    fields = {"r": config.get("r"), "alpha": config.get("lora_alpha"), "dropout": config.get("lora_dropout") or 0.0,
+              "target_modules": config.get("target_modules"), "rslora": bool(config.get("use_rslora", False))}
+    try:
+        cfg = recipe.build(LoRAConfig, fields, recipe.Source(str(path / ADAPTER_CONFIG), {}, set()))
+    except UsageError as e:
+        raise DataError(*e.problems) from None
+    apply_lora(model, cfg)
+    expected = {name: tuple(t.shape) for name, t in adapter_tensors(model).items()}
+    tensors = hf.read_tensors(path, expected, weights=ADAPTER_WEIGHTS)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name.removeprefix("base_model.model.")].copy_(tensor)
+    return cfg

@@ -1,0 +1,80 @@
+"""LoRA against its definition and against PEFT: a fresh adapter changes nothing, merged equals unmerged, and
+adapters cross between mmctl and PEFT (same logits on the transformers base model) in both directions."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mmctl.errors import UsageError  # noqa: E402
+from mmctl.models import lora, transformer  # noqa: E402
+from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
+from tests.models import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  tie_embeddings=False)
+IDS = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+def base() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def trained_adapters(model, seed=1):
+    """Give every B non-zero values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_a_fresh_adapter_is_the_base_model_and_only_adapters_train():
+    model, reference = base(), base()
+    wrapped = lora.apply_lora(model, lora.LoRAConfig(r=4))
+    assert len(wrapped) == 7 * CFG.num_layers
+    assert torch.equal(model(IDS), reference(IDS))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A.weight", "lora_B.weight")) for n in trainable)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_merged_equals_unmerged(rslora):
+    model = base()
+    lora.apply_lora(model, lora.LoRAConfig(r=8, alpha=16, rslora=rslora, target_modules=["q_proj", "down_proj"]))
+    trained_adapters(model)
+    unmerged = model(IDS)
+    merged = lora.merge(model)(IDS)
+    assert (merged - unmerged).abs().max() <= 1e-5
+    assert set(model.state_dict()) == set(base().state_dict())  # the base's names again: an ordinary checkpoint
+
+
+def test_unknown_target_is_a_recipe_error():
+    with pytest.raises(UsageError, match="qkv_proj"):
+        lora.apply_lora(base(), lora.LoRAConfig(target_modules=["qkv_proj"]))
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_peft_loads_mmctl_adapters_and_mmctl_loads_peft_adapters(tmp_path, rslora):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    ours = base()
+    transformer.save_checkpoint(ours, tmp_path / "base")
+    cfg = lora.LoRAConfig(r=4, alpha=8, rslora=rslora)
+    lora.apply_lora(ours, cfg)
+    trained_adapters(ours)
+    lora.save_adapter(ours, tmp_path / "adapter", cfg, base_model=str(tmp_path / "base"))
+
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert (theirs(input_ids=IDS).logits - ours(IDS)).abs().max() <= 1e-5
+
+    theirs.save_pretrained(tmp_path / "from-peft")  # and back: PEFT's own files into mmctl
+    again = base()
+    loaded = lora.load_adapter(again, tmp_path / "from-peft")
+    assert (loaded.r, loaded.alpha, loaded.rslora) == (4, 8, rslora)
+    assert (again(IDS) - ours(IDS)).abs().max() <= 1e-5
