@@ -1,0 +1,120 @@
+"""Supervised fine-tuning data: conversations → token rows that say which tokens are trained.
+
+Formats, one JSON object per line (the three TRL and torchtune users bring most often):
+- chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, …]}`
+- prompt–completion: `{"prompt": str, "completion": str}` → one user turn, one assistant turn
+- alpaca: `{"instruction": str, "input": str (optional), "output": str}` → the user turn is the instruction,
+  a blank line and the input when there is one (Taori et al. 2023's layout without its preamble)
+
+A conversation becomes ids and a mask through the tokenizer's chat template (`data/chat.py`): 1 on the
+assistant's tokens and its end-of-turn token, 0 elsewhere (or 1 everywhere with `train_on_prompt`). Rows of
+`seq_len + 1` tokens are made by packing — conversations back to back, each with its own `document_ids`, so
+attention and positions restart at every conversation (the model computes each as if alone) and no token is
+trained to predict the next conversation's first token — or by padding, one conversation per row.
+
+Leaves out: multimodal content parts, tool calls, sharding a conversation longer than a row (it is cut, and
+the cut is counted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmctl.errors import DataError
+
+
+def conversation(record: dict, where: str) -> list[dict]:
+    """One JSONL record in any of the three formats → a list of chat messages."""
+    from mmctl.data import jsonl
+
+    if "messages" in record:
+        messages = jsonl.field(record, "messages", list, where)
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                    not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: messages[{i}] is not {{role: system|user|assistant, content: text}}")
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: no assistant message (nothing to train on)")
+        return messages
+    if "prompt" in record or "completion" in record:
+        return [{"role": "user", "content": jsonl.field(record, "prompt", str, where)},
+                {"role": "assistant", "content": jsonl.field(record, "completion", str, where)}]
+    if "instruction" in record or "output" in record:
+        extra = jsonl.field(record, "input", str, where) if record.get("input") else ""
+        user = jsonl.field(record, "instruction", str, where) + (f"\n\n{extra}" if extra else "")
+        return [{"role": "user", "content": user},
+                {"role": "assistant", "content": jsonl.field(record, "output", str, where)}]
+    raise DataError(f"{where}: not a conversation (expected messages, prompt/completion, or "
+                    f"instruction/output; has: {', '.join(sorted(record)) or 'nothing'})")
+
+
+def read_conversations(path) -> list[list[dict]]:
+    """Every conversation of a JSONL file, whichever format each line is in."""
+    from mmctl.data import jsonl
+
+    out = [conversation(record, where) for where, record in jsonl.records(path)]
+    if not out:
+        raise DataError(f"{path}: no conversations")
+    return out
+
+
+@dataclass
+class Example:
+    ids: list[int]
+    mask: list[int]  # 1 where the token is trained (as a target: predicted from what comes before)
+
+
+def encode(messages: list[dict], tok, train_on_prompt: bool = False) -> Example:
+    from mmctl.data.chat import tokenize
+
+    ids, mask = tokenize(messages, tok)
+    return Example(ids, [1] * len(ids) if train_on_prompt else mask)
+
+
+@dataclass
+class Rows:
+    """(B, seq_len + 1) ids; `trained` (B, seq_len) marks the targets ids[:, 1:] that count in the loss;
+    `document_ids` (B, seq_len) numbers the conversations within each row's inputs (packing only)."""
+
+    ids: list[list[int]]
+    trained: list[list[int]]
+    document_ids: list[list[int]] | None
+    cut: int  # conversations cut short to fit a row
+
+
+def pack(examples: list[Example], seq_len: int, pad_id: int) -> Rows:
+    """Conversations back to back in rows of seq_len + 1 tokens, in order (first fit: a conversation that does not
+    fit starts the next row); the rest of a row is padding with a document of its own and no trained token."""
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    ids, mask, docs = [], [], []
+    cut = 0
+    for example in examples:
+        if len(example.ids) > seq_len + 1:
+            cut += 1
+        e_ids, e_mask = example.ids[: seq_len + 1], example.mask[: seq_len + 1]
+        if ids and len(ids) + len(e_ids) > seq_len + 1:
+            rows.append((ids, mask, docs))
+            ids, mask, docs = [], [], []
+        document = docs[-1] + 1 if docs else 0
+        # the first token of a conversation is never a target: it is not predicted from the one before
+        ids, mask, docs = ids + e_ids, mask + [0] + e_mask[1:], docs + [document] * len(e_ids)
+    if ids:
+        rows.append((ids, mask, docs))
+    out = Rows([], [], [], cut)
+    for ids, mask, docs in rows:
+        pad = seq_len + 1 - len(ids)
+        out.ids.append(ids + [pad_id] * pad)
+        out.trained.append((mask + [0] * pad)[1:])
+        out.document_ids.append((docs + [docs[-1] + 1] * pad)[:-1])
+    return out
+
+
+def pad(examples: list[Example], seq_len: int, pad_id: int) -> Rows:
+    """One conversation per row, right-padded (cut at seq_len + 1 tokens)."""
+    out = Rows([], [], None, sum(len(e.ids) > seq_len + 1 for e in examples))
+    for e in examples:
+        ids, mask = e.ids[: seq_len + 1], e.mask[: seq_len + 1]
+        n = seq_len + 1 - len(ids)
+        out.ids.append(ids + [pad_id] * n)
+        out.trained.append((mask + [0] * n)[1:])
+    return out
