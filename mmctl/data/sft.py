@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: conversations → token rows that say which tokens are trained.
 
-Formats, one JSON object per line (the three TRL and torchtune users bring most often):
+Built-in offline sets: `arithmetic` and `story-questions` (`builtin`). Formats, one JSON object per line (the
+three TRL and torchtune users bring most often):
 - chat: `{"messages": [{"role": "system" | "user" | "assistant", "content": str}, …]}`
 - prompt–completion: `{"prompt": str, "completion": str}` → one user turn, one assistant turn
 - alpaca: `{"instruction": str, "input": str (optional), "output": str}` → the user turn is the instruction,
@@ -46,6 +47,25 @@ def conversation(record: dict, where: str) -> list[dict]:
                 {"role": "assistant", "content": jsonl.field(record, "output", str, where)}]
     raise DataError(f"{where}: not a conversation (expected messages, prompt/completion, or "
                     f"instruction/output; has: {', '.join(sorted(record)) or 'nothing'})")
+
+
+BUILTINS = ("arithmetic", "story-questions")
+
+
+def builtin(name: str, n: int, seed: int) -> list[list[dict]]:
+    """Offline chat sets from the project's generators, with exact answers:
+    `arithmetic` — "What is 47 + 18?" → "65", from the training part of the problem space only (the held-out tenth
+    that `mmctl eval` scores never appears); `story-questions` — a fresh tiny story and a question about it (who
+    helped, what was found, where, which animal) → a one-word answer."""
+    from mmctl.data.synthetic import arithmetic_problems, story_questions
+
+    if name == "arithmetic":
+        return [[{"role": "user", "content": p.question}, {"role": "assistant", "content": str(p.answer)}]
+                for p in arithmetic_problems(n, seed, split="train")]
+    if name == "story-questions":
+        return [[{"role": "user", "content": f"{story}\n\nQuestion: {question}"},
+                 {"role": "assistant", "content": answer}] for story, question, answer in story_questions(n, seed)]
+    raise DataError(f"unknown built-in chat set {name!r}; built-ins: {', '.join(BUILTINS)}")
 
 
 def read_conversations(path) -> list[list[dict]]:

@@ -41,6 +41,11 @@ MORALS = ["sharing makes everyone happy", "it is good to help your friends", "be
 
 
 def _story(rng: random.Random) -> str:
+    return _story_and_facts(rng)[0]
+
+
+def _story_and_facts(rng: random.Random) -> tuple[str, dict[str, str]]:
+    """A story and the facts a question about it can ask for (same random draws as the story alone)."""
     hero, friend = rng.sample(NAMES, 2)
     animal, friend_animal = rng.choice(ANIMALS), rng.choice(ANIMALS)
     place, landmark = rng.choice(PLACES), rng.choice(LANDMARKS)
@@ -60,7 +65,8 @@ def _story(rng: random.Random) -> str:
     ]
     if rng.random() < 0.5:  # vary the shape a little so the model cannot memorise one template
         lines.insert(2, f"The {obj} was {color} and very special to {hero}.")
-    return " ".join(lines)
+    facts = {"hero": hero, "friend": friend, "object": obj, "landmark": landmark, "animal": animal}
+    return " ".join(lines), facts
 
 
 def stories(n: int, seed: int) -> Iterator[str]:
@@ -68,6 +74,24 @@ def stories(n: int, seed: int) -> Iterator[str]:
     rng = random.Random(f"stories:{seed}")
     for _ in range(n):
         yield _story(rng)
+
+
+QUESTIONS = [  # (question about the hero, the fact that answers it)
+    ("Who helped {hero}?", "friend"),
+    ("What did {hero} find?", "object"),
+    ("What was {hero} near?", "landmark"),
+    ("What kind of animal was {hero}?", "animal"),
+]
+
+
+def story_questions(n: int, seed: int) -> Iterator[tuple[str, str, str]]:
+    """`n` (story, question, one-word answer) triples about fresh stories: who helped, what was found, where,
+    which animal — answers read off the story, so they are exact."""
+    rng = random.Random(f"story-questions:{seed}")
+    for _ in range(n):
+        story, facts = _story_and_facts(rng)
+        question, key = rng.choice(QUESTIONS)
+        yield story, question.format(hero=facts["hero"]), facts[key]
 
 
 @dataclass(frozen=True)

@@ -95,3 +95,19 @@ def test_rows_fill_in_order_and_long_conversations_are_cut(tok):
     assert rows.document_ids[0] == [0] * 5 + [1] * 4 and rows.trained[0] == [1] * 4 + [0] + [1] * 4
     padded = sft.pad(examples[:1], seq_len=7, pad_id=0)
     assert padded.ids == [[1] * 5 + [0] * 3] and padded.trained == [[1] * 4 + [0] * 3]
+
+
+def test_builtin_sets_are_exact_and_never_hold_the_eval_problems():
+    from mmctl.data.synthetic import held_out
+
+    arithmetic = sft.builtin("arithmetic", 300, seed=0)
+    for user, assistant in arithmetic:
+        question = user["content"]
+        assert not held_out(question)
+        a, op, b = question.removeprefix("What is ").removesuffix("?").split()
+        assert int(assistant["content"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+    for user, assistant in sft.builtin("story-questions", 50, seed=0):
+        story, question = user["content"].split("\n\nQuestion: ")
+        assert assistant["content"] in story and question.endswith("?")
+    with pytest.raises(DataError, match="unknown built-in"):
+        sft.builtin("trivia", 1, 0)
