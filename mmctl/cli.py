@@ -32,6 +32,7 @@ STAGES = {
     "account": ("mmctl.stages.account", "AccountConfig"),
     "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
     "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
+    "sft": ("mmctl.stages.sft", "SFTConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
 }
 COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
@@ -210,6 +211,16 @@ def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: boo
                json=as_json, fresh=fresh, force_resume=force_resume)
 
 
+@app.command()
+@reports_errors
+def sft(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
+        as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
+        force_resume: bool = FORCE_RESUME) -> None:
+    """Fine-tune a checkpoint on conversations (full or LoRA), the loss on the assistant's tokens; resumes."""
+    _run_stage("sft", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
+               fresh=fresh, force_resume=force_resume)
+
+
 @app.command("eval")
 @reports_errors
 def eval_(
@@ -222,6 +233,8 @@ def eval_(
     limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default out/eval)."),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Ask generation tasks through the chat "
+                                                                     "template (default: for chat models)."),
     device: str | None = DEVICE, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
     as_json: bool = JSON,
 ) -> None:
@@ -234,7 +247,8 @@ def eval_(
         overrides.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
-    overrides += _flags({"eval.limit": limit, "eval.batch_size": batch_size, "run.out": out, "run.device": device})
+    overrides += _flags({"eval.limit": limit, "eval.batch_size": batch_size, "run.out": out, "run.device": device,
+                         "eval.chat": chat})
     _run_stage("eval", targets[0] if is_recipe else None, overrides + set_, dry_run, force=force, json=as_json)
 
 

@@ -179,7 +179,9 @@ def _construct(loader: RecipeLoader, node: yaml.Node, path: str, problems: list,
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as e:
         problems.append(f"{file}:{node.start_mark.line + 1}: {path or 'recipe'}: {_problem(e)}")
-        return _BAD
+    except ValueError:  # an integer of thousands of digits (Python refuses to convert those)
+        problems.append(f"{file}:{node.start_mark.line + 1}: {path or 'recipe'}: a number too long to read")
+    return _BAD
 
 
 PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
@@ -229,8 +231,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise UsageError(f"--set {item}: expected KEY.PATH=VALUE, e.g. --set optim.lr=1e-3")
     try:
         value = safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise UsageError(f"--set {item}: cannot parse the value {raw!r}") from None
+    except (yaml.YAMLError, ValueError, RecursionError):
+        raise UsageError(f"--set {key}: cannot read the value ({raw[:40]!r}{'…' if len(raw) > 40 else ''})") from None
     return key, value
 
 
@@ -370,7 +372,7 @@ def _check_range(value: Any, f: dataclasses.Field, path: str, source: Source, pr
         bound = m.get(key)
         if bound is not None and not ok(value, bound):
             shown = f"{bound:,}" if isinstance(bound, int) and abs(bound) >= 10_000 else f"{bound:g}"
-            problems.append(f"{source.where(path)}: {path}: {value!r} is out of range (must be {words} {shown})")
+            problems.append(f"{source.where(path)}: {path}: {_short(value)} is out of range (must be {words} {shown})")
 
 
 def _check(cfg: Any, path: str, source: Source, problems: list[str]) -> None:
@@ -399,7 +401,16 @@ def _describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_short(value)}"
+
+
+def _short(value: Any) -> str:
+    """repr(value), cut to a readable length (a 5,000-digit number is not worth printing; Python may refuse to)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "(a number too long to print)"
+    return text if len(text) <= 60 else text[:57] + "…"
 
 
 def to_dict(cfg: Any, stage: str | None = None) -> dict:

@@ -45,4 +45,4 @@ def test_reliability_counts():
     assert f"{len(checkpoint_cases()) + len(CHAT_CASES)} hostile checkpoint dirs" in README
     from tests.hostile.test_task_files import CASES
 
-    assert f"{len(CASES)} hostile eval task and prompt files" in README
+    assert f"{len(CASES)} hostile eval task, chat data and prompt files" in README

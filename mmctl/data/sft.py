@@ -21,17 +21,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mmctl.data.chat import ROLES
 from mmctl.errors import DataError
 
 
 def conversation(record: dict, where: str) -> list[dict]:
     """One JSONL record in any of the three formats → a list of chat messages."""
+    from mmctl.data.chat import END, START
+
+    messages = _messages(record, where)
+    if any(START in m["content"] or END in m["content"] for m in messages):
+        raise DataError(f"{where}: contains the code point U+E000 or U+E001, reserved for rendering chat templates")
+    return messages
+
+
+def _messages(record: dict, where: str) -> list[dict]:
     from mmctl.data import jsonl
 
     if "messages" in record:
         messages = jsonl.field(record, "messages", list, where)
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+            if not isinstance(m, dict) or m.get("role") not in ROLES or \
                     not isinstance(m.get("content"), str):
                 raise DataError(f"{where}: messages[{i}] is not {{role: system|user|assistant, content: text}}")
         if not any(m["role"] == "assistant" for m in messages):
@@ -109,6 +119,8 @@ def pack(examples: list[Example], seq_len: int, pad_id: int) -> Rows:
     ids, mask, docs = [], [], []
     cut = 0
     for example in examples:
+        if not example.ids or len(example.ids) != len(example.mask):
+            raise DataError("an encoded conversation is empty or its mask does not match its tokens")
         if len(example.ids) > seq_len + 1:
             cut += 1
         e_ids, e_mask = example.ids[: seq_len + 1], example.mask[: seq_len + 1]

@@ -10,7 +10,11 @@ A task is a `TaskConfig` — inline in an eval recipe, in a YAML file of its own
 
 Built-in tasks, generated offline from the project's procedural data so the tiny pipeline can show what each
 stage changes: `arithmetic` (generation, the held-out tenth of problems), `arithmetic-mc` (4 choices),
-`stories-mc` (which friend is thanked at the end of a tiny story, 4 choices), `stories-ppl` (fresh stories).
+`stories-mc` (which friend is thanked at the end of a tiny story, 4 choices), `stories-ppl` (fresh stories),
+`story-questions` (generation: who helped, what was found, where, which animal — one-word answers).
+
+Generation tasks ask a chat model (one `mmctl sft` wrote) through its chat template: the item's `question` (or
+its `prompt`) as a user turn, few-shot examples as earlier turns; `--no-chat` asks it in the plain format.
 """
 
 from __future__ import annotations
@@ -24,14 +28,14 @@ from typing import Literal
 from mmctl.errors import DataError, UsageError
 from mmctl.recipe import option
 
-BUILTINS = ("arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl")
+BUILTINS = ("arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl", "story-questions")
 BUILTIN_SEED = 1_000_003  # different from any training recipe's seed: fresh documents
 
 
 @dataclass
 class TaskConfig:
     name: str | None = option(None, "label in the results; default: the built-in's name or the data file's stem")
-    builtin: Literal["arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl"] | None = option(
+    builtin: Literal["arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl", "story-questions"] | None = option(
         None, "a built-in offline task (then kind and data are implied)")
     kind: Literal["perplexity", "multiple_choice", "generation"] | None = option(
         None, "perplexity | multiple_choice | generation")
@@ -44,8 +48,9 @@ class TaskConfig:
                                 ge=1)
     max_new_tokens: int = option(32, "generation: tokens to generate at most", ge=1)
     stop: list[str] = option(list, "generation: stop strings (default: a newline)")
-    extract: str = option("last_number", "generation: last_number | hashes (#### answer) | exact | regex:PATTERN "
-                                         "(the first group, or the whole match)")
+    extract: str | None = option(None, "generation: last_number | hashes (#### answer) | exact | regex:PATTERN "
+                                         "(the first group, or the whole match); unset: last_number (the first word "
+                                         "for story-questions)")
     items: int = option(500, "built-in tasks: how many items to generate", ge=1)
 
     def check(self) -> list[tuple[str, str]]:
@@ -55,6 +60,8 @@ class TaskConfig:
             return [("kind", "missing required value: set kind (or builtin)")]
         if not self.data:
             return [("data", f"missing required value: a {self.kind} task needs data")]
+        if self.extract is None:
+            return []
         if self.extract not in ("last_number", "hashes", "exact") and not self.extract.startswith("regex:"):
             return [("extract", f"{self.extract!r} is not one of last_number, hashes, exact, regex:PATTERN")]
         if self.extract.startswith("regex:"):
@@ -71,8 +78,15 @@ class TaskConfig:
     @property
     def task_kind(self) -> str:
         if self.builtin:
-            return {"arithmetic": "generation", "stories-ppl": "perplexity"}.get(self.builtin, "multiple_choice")
+            return {"arithmetic": "generation", "story-questions": "generation",
+                    "stories-ppl": "perplexity"}.get(self.builtin, "multiple_choice")
         return self.kind
+
+    @property
+    def extraction(self) -> str:
+        """How an answer is read from a completion: as set, else the first word for story-questions (one-word
+        answers), else the last number."""
+        return self.extract or ("regex:([A-Za-z]+)" if self.builtin == "story-questions" else "last_number")
 
 
 def read_jsonl(path: str | Path, required: dict[str, type | tuple]) -> list[dict]:
@@ -118,28 +132,36 @@ def items_of(task: TaskConfig) -> list[dict]:
     raise DataError(f"{path}: not a text or jsonl file")  # shard splits are read by mmctl.stages.eval
 
 
-def fewshot_prefix(task: TaskConfig, seed: int, render) -> str:
-    """`num_fewshot` solved examples from the task's train items, each rendered by `render(item)`, separated by
-    blank lines (lm-eval's defaults), the same examples for every item (seeded)."""
+def fewshot_items(task: TaskConfig, seed: int) -> list[dict]:
+    """`num_fewshot` solved examples from the task's train items, the same for every item (seeded)."""
     if not task.num_fewshot:
-        return ""
+        return []
     if task.builtin:
         pool = builtin_items(task.builtin, task.num_fewshot, seed=BUILTIN_SEED + 1)
     elif task.fewshot_data:
         pool = read_jsonl(task.fewshot_data, MC_FIELDS if task.task_kind == "multiple_choice" else GEN_FIELDS)
     else:
         raise UsageError(f"tasks: {task.label}: num_fewshot needs fewshot_data (the task's train items)")
-    examples = random.Random(seed).sample(pool, min(task.num_fewshot, len(pool)))
-    return "".join(render(item) + "\n\n" for item in examples)
+    return random.Random(seed).sample(pool, min(task.num_fewshot, len(pool)))
+
+
+def fewshot_prefix(task: TaskConfig, seed: int, render) -> str:
+    """The few-shot examples, each rendered by `render(item)`, separated by blank lines (lm-eval's defaults)."""
+    return "".join(render(item) + "\n\n" for item in fewshot_items(task, seed))
 
 
 def builtin_items(name: str, n: int, seed: int = BUILTIN_SEED) -> list[dict]:
     from mmctl.data.synthetic import NAMES, arithmetic_problems, stories
 
     rng = random.Random(f"{name}:{seed}")
-    if name == "arithmetic":
-        return [{"prompt": f"Question: {p.question}\nAnswer:", "answer": p.answer}
+    if name == "arithmetic":  # "question" is what a chat model is asked, as a user turn
+        return [{"prompt": f"Question: {p.question}\nAnswer:", "question": p.question, "answer": p.answer}
                 for p in arithmetic_problems(n, seed, split="test")]
+    if name == "story-questions":
+        from mmctl.data.synthetic import story_questions
+
+        return [{"prompt": f"{story}\nQuestion: {q}\nAnswer:", "question": f"{story}\n\nQuestion: {q}", "answer": a}
+                for story, q, a in story_questions(n, seed)]
     if name == "arithmetic-mc":
         items = []
         for p in arithmetic_problems(n, seed, split="test"):

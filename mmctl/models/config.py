@@ -6,6 +6,7 @@ Each model owns its config mapping (DESIGN §10): this one is the Llama family's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from mmctl.errors import DataError, UsageError
@@ -30,7 +31,8 @@ class ModelConfig:
     vocab_size: int = option(512, "vocabulary size (tokens)", ge=1)
     hidden_size: int = option(128, "width of the residual stream (C)", ge=1)
     intermediate_size: int = option(384, "width of the SwiGLU MLP (F)", ge=1)
-    num_layers: int = option(4, "number of transformer blocks (L)", ge=1)
+    num_layers: int = option(4, "number of transformer blocks (L; at most 1024 — published models use ≤ 128)", ge=1,
+                             le=1024)
     num_heads: int = option(4, "query heads per layer (H)", ge=1)
     num_kv_heads: int = option(2, "key/value heads per layer (K): H for MHA, 1 for MQA, between for GQA", ge=1)
     head_dim: int | None = option(None, "width of one head (D); null means hidden_size / num_heads", ge=2)
@@ -66,8 +68,10 @@ class ModelConfig:
                 problems.append(("rope_scaling", "only rope_type llama3 is supported"))
             elif extra or missing:
                 problems.append(("rope_scaling", f"expected exactly the keys {', '.join(ROPE_SCALING_KEYS)}"))
-            elif not all(isinstance(self.rope_scaling[k], (int, float)) for k in ROPE_SCALING_KEYS):
-                problems.append(("rope_scaling", "every value must be a number"))
+            elif not all(isinstance(self.rope_scaling[k], (int, float)) and not isinstance(self.rope_scaling[k], bool)
+                         and math.isfinite(self.rope_scaling[k]) and self.rope_scaling[k] > 0
+                         for k in ROPE_SCALING_KEYS):
+                problems.append(("rope_scaling", "every value must be a positive finite number"))
             elif not 0 < self.rope_scaling["low_freq_factor"] < self.rope_scaling["high_freq_factor"]:
                 problems.append(("rope_scaling", "needs 0 < low_freq_factor < high_freq_factor"))
         return problems

@@ -73,7 +73,7 @@ class LoRALinear(nn.Module):
         """The plain linear layer W + scaling · B A (in W's dtype)."""
         base = self.base_layer
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=base.weight.device, dtype=base.weight.dtype)
+                           device=base.weight.device, dtype=base.weight.dtype).requires_grad_(False)
         with torch.no_grad():
             delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
             merged.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
@@ -85,9 +85,15 @@ class LoRALinear(nn.Module):
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     """Freeze `model` and wrap every nn.Linear whose name ends in one of cfg.target_modules; returns their names."""
     model.requires_grad_(False)
+    shared = {}  # parameters used under two names (a head tied to the embeddings)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
     wrapped = []
     for name, module in list(model.named_modules()):
         if name.rsplit(".", 1)[-1] in cfg.target_modules and isinstance(module, nn.Linear):
+            if shared.get(id(module.weight), 0) > 1:
+                raise UsageError(f"lora.target_modules: {name} shares its weight with another module (tied "
+                                 "embeddings); merging would untie them")
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, LoRALinear.from_linear(module, cfg))
             wrapped.append(name)
@@ -141,18 +147,18 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     path = Path(path)
     config = hf.read_json(path / ADAPTER_CONFIG)
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern") or \
-            config.get("alpha_pattern"):
+            config.get("alpha_pattern") or config.get("layers_to_transform") is not None:
         raise DataError(f"{path / ADAPTER_CONFIG}: only plain LoRA adapters are supported (no DoRA, no per-module "
-                        "ranks)")
+                        "ranks, no layers_to_transform)")
     from mmctl import recipe
 
     fields = {"r": config.get("r"), "alpha": config.get("lora_alpha"), "dropout": config.get("lora_dropout") or 0.0,
-              "target_modules": config.get("target_modules"), "rslora": bool(config.get("use_rslora", False))}
-    try:
+              "target_modules": config.get("target_modules"), "rslora": config.get("use_rslora", False)}
+    try:  # the adapter's config is input data: its problems are exit 3, like a checkpoint's config.json
         cfg = recipe.build(LoRAConfig, fields, recipe.Source(str(path / ADAPTER_CONFIG), {}, set()))
+        apply_lora(model, cfg)
     except UsageError as e:
-        raise DataError(*e.problems) from None
-    apply_lora(model, cfg)
+        raise DataError(*(f"{path / ADAPTER_CONFIG}: {p}" for p in e.problems)) from None
     expected = {name: tuple(t.shape) for name, t in adapter_tensors(model).items()}
     tensors = hf.read_tensors(path, expected, weights=ADAPTER_WEIGHTS)
     params = dict(model.named_parameters())

@@ -348,14 +348,18 @@ class Transformer(nn.Module):
 
 # --- checkpoint dirs -----------------------------------------------------------------------------------------
 
-def checkpoint_files(model: Transformer, tokenizer=None) -> dict[str, dict]:
-    """config.json and generation_config.json for `model` (with the tokenizer's bos/eos/pad ids)."""
+CHAT_MARK = "mmctl_chat_model"  # generation_config.json: true when the model was tuned on chat turns (sft, rl)
+
+
+def checkpoint_files(model: Transformer, tokenizer=None, chat: bool = False) -> dict[str, dict]:
+    """config.json and generation_config.json for `model` (with the tokenizer's bos/eos/pad ids; `chat` marks a
+    model tuned to answer through its chat template, which is how `mmctl eval` then asks it questions)."""
     special = tokenizer.special_token_ids() if tokenizer is not None else {}
     return {"config.json": {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch.")},
-            "generation_config.json": {**special, "do_sample": False}}
+            "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})}}
 
 
-def save_checkpoint(model: Transformer, out: str | Path, tokenizer=None) -> Path:
+def save_checkpoint(model: Transformer, out: str | Path, tokenizer=None, chat: bool = False) -> Path:
     """Write `model` (and `tokenizer`'s files) as a Hugging Face checkpoint dir that
     `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline."""
     from mmctl.models import hf
@@ -363,7 +367,15 @@ def save_checkpoint(model: Transformer, out: str | Path, tokenizer=None) -> Path
     state = model.state_dict()
     if model.cfg.tie_embeddings:  # transformers stores a tied head once, under the embedding's name
         state.pop("lm_head.weight")
-    return hf.write_dir(out, state, checkpoint_files(model, tokenizer), tokenizer.files() if tokenizer else [])
+    return hf.write_dir(out, state, checkpoint_files(model, tokenizer, chat), tokenizer.files() if tokenizer else [])
+
+
+def is_chat_model(path: str | Path) -> bool:
+    """Whether checkpoint dir `path` was tuned on chat turns (see CHAT_MARK)."""
+    from mmctl.models import hf
+
+    file = Path(path) / "generation_config.json"
+    return file.is_file() and hf.read_json(file).get(CHAT_MARK) is True
 
 
 def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

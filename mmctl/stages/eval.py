@@ -32,6 +32,8 @@ class EvalRun(RunConfig):
 class EvalSection:
     batch_size: int = option(8, "sequences per forward pass (scores do not depend on it)", ge=1)
     limit: int | None = option(None, "score at most this many items per task", ge=1)
+    chat: bool | None = option(None, "ask generation tasks through the chat template; unset: for chat models (those "
+                                     "`mmctl sft` writes)")
 
 
 @dataclass
@@ -81,10 +83,11 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
         model, tok = transformer.load_with_tokenizer(ckpt, device=device)
-        entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "tasks": {}}
+        chat = cfg.eval.chat if cfg.eval.chat is not None else transformer.is_chat_model(ckpt)
+        entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
-            metrics, task_samples = score(model, tok, task, cfg, stats)
+            metrics, task_samples = score(model, tok, task, cfg, stats, chat)
             metrics["throughput"] = throughput(stats)
             entry["tasks"][task.label] = metrics
             samples += [{"checkpoint": ckpt, "task": task.label, **s} for s in task_samples]
@@ -97,7 +100,7 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     return StageResult(out, results)
 
 
-def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict) -> tuple[dict, list[dict]]:
+def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict, chat: bool = False) -> tuple[dict, list[dict]]:
     from mmctl.evals import generation, multiple_choice, perplexity
     from mmctl.evals.tasks import items_of
 
@@ -110,7 +113,9 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict) -> tuple[d
     module = {"perplexity": perplexity, "multiple_choice": multiple_choice, "generation": generation}[kind]
     if kind == "perplexity":
         items = [item["text"] for item in items]
-    return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats)
+    extra = {"chat": chat} if kind == "generation" else {}
+    return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats,
+                           **extra)
 
 
 def task_from_flag(name: str, data: str | None) -> dict:

@@ -232,7 +232,10 @@ def load(directory: str | Path) -> Tokenizer:
         config.update(data)
     template = directory / "chat_template.jinja"  # where transformers ≥ 4.50 saves a chat template
     if not config.get("chat_template") and template.exists():
-        config["chat_template"] = regular_file(template).read_text(encoding="utf-8")
+        try:
+            config["chat_template"] = regular_file(template).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{template}: not UTF-8 text (byte {e.start})") from None
     backend.encode_special_tokens = True
     return Tokenizer(directory, backend, config)
 

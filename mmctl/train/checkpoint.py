@@ -116,9 +116,13 @@ def problem(path: Path) -> str | None:
             and isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5
             and isinstance(rng["numpy"][1], list) and len(rng["numpy"][1]) == 624):
         return f"{path / 'state.json'}: the random number generator states are malformed"
-    if not isinstance(state.get("extra", {}), dict):
-        return f"{path / 'state.json'}: extra is not a mapping"
-    for name, digest in (state.get("files") or {}).items():
+    extra, files = state.get("extra", {}), state.get("files") or {}
+    if not isinstance(extra, dict) or not isinstance(extra.get("fingerprint", {}), dict) or \
+            not isinstance(extra.get("last", {}), dict) or not isinstance(extra.get("tokens", 0), int):
+        return f"{path / 'state.json'}: extra (fingerprint, last metrics, tokens) is malformed"
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        return f"{path / 'state.json'}: files is not a mapping of sha256 digests"
+    for name, digest in files.items():
         if name not in FILES or sha256_file(Path(path) / name) != digest:
             return f"{path / name}: does not match the sha256 recorded when it was saved (truncated or changed)"
     return None
@@ -128,8 +132,8 @@ def read_state(path: Path) -> dict:
     """A checkpoint's state.json (step, hyperparameters, RNG states, the caller's extra state)."""
     try:
         state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable checkpoint state ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise DataError(f"{path}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise DataError(f"{path / 'state.json'}: expected a JSON object")
     return state
@@ -191,6 +195,8 @@ def _optimizer_state(tensors: dict, index_of: dict[str, int], path: Path) -> dic
     state: dict = {}
     for key, value in tensors.items():
         if key.startswith("state."):
+            if "." not in key[len("state."):]:
+                raise DataError(f"{path / 'optimizer.safetensors'}: malformed optimizer state key {key!r}")
             name, field = key[len("state."):].rsplit(".", 1)
             if name not in index_of:
                 raise DataError(f"{path / 'optimizer.safetensors'}: optimizer state for {name!r}, which the run "
@@ -199,14 +205,20 @@ def _optimizer_state(tensors: dict, index_of: dict[str, int], path: Path) -> dic
     return state
 
 
-def prune(directory: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; remove older ones and leftover temporary directories."""
+def prune(directory: Path, keep: int, upto: int | None = None) -> None:
+    """Keep the newest `keep` checkpoints; remove older ones and leftover temporary directories. With `upto`
+    (the step just saved), checkpoints after it are removed too: they were skipped as corrupt on resume, or
+    belong to a longer run this one is not."""
     directory = Path(directory)
     if not directory.is_dir():
         return
     done = sorted((p for p in directory.iterdir() if STEP_DIR.match(p.name)),
                   key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-    for old in done[:-keep] if keep else []:
+    if upto is not None:
+        for later in [p for p in done if int(STEP_DIR.match(p.name).group(1)) > upto]:
+            shutil.rmtree(later)
+        done = [p for p in done if int(STEP_DIR.match(p.name).group(1)) <= upto]
+    for old in done[:-keep] if keep else done:  # keep=0: all of them (--fresh)
         shutil.rmtree(old)
     for tmp in directory.glob(".step-*.tmp-*"):
         shutil.rmtree(tmp, ignore_errors=True)

@@ -317,7 +317,7 @@ def _evaluate(evaluate: Callable[[int], dict], done: int, log: Callable[[dict], 
 def _save(ckpt_dir: Path, done: int, model, optimizer, cfg: TrainConfig, dist: Dist, export, extra: dict) -> None:
     if dist.main:
         checkpoint.save(ckpt_dir, done, model, optimizer, extra, export=export)
-        checkpoint.prune(ckpt_dir, cfg.keep_checkpoints)
+        checkpoint.prune(ckpt_dir, cfg.keep_checkpoints, upto=done)
     dist.barrier()
 
 

@@ -102,6 +102,18 @@ BAD_VALUES = {
         "trian.steps": ["10"],
         "model.hidden_sise": ["64"],
     },
+    "sft": {
+        "base": ["null", "[a]"],
+        "method": ["qlora", "LoRA"],
+        "lora.r": ["0", "1e9", "'8'"],
+        "lora.alpha": ["0", ".inf"],
+        "lora.dropout": ["1.0", "-0.1"],
+        "lora.target_modules": ["[]", "q_proj"],
+        "data.sources": ["[]", "[{kind: jsonl}]", "[{kind: arithmetic}]", "[{kind: arithmetic, path: x}]",
+                         "[{kind: chats, path: x}]", "[{kind: arithmetic, conversations: 0}]"],
+        "data.val_fraction": ["1", "-1"],
+        "data.packing": ["'yes'"],
+    },
     "eval": {
         "checkpoints": ["[]", "a", "[[a]]"],
         "tasks": ["[]", "[{builtin: trivia}]", "[{kind: generation}]", "[{kind: perplexity, data: a, stride: 0}]",
@@ -128,6 +140,7 @@ VALID = {  # a minimal valid recipe per stage (values as YAML text), before the 
     "tokenize": {"data": {"sources": "[{kind: stories, documents: 10}]"}},
     "pretrain": {"data": {"path": "out/tokenize"}},
     "eval": {"checkpoints": "[ckpt]", "tasks": "[{builtin: arithmetic}]"},
+    "sft": {"base": "ckpt", "data": {"sources": "[{kind: arithmetic, conversations: 10}]"}},
     "account": {"model": {"preset": "gpt2"}},
 }
 

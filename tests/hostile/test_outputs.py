@@ -55,8 +55,9 @@ def shards(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("field, value", [("model.hidden_size", 1_000_000_000), ("model.num_layers", 100_000_000),
-                                          ("model.vocab_size", 16_000_000_000), ("train.batch_size", 2**40)])
+@pytest.mark.parametrize("field, value", [("model.hidden_size", 1_000_000_000),
+                                          ("model.vocab_size", 16_000_000_000), ("train.batch_size", 2**40),
+                                          ("model.intermediate_size", 10**12)])
 def test_a_model_no_machine_holds_is_refused_before_allocating(shards, tmp_path, field, value):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"stage: pretrain\nrun:\n  out: {tmp_path / 'out'}\ndata:\n  path: {shards}\n"

@@ -1,5 +1,6 @@
-"""Hostile eval task files and prompt files: jsonl items and task YAML that are malformed, mistyped, binary or
-dangerous. `mmctl eval` / `mmctl generate` end in the expected exit code with one line naming the file."""
+"""Hostile eval task files, chat data files and prompt files: jsonl items and task YAML that are malformed,
+mistyped, binary or dangerous. `mmctl eval` / `sft` / `generate` end in the expected exit code with one line naming
+the file."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ CASES = [  # (name, file name, content, argv after the checkpoint, exit code)
     ("task-yaml-binary", "t.yaml", b"kind: \xff\n", ["--task"], 2),
     ("task-yaml-list", "t.yaml", "- kind\n", ["--task"], 2),
     ("task-yaml-bad-regex", "t.yaml", "kind: generation\ndata: x.jsonl\nextract: 'regex:('\n", ["--task"], 2),
+    ("chat-not-json", "c.jsonl", '{"prompt": "a", "completion": "b"}\n{oops\n', ["sft"], 3),
+    ("chat-no-assistant", "c.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', ["sft"], 3),
+    ("chat-bad-role", "c.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', ["sft"], 3),
+    ("chat-unknown-format", "c.jsonl", '{"text": "x"}\n', ["sft"], 3),
+    ("chat-reserved-character", "c.jsonl", '{"prompt": "\\ue000", "completion": "b"}\n', ["sft"], 3),
+    ("chat-binary", "c.jsonl", b"\xff\xfe\n", ["sft"], 3),
     ("prompts-not-json", "p.jsonl", '{"prompt": "a"}\n{oops\n', ["--prompts"], 3),
     ("prompts-no-field", "p.jsonl", '{"text": "a"}\n', ["--prompts"], 3),
     ("prompts-binary", "p.txt", b"\xff\xfe\n", ["--prompts"], 3),
@@ -53,8 +60,16 @@ def results(checkpoint, tmp_path_factory):
         case.mkdir()
         path = case / file
         path.write_bytes(content if isinstance(content, bytes) else content.encode())
-        command = ["generate", str(checkpoint), *flags, str(path)] if flags == ["--prompts"] else \
-            ["eval", str(checkpoint), *flags, str(path), "--out", str(case / "out")]
+        if flags == ["sft"]:  # a chat data file, through an sft recipe that names it
+            recipe = case / "sft.yaml"
+            recipe.write_text(f"stage: sft\nrun:\n  out: {case / 'out'}\nbase: {checkpoint}\ndata:\n  sources:\n"
+                              f"    - {{kind: jsonl, path: {path}}}\n"
+                              "train:\n  steps: 1\n  batch_size: 1\n  seq_len: 32\n")
+            command = ["sft", str(recipe)]
+        elif flags == ["--prompts"]:
+            command = ["generate", str(checkpoint), *flags, str(path)]
+        else:
+            command = ["eval", str(checkpoint), *flags, str(path), "--out", str(case / "out")]
         jobs.append({"name": name, "argv": command, "cwd": str(case)})
     (tmp / "cases.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, "-m", "tests.hostile.worker", str(tmp / "cases.json"),

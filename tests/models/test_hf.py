@@ -248,6 +248,6 @@ def test_a_fifo_config_is_refused_not_read(tmp_path):
 def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_path):
     path = transformer.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
     config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10_000_000}))
+    (path / "config.json").write_text(json.dumps({**config, "vocab_size": 10**9, "intermediate_size": 10**7}))
     with pytest.raises(DataError, match="more than twice what the weight files hold"):
         transformer.load_checkpoint(path)

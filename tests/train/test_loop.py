@@ -390,3 +390,11 @@ def test_lora_training_resumes_bit_exactly_and_checkpoints_only_adapters(tmp_pat
 
     saved = load_file(checkpoint.latest(tmp_path / "part" / "checkpoints") / "model.safetensors")
     assert sorted(saved) == ["head.lora_A.weight", "head.lora_B.weight"]
+
+
+def test_prune_to_zero_removes_every_checkpoint(tmp_path):
+    """What --fresh does: no checkpoint is left to resume from."""
+    run(tmp_path, steps=8)
+    assert checkpoint.latest(tmp_path / "checkpoints") is not None
+    checkpoint.prune(tmp_path / "checkpoints", keep=0)
+    assert checkpoint.latest(tmp_path / "checkpoints") is None

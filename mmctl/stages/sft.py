@@ -1,0 +1,272 @@
+"""`mmctl sft`: supervised fine-tuning of a checkpoint on conversations — full, or LoRA — with the loss on what
+the assistant says.
+
+TRL's SFTTrainer (assistant-only loss, packing) and torchtune's LoRA recipes as a recipe-driven stage on the one
+training loop: conversations from JSONL files (chat, prompt–completion or alpaca) or built-in offline sets
+(`mmctl/data/sft.py`) go through the tokenizer's chat template; the loss is summed over the trained tokens and
+normalised once per step by their number across micro-batches and processes. Rows are packed (several
+conversations per row, each attending only to itself) or padded. A held-out share of the conversations gives a
+validation loss at every evaluation, beside a greedy answer to a sample prompt.
+
+Writes `<out>/model/` — the merged Hugging Face checkpoint, marked as a chat model in generation_config.json
+so `mmctl eval` asks it questions through its chat template — and, for LoRA, `<out>/adapter/` in PEFT's format.
+Leaves out (for now): QLoRA, `--inspect`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mmctl import recipe
+from mmctl.artifacts import Run
+from mmctl.console import console
+from mmctl.errors import UsageError
+from mmctl.models.lora import LoRAConfig
+from mmctl.recipe import option
+from mmctl.runtime import RunConfig
+from mmctl.stages import Options, StageResult
+from mmctl.train.loop import TrainConfig
+from mmctl.train.optim import OptimConfig
+
+STAGE = "sft"
+
+
+@dataclass
+class SFTRun(RunConfig):
+    out: str = option("out/sft", "output directory: model/ (and adapter/), checkpoints/, metrics.jsonl, manifest.json")
+
+
+@dataclass
+class ChatSource:
+    kind: Literal["jsonl", "arithmetic", "story-questions"] = option(
+        None, "jsonl (chat, prompt/completion or alpaca lines) | arithmetic | story-questions (built-in)",
+        required=True)
+    path: str | None = option(None, "jsonl: the file")
+    conversations: int | None = option(None, "built-ins: how many to generate; jsonl: read at most this many",
+                                       ge=1, le=10**8)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.kind == "jsonl" and not self.path:
+            return [("path", "missing required value: a jsonl source needs a path")]
+        if self.kind != "jsonl" and self.path:
+            return [("path", f"a {self.kind} source is built in and takes no path")]
+        if self.kind != "jsonl" and not self.conversations:
+            return [("conversations", f"missing required value: how many {self.kind} conversations to generate")]
+        return []
+
+
+@dataclass
+class DataSection:
+    sources: list[ChatSource] = option(list, "the conversations, mixed (fields: kind, path, conversations)")
+    train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
+    packing: bool = option(True, "several conversations per row (each attends only to itself); false: one per row")
+    val_fraction: float = option(0.05, "share of conversations held out for the validation loss", ge=0, lt=1)
+
+    def check(self) -> list[tuple[str, str]]:
+        return [] if self.sources else [("sources", "missing required value: at least one source")]
+
+
+@dataclass
+class EvalSection:
+    sample_prompt: str = option("What is 12 + 7?", "a user message answered greedily at each evaluation")
+    sample_tokens: int = option(24, "tokens of that answer at most", ge=1)
+
+
+@dataclass
+class SFTConfig:
+    run: SFTRun = option(SFTRun, "output directory, seed and device")
+    base: str = option(None, "the checkpoint to fine-tune: an mmctl model/ dir or a local Llama / Qwen2 / SmolLM "
+                             "Hugging Face dir", required=True)
+    method: Literal["full", "lora"] = option("full", "full: every weight trains | lora: low-rank adapters on a "
+                                                     "frozen base")
+    lora: LoRAConfig = option(LoRAConfig, "the adapters when method is lora (mmctl/models/lora.py)")
+    data: DataSection = option(DataSection, "the conversations and how rows are made")
+    optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
+    train: TrainConfig = option(TrainConfig, "steps, batch, row length (seq_len), precision, schedules")
+    eval: EvalSection = option(EvalSection, "what each evaluation shows")
+
+
+def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
+    """Fine-tune `base`, then write <out>/model/ (merged) and, for LoRA, <out>/adapter/."""
+    import torch
+
+    from mmctl.models import lora, transformer
+    from mmctl.runtime import pick_device, pick_precision, setup_distributed
+    from mmctl.train import checkpoint
+    from mmctl.train.loop import resumable, train, with_frozen
+
+    out, base = Path(cfg.run.out), Path(cfg.base)
+    dist = setup_distributed(pick_device(cfg.run.device))
+    inputs = {"base": base, **{f"sources[{i}]": Path(s.path) for i, s in enumerate(cfg.data.sources) if s.path}}
+    run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed, lock=dist.main)
+    if not options.force and run_dir.up_to_date():
+        return StageResult(out, run_dir.results(), up_to_date=True)
+    model, tok = transformer.load_with_tokenizer(base, device=dist.device)
+    if cfg.train.seq_len > model.cfg.max_position_embeddings:
+        raise UsageError(f"train.seq_len: {cfg.train.seq_len} exceeds the base model's context "
+                         f"({model.cfg.max_position_embeddings})")
+    train_rows, val_rows, stats = _rows(cfg, tok)
+    model.train()
+    torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
+    if cfg.method == "lora":
+        lora.apply_lora(model, cfg.lora)
+    fingerprint = with_frozen(model, {"base": run_dir.inputs["base"]["sha256"], "method": cfg.method,
+                                      "lora": recipe.to_dict(cfg.lora), "data": recipe.to_dict(cfg.data),
+                                      "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
+                                      "run.seed": cfg.run.seed})
+    if options.fresh and dist.main:
+        checkpoint.prune(out / "checkpoints", keep=0)
+    dist.barrier()
+    resume = resumable(out / "checkpoints", fingerprint, options.force_resume)
+    if dist.main:
+        run_dir.start(keep_metrics_through=int(resume.name.split("-")[1]) if resume else None)
+    precision = pick_precision(cfg.train.precision, dist.device)
+    start = time.time()
+    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, train_rows, tok.pad_id or 0, dist),
+                 loss_fn=trained_token_loss, out=out, log=run_dir.log,
+                 evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
+                 export=(lambda d: _export(model, tok, d)) if cfg.method == "full" else None,
+                 fingerprint=fingerprint, force_resume=options.force_resume, precision=precision, dist=dist)
+    if not dist.main:
+        return StageResult(out, {})
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    if cfg.method == "lora":
+        lora.save_adapter(model, out / "adapter", cfg.lora, base_model=str(base))
+        lora.merge(model)
+    model.eval()
+    transformer.save_checkpoint(model, out / "model", tok, chat=True)
+    results = {"final": last, "seconds": time.time() - start, "method": cfg.method,
+               "params": {"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
+               "data": stats}
+    run_dir.finish(results, device=dist.device)
+    return StageResult(out, results)
+
+
+def _rows(cfg: SFTConfig, tok):
+    """(train rows, validation rows, statistics): conversations read, shuffled with the seed, split, encoded and
+    packed (or padded) into rows of train.seq_len + 1 tokens."""
+    import random
+
+    from mmctl.data import sft
+
+    conversations = []
+    for source in cfg.data.sources:
+        if source.kind == "jsonl":
+            conversations += sft.read_conversations(source.path)[: source.conversations]
+        else:
+            conversations += sft.builtin(source.kind, source.conversations, cfg.run.seed)
+    random.Random(f"sft:{cfg.run.seed}").shuffle(conversations)
+    n_val = round(len(conversations) * cfg.data.val_fraction)
+    examples = [sft.encode(c, tok, cfg.data.train_on_prompt) for c in conversations]
+    make = sft.pack if cfg.data.packing else sft.pad
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    train_rows, val_rows = make(examples[n_val:], cfg.train.seq_len, pad_id), make(examples[:n_val], cfg.train.seq_len,
+                                                                                   pad_id)
+    if not train_rows.ids or not any(any(r) for r in train_rows.trained):
+        raise UsageError("data: no training conversation has a trained token (empty assistant turns, or rows too "
+                         "short: raise train.seq_len)")
+    cells = len(train_rows.ids) * cfg.train.seq_len
+    trained = sum(map(sum, train_rows.trained))
+    stats = {"conversations": len(conversations), "validation_conversations": n_val, "rows": len(train_rows.ids),
+             "trained_tokens": trained, "trained_fraction": trained / cells,
+             "real_fraction": sum(len(e.ids) for e in examples[n_val:]) / (cells + len(train_rows.ids)),
+             "cut_conversations": train_rows.cut}
+    console.print(f"sft data: {len(conversations):,} conversations ({n_val} held out) in {len(train_rows.ids):,} "
+                  f"rows; {100 * stats['trained_fraction']:.1f}% of positions trained, "
+                  f"{100 * stats['real_fraction']:.1f}% real tokens, {train_rows.cut} cut short")
+    return train_rows, val_rows, stats
+
+
+def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
+    """batches(step, rank) → micro-batches of rows drawn as a function of (seed, step, row), as pretrain's are."""
+    import numpy as np
+
+    from mmctl.train.loop import micro_batches
+
+    per_micro, accum = micro_batches(cfg.train, dist.world)
+
+    def batches(step: int, rank: int) -> list:
+        out = []
+        for m in range(accum):
+            first = (rank * accum + m) * per_micro
+            picks = [int(np.random.default_rng([cfg.run.seed, step, r]).integers(len(rows.ids)))
+                     for r in range(first, first + per_micro)]
+            out.append(_tensors(rows, picks, pad_id, dist.device))
+        return out
+
+    return batches
+
+
+def _tensors(rows, picks: list[int], pad_id: int, device) -> dict:
+    import torch
+
+    batch = {"ids": torch.tensor([rows.ids[i] for i in picks], device=device),
+             "trained": torch.tensor([rows.trained[i] for i in picks], device=device, dtype=torch.float32)}
+    if rows.document_ids is not None:
+        batch["document_ids"] = torch.tensor([rows.document_ids[i] for i in picks], device=device)
+    batch["real"] = int((batch["ids"][:, :-1] != pad_id).sum())
+    return batch
+
+
+def trained_token_loss(model, batch):
+    """Cross-entropy summed over the trained target tokens (the assistant's, unless train_on_prompt)."""
+    import torch
+
+    from mmctl.train.loop import LossOut
+
+    inputs, targets = batch["ids"][:, :-1], batch["ids"][:, 1:]
+    logits = model(inputs, document_ids=batch.get("document_ids"))
+    per_token = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                                  reduction="none").view(targets.shape)
+    return LossOut((per_token * batch["trained"]).sum(), batch["trained"].sum(), batch["real"])
+
+
+def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str) -> dict:
+    """Validation loss per trained token over the held-out conversations, and a greedy answer to the sample."""
+    import torch
+
+    from mmctl.data.chat import render
+    from mmctl.generate import SamplingConfig, completion_text, generate
+    from mmctl.runtime import autocast
+
+    model.eval()
+    result = {}
+    if val_rows.ids:
+        nats, count = 0.0, 0.0
+        with torch.no_grad(), autocast(precision, device):
+            for i in range(0, len(val_rows.ids), 8):
+                out = trained_token_loss(model, _tensors(val_rows, list(range(i, min(i + 8, len(val_rows.ids)))),
+                                                         tok.pad_id or 0, device))
+                nats, count = nats + float(out.sum), count + float(out.count)
+        if count:
+            result["val_loss"] = nats / count
+    prompt = tok.encode_special(render([{"role": "user", "content": cfg.eval.sample_prompt}], tok.chat_template,
+                                       add_generation_prompt=True))
+    stops = [tok.eos_id] + ([tok.token_id("<|end|>")] if tok.token_id("<|end|>") is not None else [])
+    answer = generate(model, [prompt], SamplingConfig(max_new_tokens=cfg.eval.sample_tokens), stop_token_ids=stops)
+    model.train()
+    return {**result, "sample": f"{cfg.eval.sample_prompt} → {completion_text(tok, answer.completions[0])}"}
+
+
+def _export(model, tok, directory: Path) -> None:
+    """A full fine-tune's training checkpoints hold the whole model: make them loadable by eval and generate."""
+    from mmctl.models import hf
+    from mmctl.models.transformer import checkpoint_files
+
+    hf.write_files(directory, None, checkpoint_files(model, tok, chat=True), tok.files())
+
+
+def render(result: StageResult) -> None:
+    r = result.results
+    final, p = r["final"], r["params"]
+    console.print(f"{r['method']} fine-tuning: {p['trainable']:,} of {p['total']:,} parameters trained "
+                  f"({100 * p['trainable_fraction']:.2f}%), {final.get('step')} steps in {r['seconds']:.0f} s: "
+                  f"loss {final.get('loss', float('nan')):.3f}, val loss {final.get('val_loss', float('nan')):.3f}")
+    if "sample" in final:
+        console.print(f"sample: {final['sample']!r}", soft_wrap=True)
+    console.print(f"model: {result.out / 'model'}" + (f"; adapter: {result.out / 'adapter'}"
+                                                      if r["method"] == "lora" else ""))
