@@ -6,7 +6,8 @@ atomically. Each model owns its config.json mapping (the decoder's in mmctl/mode
 belong to mmctl/tokenizer.
 
 Safety: pickle weights (`.bin`, `.pt`, … — loading them can run code) are refused, never read; shard paths and
-weight files are resolved and must stay inside the checkpoint dir (a symlink pointing out is refused); only
+weight files are resolved and must stay inside the checkpoint dir (a symlink pointing out is refused, except a
+hub cache snapshot's links into its own repository's blobs); only
 regular files are read (a FIFO would hang). Integer tensors (int8 weights, packed int4, zero points) keep their
 dtype; only floating tensors are cast to the dtype asked for.
 """
@@ -41,10 +42,14 @@ def read_json(path: str | Path) -> dict:
 
 
 def confined(directory: Path, name: str, named_in: Path) -> Path:
-    """`directory / name`, resolved (symlinks followed), which must still lie inside `directory`."""
-    root = directory.resolve()
+    """`directory / name`, resolved (symlinks followed), which must still lie inside `directory` — or, for a
+    Hugging Face hub cache snapshot (`<repo>/snapshots/<revision>/`, whose files link to `<repo>/blobs/<hash>`),
+    inside that repository's blobs."""
+    roots = [directory.resolve()]
+    if directory.resolve().parent.name == "snapshots":
+        roots.append(directory.resolve().parent.parent / "blobs")
     target = (directory / name).resolve()
-    if target.parent != root and root not in target.parents:
+    if not any(target.parent == root or root in target.parents for root in roots):
         raise UnsafeInputError(f"{named_in}: {name!r} is outside the checkpoint dir {directory}")
     return target
 

@@ -251,3 +251,23 @@ def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_pat
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": 10**9, "intermediate_size": 10**7}))
     with pytest.raises(DataError, match="more than twice what the weight files hold"):
         transformer.load_checkpoint(path)
+
+
+def test_a_hub_cache_snapshot_loads(tmp_path):
+    """The Hugging Face cache links snapshots/<rev>/model.safetensors to ../../blobs/<hash>: that is allowed,
+    a link anywhere else is not."""
+    source = transformer.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    for f in source.iterdir():
+        blob = repo / "blobs" / f"hash-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
+    loaded = transformer.load_checkpoint(snapshot)
+    assert torch.equal(loaded.lm_head.weight, transformer.load_checkpoint(source).lm_head.weight)
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(source / "model.safetensors")  # outside the repository
+    with pytest.raises(UnsafeInputError, match="outside the checkpoint dir"):
+        transformer.load_checkpoint(snapshot)
