@@ -125,7 +125,7 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
         run_dir.start(keep_metrics_through=int(resume.name.split("-")[1]) if resume else None)
     precision = pick_precision(cfg.train.precision, dist.device)
     start = time.time()
-    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, train_rows, tok.pad_id or 0, dist),
+    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, train_rows, _pad_id(tok), dist),
                  loss_fn=trained_token_loss, out=out, log=run_dir.log,
                  evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
                  export=(lambda d: _export(model, tok, d)) if cfg.method == "full" else None,
@@ -163,9 +163,8 @@ def _rows(cfg: SFTConfig, tok):
     n_val = round(len(conversations) * cfg.data.val_fraction)
     examples = [sft.encode(c, tok, cfg.data.train_on_prompt) for c in conversations]
     make = sft.pack if cfg.data.packing else sft.pad
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
-    train_rows, val_rows = make(examples[n_val:], cfg.train.seq_len, pad_id), make(examples[:n_val], cfg.train.seq_len,
-                                                                                   pad_id)
+    train_rows = make(examples[n_val:], cfg.train.seq_len, _pad_id(tok))
+    val_rows = make(examples[:n_val], cfg.train.seq_len, _pad_id(tok))
     if not train_rows.ids or not any(any(r) for r in train_rows.trained):
         raise UsageError("data: no training conversation has a trained token (empty assistant turns, or rows too "
                          "short: raise train.seq_len)")
@@ -179,6 +178,11 @@ def _rows(cfg: SFTConfig, tok):
                   f"rows; {100 * stats['trained_fraction']:.1f}% of positions trained, "
                   f"{100 * stats['real_fraction']:.1f}% real tokens, {train_rows.cut} cut short")
     return train_rows, val_rows, stats
+
+
+def _pad_id(tok) -> int:
+    """The id rows are padded with (and real tokens counted against): the pad token, else <|eos|>."""
+    return tok.pad_id if tok.pad_id is not None else tok.eos_id
 
 
 def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
@@ -240,7 +244,7 @@ def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str
         with torch.no_grad(), autocast(precision, device):
             for i in range(0, len(val_rows.ids), 8):
                 out = trained_token_loss(model, _tensors(val_rows, list(range(i, min(i + 8, len(val_rows.ids)))),
-                                                         tok.pad_id or 0, device))
+                                                         _pad_id(tok), device))
                 nats, count = nats + float(out.sum), count + float(out.count)
         if count:
             result["val_loss"] = nats / count
