@@ -1,6 +1,6 @@
 # The README's two commands. Each makes a virtual environment in .venv (Python ≥ 3.11 and pip, no GPU, no
 # network but the package registry) and installs what it needs:
-#   make demo    install mmctl and run the tiny end-to-end pipeline (make -C recipes/tiny)
+#   make demo    install mmctl (with bitsandbytes, for QLoRA) and run the tiny end-to-end pipeline
 #   make test    install mmctl with its test extras and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -16,7 +16,7 @@ test: $(VENV)/.dev
 
 $(BIN)/mmctl: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[quant]'
 	touch $@
 
 $(VENV)/.dev: pyproject.toml

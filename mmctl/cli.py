@@ -215,8 +215,20 @@ def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: boo
 @reports_errors
 def sft(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
         as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
-        force_resume: bool = FORCE_RESUME) -> None:
-    """Fine-tune a checkpoint on conversations (full or LoRA), the loss on the assistant's tokens; resumes."""
+        force_resume: bool = FORCE_RESUME,
+        inspect: bool = typer.Option(False, "--inspect", help="Show the first batch's rows token by token (role, "
+                                                             "conversation, trained or not) and exit."),
+        rows: int = typer.Option(2, "--rows", min=1, help="With --inspect: how many rows.")) -> None:
+    """Fine-tune a checkpoint on conversations (full, LoRA or QLoRA), the loss on the assistant's tokens; resumes."""
+    if inspect:
+        from mmctl.console import emit_json
+        from mmctl.stages import sft as stage
+
+        inspection = stage.inspect(_load("sft", str(recipe_path), _flags({"run.device": device}) + set_), rows)
+        if as_json:
+            return emit_json({**inspection, "rows": [{"row": r["row"], "tokens": [vars(t) for t in r["tokens"]]}
+                                                     for r in inspection["rows"]]})
+        return stage.render_inspection(inspection)
     _run_stage("sft", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
                fresh=fresh, force_resume=force_resume)
 
@@ -233,8 +245,9 @@ def eval_(
     limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default out/eval)."),
-    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Ask generation tasks through the chat "
-                                                                     "template (default: for chat models)."),
+    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Ask generation and multiple-choice tasks "
+                                                                     "through the chat template (default: for chat "
+                                                                     "models)."),
     device: str | None = DEVICE, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
     as_json: bool = JSON,
 ) -> None:

@@ -108,6 +108,23 @@ def tokenize(messages: list[dict], tok, add_generation_prompt: bool = False) -> 
     return ids, mask
 
 
+def roles(messages: list[dict], tok) -> list[str]:
+    """The role of the message each token of `tokenize(messages, tok)` belongs to, for showing what trains.
+
+    Found by rendering ever longer prefixes of the conversation: a turn's own template text (its role marker,
+    its end-of-turn token) goes with it. Where a template's render of a prefix is not a prefix of the whole,
+    the tokens from there on take the last message's role."""
+    import bisect
+
+    text = render(messages, tok.chat_template, where=template_of(tok))
+    ends = []
+    for k in range(1, len(messages)):
+        part = render(messages[:k], tok.chat_template, where=template_of(tok))
+        ends.append(len(part) if text.startswith(part) else len(text))
+    _, offsets = tok.encode_special_with_offsets(text)
+    return [messages[bisect.bisect_right(ends, start)]["role"] for start, _ in offsets]
+
+
 def template_of(tok) -> str:
     """Where a tokenizer's chat template comes from, for error messages."""
     return f"{tok.path / 'tokenizer_config.json'}: chat_template"

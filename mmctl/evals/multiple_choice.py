@@ -1,6 +1,8 @@
 """Multiple choice by log-likelihood (lm-eval's `output_type: multiple_choice`).
 
-Each choice is scored as the continuation `" " + choice` after the (few-shot prefixed) context. `acc` takes the
+Each choice is scored as the continuation `" " + choice` after the (few-shot prefixed) context; for a chat model
+as the start of the assistant's turn after the question asked as a user turn (few-shot examples as earlier
+turns). `acc` takes the
 highest total log-probability; `acc_norm` divides each total by the choice's length in characters (without
 the delimiter) first — lm-eval's normalization, which removes the bias toward short answers.
 """
@@ -16,14 +18,13 @@ DELIMITER = " "
 
 
 def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int, seed: int,
-             stats: dict) -> tuple[dict, list[dict]]:
-    prefix = fewshot_prefix(task, seed, lambda it: it["context"] + DELIMITER + it["choices"][it["answer"]])
-    requests, owners = [], []
-    for i, item in enumerate(items):
-        context = tok.encode(prefix + item["context"])
+             stats: dict, chat: bool = False) -> tuple[dict, list[dict]]:
+    context_ids, delimiter = _chat_contexts(tok, task, seed) if chat else _plain_contexts(tok, task, seed)
+    requests = []
+    for item in items:
+        context = context_ids(item)
         for choice in item["choices"]:
-            requests.append((context, tok.encode(DELIMITER + choice)))
-            owners.append(i)
+            requests.append((context, tok.encode(delimiter + choice)))
     scores = loglikelihoods(model, requests, batch_size=batch_size, stats=stats)
     samples, acc, acc_norm = [], [], []
     k = 0
@@ -40,7 +41,30 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
                         "acc": acc[-1], "acc_norm": acc_norm[-1]})
     chance = sum(1 / len(item["choices"]) for item in items) / len(items)
     return {"acc": mean(acc), "acc_stderr": stderr(acc), "acc_norm": mean(acc_norm),
-            "acc_norm_stderr": stderr(acc_norm), "chance": chance, "n": len(items)}, samples
+            "acc_norm_stderr": stderr(acc_norm), "chance": chance, "n": len(items),
+            "format": "chat" if chat else "plain"}, samples
+
+
+def _plain_contexts(tok, task: TaskConfig, seed: int):
+    """(item → context ids, delimiter): few-shot examples and the context as plain text, each choice after a
+    space."""
+    prefix = fewshot_prefix(task, seed, lambda it: it["context"] + DELIMITER + it["choices"][it["answer"]])
+    return (lambda item: tok.encode(prefix + item["context"])), DELIMITER
+
+
+def _chat_contexts(tok, task: TaskConfig, seed: int):
+    """(item → context ids, delimiter) for a chat model: the item's `question` (else its context) as a user turn,
+    few-shot examples as earlier turns, and each choice as the start of the assistant's answer."""
+    from mmctl.data.chat import render, template_of
+    from mmctl.evals.tasks import fewshot_items
+
+    def turn(item: dict) -> dict:
+        return {"role": "user", "content": item.get("question", item["context"])}
+
+    shots = [m for it in fewshot_items(task, seed)
+             for m in (turn(it), {"role": "assistant", "content": it["choices"][it["answer"]]})]
+    return (lambda item: tok.encode_special(render(shots + [turn(item)], tok.chat_template,
+                                                   add_generation_prompt=True, where=template_of(tok)))), ""
 
 
 def mean(xs: list[float]) -> float:

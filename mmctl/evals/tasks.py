@@ -172,7 +172,7 @@ def builtin_items(name: str, n: int, seed: int = BUILTIN_SEED) -> list[dict]:
                     wrong.add(candidate)
             choices = [str(p.answer)] + [str(w) for w in sorted(wrong)]
             rng.shuffle(choices)
-            items.append({"context": f"Question: {p.question}\nAnswer:", "choices": choices,
+            items.append({"context": f"Question: {p.question}\nAnswer:", "question": p.question, "choices": choices,
                           "answer": choices.index(str(p.answer))})
         return items
     if name == "stories-mc":

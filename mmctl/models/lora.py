@@ -9,6 +9,9 @@ layer as `base_layer` beside `lora_A` and `lora_B`; `save_adapter` writes `adapt
 `adapter_model.safetensors` with PEFT's key names (`base_model.model.<module>.lora_A.weight`), which
 `peft.PeftModel.from_pretrained(base, dir)` reads. `merge` folds B A into W for an ordinary checkpoint.
 
+QLoRA is this with a frozen base in 4 bits (`mmctl/quant/bnb.py` swaps the layers before they are wrapped):
+the adapters are the same, and merging dequantizes W first.
+
 Leaves out: DoRA, LoRA on embeddings, per-module ranks (PEFT's rank_pattern), bias training.
 """
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from mmctl.errors import DataError, UsageError
+from mmctl.quant import bnb
 from mmctl.recipe import option
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,17 +70,22 @@ class LoRALinear(nn.Module):
         return cls(base, cfg.r, cfg.scaling, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return self.base_layer(x) + (self.scaling * update).to(x.dtype)
+        # in the base output's dtype: under bf16 autocast an fp32 input would otherwise promote the sum, and all
+        # that follows, to fp32
+        return out + (self.scaling * update).to(out.dtype)
 
     def merged(self) -> nn.Linear:
-        """The plain linear layer W + scaling · B A (in W's dtype)."""
+        """The plain linear layer W + scaling · B A (in W's dtype; a 4-bit W is dequantized first, as QLoRA's
+        merged export is)."""
         base = self.base_layer
+        weight = bnb.dequantized(base) if bnb.is_4bit(base) else base.weight
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                           device=base.weight.device, dtype=base.weight.dtype).requires_grad_(False)
+                           device=weight.device, dtype=weight.dtype).requires_grad_(False)
         with torch.no_grad():
             delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
-            merged.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
+            merged.weight.copy_((weight.float() + delta).to(weight.dtype))
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         return merged

@@ -32,8 +32,8 @@ class EvalRun(RunConfig):
 class EvalSection:
     batch_size: int = option(8, "sequences per forward pass (scores do not depend on it)", ge=1)
     limit: int | None = option(None, "score at most this many items per task", ge=1)
-    chat: bool | None = option(None, "ask generation tasks through the chat template; unset: for chat models (those "
-                                     "`mmctl sft` writes)")
+    chat: bool | None = option(None, "ask generation and multiple-choice tasks through the chat template; unset: "
+                                     "for chat models (those `mmctl sft` writes)")
 
 
 @dataclass
@@ -113,7 +113,7 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict, chat: bool
     module = {"perplexity": perplexity, "multiple_choice": multiple_choice, "generation": generation}[kind]
     if kind == "perplexity":
         items = [item["text"] for item in items]
-    extra = {"chat": chat} if kind == "generation" else {}
+    extra = {"chat": chat} if kind != "perplexity" else {}
     return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats,
                            **extra)
 

@@ -1,5 +1,5 @@
-"""`mmctl sft`: supervised fine-tuning of a checkpoint on conversations — full, or LoRA — with the loss on what
-the assistant says.
+"""`mmctl sft`: supervised fine-tuning of a checkpoint on conversations — full, LoRA or QLoRA — with the loss
+on what the assistant says.
 
 TRL's SFTTrainer (assistant-only loss, packing) and torchtune's LoRA recipes as a recipe-driven stage on the one
 training loop: conversations from JSONL files (chat, prompt–completion or alpaca) or built-in offline sets
@@ -9,8 +9,11 @@ conversations per row, each attending only to itself) or padded. A held-out shar
 validation loss at every evaluation, beside a greedy answer to a sample prompt.
 
 Writes `<out>/model/` — the merged Hugging Face checkpoint, marked as a chat model in generation_config.json
-so `mmctl eval` asks it questions through its chat template — and, for LoRA, `<out>/adapter/` in PEFT's format.
-Leaves out (for now): QLoRA, `--inspect`.
+so `mmctl eval` asks it questions through its chat template — and, for LoRA and QLoRA, `<out>/adapter/` in
+PEFT's format. QLoRA is LoRA on a base whose linear layers were quantized to 4 bits (bitsandbytes NF4) at load:
+only the adapters train, and the merged model is the dequantized base plus the adapters.
+`--inspect` shows the first batch's rows token by token — role, conversation and whether it is trained —
+without training.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from mmctl.artifacts import Run
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
+from mmctl.quant import bnb
+from mmctl.quant.bnb import QLoRAConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
@@ -80,9 +85,11 @@ class SFTConfig:
     run: SFTRun = option(SFTRun, "output directory, seed and device")
     base: str = option(None, "the checkpoint to fine-tune: an mmctl model/ dir or a local Llama / Qwen2 / SmolLM "
                              "Hugging Face dir", required=True)
-    method: Literal["full", "lora"] = option("full", "full: every weight trains | lora: low-rank adapters on a "
-                                                     "frozen base")
-    lora: LoRAConfig = option(LoRAConfig, "the adapters when method is lora (mmctl/models/lora.py)")
+    method: Literal["full", "lora", "qlora"] = option(
+        "full", "full: every weight trains | lora: low-rank adapters on a frozen base | qlora: the same on a base "
+                "quantized to 4 bits (needs bitsandbytes)")
+    lora: LoRAConfig = option(LoRAConfig, "the adapters when method is lora or qlora (mmctl/models/lora.py)")
+    qlora: QLoRAConfig = option(QLoRAConfig, "how the base is quantized when method is qlora (mmctl/quant/bnb.py)")
     data: DataSection = option(DataSection, "the conversations and how rows are made")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, row length (seq_len), precision, schedules")
@@ -104,17 +111,22 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed, lock=dist.main)
     if not options.force and run_dir.up_to_date():
         return StageResult(out, run_dir.results(), up_to_date=True)
+    if cfg.method == "qlora":
+        bnb.require()  # before minutes of loading
     model, tok = transformer.load_with_tokenizer(base, device=dist.device)
     if cfg.train.seq_len > model.cfg.max_position_embeddings:
         raise UsageError(f"train.seq_len: {cfg.train.seq_len} exceeds the base model's context "
                          f"({model.cfg.max_position_embeddings})")
-    train_rows, val_rows, stats = _rows(cfg, tok)
+    train_rows, val_rows, stats, _ = _rows(cfg, tok)
     model.train()
     torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
-    if cfg.method == "lora":
+    if cfg.method == "qlora":
+        bnb.to_4bit(model, cfg.qlora)
+    if cfg.method in ("lora", "qlora"):
         lora.apply_lora(model, cfg.lora)
     fingerprint = with_frozen(model, {"base": run_dir.inputs["base"]["sha256"], "method": cfg.method,
-                                      "lora": recipe.to_dict(cfg.lora), "data": recipe.to_dict(cfg.data),
+                                      "lora": recipe.to_dict(cfg.lora), "qlora": recipe.to_dict(cfg.qlora),
+                                      "data": recipe.to_dict(cfg.data),
                                       "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
                                       "run.seed": cfg.run.seed})
     if options.fresh and dist.main:
@@ -134,9 +146,9 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
         return StageResult(out, {})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    if cfg.method == "lora":
+    if cfg.method != "full":
         lora.save_adapter(model, out / "adapter", cfg.lora, base_model=str(base))
-        lora.merge(model)
+        bnb.to_dense(lora.merge(model))
     model.eval()
     transformer.save_checkpoint(model, out / "model", tok, chat=True)
     results = {"final": last, "seconds": time.time() - start, "method": cfg.method,
@@ -147,8 +159,8 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
 
 
 def _rows(cfg: SFTConfig, tok):
-    """(train rows, validation rows, statistics): conversations read, shuffled with the seed, split, encoded and
-    packed (or padded) into rows of train.seq_len + 1 tokens."""
+    """(train rows, validation rows, statistics, training conversations): conversations read, shuffled with the
+    seed, split, encoded and packed (or padded) into rows of train.seq_len + 1 tokens."""
     import random
 
     from mmctl.data import sft
@@ -170,14 +182,18 @@ def _rows(cfg: SFTConfig, tok):
                          "short: raise train.seq_len)")
     cells = len(train_rows.ids) * cfg.train.seq_len
     trained = sum(map(sum, train_rows.trained))
+    real = sum(len(e.ids) for e in examples[n_val:]) - sum(max(0, len(e.ids) - cfg.train.seq_len - 1)
+                                                          for e in examples[n_val:])
     stats = {"conversations": len(conversations), "validation_conversations": n_val, "rows": len(train_rows.ids),
+             "tokens_per_row": cfg.train.seq_len + 1, "real_tokens_per_row": real / len(train_rows.ids),
+             "conversations_per_row": (len(conversations) - n_val) / len(train_rows.ids),
              "trained_tokens": trained, "trained_fraction": trained / cells,
-             "real_fraction": sum(len(e.ids) for e in examples[n_val:]) / (cells + len(train_rows.ids)),
-             "cut_conversations": train_rows.cut}
+             "real_fraction": real / (cells + len(train_rows.ids)), "cut_conversations": train_rows.cut}
     console.print(f"sft data: {len(conversations):,} conversations ({n_val} held out) in {len(train_rows.ids):,} "
-                  f"rows; {100 * stats['trained_fraction']:.1f}% of positions trained, "
-                  f"{100 * stats['real_fraction']:.1f}% real tokens, {train_rows.cut} cut short")
-    return train_rows, val_rows, stats
+                  f"rows of {cfg.train.seq_len + 1} tokens ({stats['conversations_per_row']:.1f} conversations "
+                  f"each); {100 * stats['trained_fraction']:.1f}% of positions trained, "
+                  f"{100 * stats['real_fraction']:.1f}% real tokens (the rest padding), {train_rows.cut} cut short")
+    return train_rows, val_rows, stats, conversations[n_val:]
 
 
 def _pad_id(tok) -> int:
@@ -187,8 +203,6 @@ def _pad_id(tok) -> int:
 
 def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
     """batches(step, rank) → micro-batches of rows drawn as a function of (seed, step, row), as pretrain's are."""
-    import numpy as np
-
     from mmctl.train.loop import micro_batches
 
     per_micro, accum = micro_batches(cfg.train, dist.world)
@@ -197,12 +211,50 @@ def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
         out = []
         for m in range(accum):
             first = (rank * accum + m) * per_micro
-            picks = [int(np.random.default_rng([cfg.run.seed, step, r]).integers(len(rows.ids)))
-                     for r in range(first, first + per_micro)]
+            picks = [_pick(cfg, len(rows.ids), step, r) for r in range(first, first + per_micro)]
             out.append(_tensors(rows, picks, pad_id, dist.device))
         return out
 
     return batches
+
+
+def inspect(cfg: SFTConfig, n: int) -> dict:
+    """The first `n` rows of the first training batch as step 1 gets them, token by token (`data/inspect.py`),
+    and the data's statistics; nothing is trained and no model is loaded."""
+    from mmctl.data import inspect as annotated
+    from mmctl.tokenizer import bpe
+
+    tok = bpe.load(cfg.base)
+    rows, _, stats, conversations = _rows(cfg, tok)
+    picks = [_pick(cfg, len(rows.ids), 0, r) for r in range(min(n, cfg.train.batch_size))]
+    return {"data": stats, "rows": [{"row": i, "tokens": annotated.annotate(rows, i, conversations, tok)}
+                                    for i in picks]}
+
+
+def render_inspection(inspection: dict) -> None:
+    from mmctl.data import inspect as annotated
+
+    styled = console.is_terminal and not console.no_color
+    console.print("colour: role (system magenta, user cyan, assistant green); " + (
+        "bold underlined: trained" if styled else "⟦trained⟧") + " — the loss teaches the model to predict it; │ "
+        "separates packed conversations")
+    for row in inspection["rows"]:
+        s = annotated.summary(row["tokens"])
+        console.rule(f"row {row['row']}: {s['conversations']} conversations, {s['real']} of {s['tokens']} tokens "
+                     f"real, {s['trained']} trained")
+        console.print(annotated.text(row["tokens"], styled), soft_wrap=True)
+    d = inspection["data"]
+    console.print(f"all {d['rows']:,} training rows: {d['real_tokens_per_row']:.0f} of {d['tokens_per_row']} tokens "
+                  f"real on average ({100 * d['real_fraction']:.1f}%: packing efficiency), "
+                  f"{d['conversations_per_row']:.1f} conversations per row, "
+                  f"{100 * d['trained_fraction']:.1f}% of positions trained, {d['cut_conversations']} cut short")
+
+
+def _pick(cfg: SFTConfig, n_rows: int, step: int, r: int) -> int:
+    """The row at position r of step `step`'s batch (across micro-batches and processes)."""
+    import numpy as np
+
+    return int(np.random.default_rng([cfg.run.seed, step, r]).integers(n_rows))
 
 
 def _tensors(rows, picks: list[int], pad_id: int, device) -> dict:
@@ -273,4 +325,4 @@ def render(result: StageResult) -> None:
     if "sample" in final:
         console.print(f"sample: {final['sample']!r}", soft_wrap=True)
     console.print(f"model: {result.out / 'model'}" + (f"; adapter: {result.out / 'adapter'}"
-                                                      if r["method"] == "lora" else ""))
+                                                      if r["method"] != "full" else ""))

@@ -52,7 +52,8 @@ class TokenizerSection:
                                            "are ~2^18, and the trainer fails far below the id type's 2^32)",
                               ge=len(bpe.SPECIAL_TOKENS) + 256, le=2**24)
     min_frequency: int = option(2, "merge only pairs seen at least this often", ge=1)
-    pattern: Literal["llama3", "gpt2"] = option("llama3", "pre-tokenizer regex: llama3 (GPT-4's) or gpt2")
+    pattern: Literal["llama3", "llama3-digits", "gpt2"] = option(
+        "llama3", "pre-tokenizer regex: llama3 (GPT-4's), llama3-digits (the same, one token per digit) or gpt2")
     max_length: int = option(2048, "model_max_length recorded in tokenizer_config.json (tokens)", ge=1)
 
 

@@ -39,6 +39,10 @@ PATTERNS = {
     # Llama-3 / GPT-4 (cl100k): case-insensitive contractions, numbers split into groups of at most 3 digits.
     "llama3": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",
+    # The same with every digit its own token, as Llama 2's and SmolLM's tokenizers do: "87" is "8" "7", so a
+    # small model learns arithmetic digit by digit, from tables of ten by ten, instead of one token per number.
+    "llama3-digits": r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
 
 # Each turn is <|role|>content<|end|>; the assistant's turn (content and <|end|>) is what SFT trains on, marked

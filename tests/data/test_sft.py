@@ -88,11 +88,15 @@ def test_packed_rows_score_each_conversation_as_if_alone(tok):
         start += len(e.ids)
 
 
-def test_rows_fill_in_order_and_long_conversations_are_cut(tok):
+def test_rows_are_packed_best_fit_decreasing_and_long_conversations_are_cut(tok):
     examples = [sft.Example([1] * 5, [1] * 5), sft.Example([2] * 5, [1] * 5), sft.Example([3] * 20, [1] * 20)]
     rows = sft.pack(examples, seq_len=9, pad_id=0)
-    assert rows.ids == [[1] * 5 + [2] * 5, [3] * 10] and rows.cut == 1
-    assert rows.document_ids[0] == [0] * 5 + [1] * 4 and rows.trained[0] == [1] * 4 + [0] + [1] * 4
+    assert rows.ids == [[3] * 10, [1] * 5 + [2] * 5] and rows.cut == 1 and rows.sources == [[2], [0, 1]]
+    assert rows.document_ids[1] == [0] * 5 + [1] * 4 and rows.trained[1] == [1] * 4 + [0] + [1] * 4
+    # in reading order 6 | 5 4 | 5 needs three rows of 10; longest first, tightest fit: 6 4 | 5 5
+    lengths = [6, 5, 4, 5]
+    rows = sft.pack([sft.Example([n] * n, [1] * n) for n in lengths], seq_len=9, pad_id=0)
+    assert sorted(map(sorted, rows.sources)) == [[0, 2], [1, 3]] and all(0 not in r for r in rows.ids)
     padded = sft.pad(examples[:1], seq_len=7, pad_id=0)
     assert padded.ids == [[1] * 5 + [0] * 3] and padded.trained == [[1] * 4 + [0] * 3]
 
@@ -111,3 +115,29 @@ def test_builtin_sets_are_exact_and_never_hold_the_eval_problems():
         assert assistant["content"] in story and question.endswith("?")
     with pytest.raises(DataError, match="unknown built-in"):
         sft.builtin("trivia", 1, 0)
+
+
+def test_inspection_names_every_tokens_role_and_what_trains(tok):
+    from mmctl.data import inspect
+
+    system_chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2?"},
+                   {"role": "assistant", "content": "4"}]
+    chats = [system_chat, [{"role": "user", "content": "Name a fox"}, {"role": "assistant", "content": "Leo"}]]
+    rows = sft.pack([sft.encode(c, tok) for c in chats], 64, tok.pad_id)
+    assert rows.sources == [[0, 1]]
+    tokens = inspect.annotate(rows, 0, chats, tok)
+    assert "".join(t.text for t in tokens if t.role != "padding") == \
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello<|end|><|user|>What is 2 + 2?<|end|>" \
+        "<|assistant|>4<|end|><|user|>Name a fox<|end|><|assistant|>Leo<|end|>"
+    by_role = {}
+    for t in tokens:
+        by_role.setdefault((t.document, t.role), []).append(t.text)
+    assert "".join(by_role[0, "system"]) == "<|system|>Be brief.<|end|>"
+    assert "".join(by_role[1, "user"]) == "<|user|>Name a fox<|end|>"
+    assert "".join(t.text for t in tokens if t.trained) == "Hello<|end|>4<|end|>Leo<|end|>"
+    encoded = [sft.encode(c, tok) for c in chats]
+    assert inspect.summary(tokens) == {"tokens": 65, "real": sum(len(e.ids) for e in encoded),
+                                       "trained": sum(sum(e.mask) for e in encoded), "conversations": 2}
+    plain = inspect.text(tokens, styled=False).plain
+    assert "<|assistant|>⟦Hello<|end|>⟧" in plain and " │ <|user|>Name a fox" in plain and "<|pad|> × " in plain

@@ -78,3 +78,9 @@ def test_peft_loads_mmctl_adapters_and_mmctl_loads_peft_adapters(tmp_path, rslor
     loaded = lora.load_adapter(again, tmp_path / "from-peft")
     assert (loaded.r, loaded.alpha, loaded.rslora) == (4, 8, rslora)
     assert (again(IDS) - ours(IDS)).abs().max() <= 1e-5
+
+
+def test_under_autocast_the_adapter_keeps_the_base_layers_dtype():
+    layer = lora.LoRALinear(torch.nn.Linear(32, 16), r=4, scaling=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 input, as an RMSNorm hands it on
+        assert layer(torch.randn(3, 32)).dtype == layer.base_layer(torch.randn(3, 32)).dtype == torch.bfloat16

@@ -1,5 +1,6 @@
 """The sft stage on a tiny checkpoint: full and LoRA fine-tuning write a merged chat model that transformers
-loads, LoRA also a PEFT adapter that PEFT loads with the same logits, runs repeat exactly, and resume is exact."""
+loads, LoRA also a PEFT adapter that PEFT loads with the same logits, QLoRA an adapter for its dequantized base,
+runs repeat exactly, and resume is exact."""
 
 from __future__ import annotations
 
@@ -72,8 +73,38 @@ def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path):
     assert "frozen" in saved["extra"]["fingerprint"]
 
 
-@pytest.mark.parametrize("method", ["full", "lora"])
+def test_qlora_merges_its_adapter_into_the_dequantized_base(checkpoint, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from mmctl.models import lora, transformer
+    from mmctl.quant import bnb
+
+    result = sft.run(config(checkpoint, tmp_path / "q", method="qlora"))
+    assert result.results["method"] == "qlora" and 0 < result.results["params"]["trainable_fraction"] < 0.5
+    base = transformer.load_checkpoint(checkpoint)
+    bnb.to_4bit(base, bnb.QLoRAConfig())  # the base the adapters were trained on, as the recipe quantized it
+    lora.load_adapter(bnb.to_dense(base), tmp_path / "q" / "adapter")
+    merged = transformer.load_checkpoint(tmp_path / "q" / "model")
+    ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (base(ids) - merged(ids)).abs().max() <= 1e-4
+        assert (merged(ids) - transformer.load_checkpoint(checkpoint)(ids)).abs().max() > 1e-3
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install_it(checkpoint, tmp_path, monkeypatch):
+    import sys
+
+    from mmctl.errors import UsageError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what `import bitsandbytes` meets when it is absent
+    with pytest.raises(UsageError, match=r"pip install 'mmctl\[quant\]'"):
+        sft.run(config(checkpoint, tmp_path / "q", method="qlora"))
+    assert not (tmp_path / "q" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, method):
+    if method == "qlora":
+        pytest.importorskip("bitsandbytes")
     sft.run(config(checkpoint, tmp_path / "full", method))
     real = torch.nn.functional.cross_entropy
     calls = []
@@ -92,3 +123,30 @@ def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeyp
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
     full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
     assert (tmp_path / "part" / "model" / "model.safetensors").read_bytes() == full
+
+
+def test_inspect_shows_the_rows_the_first_step_trains_on(checkpoint, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = recipe.to_dict(config(checkpoint, tmp_path / "i"), "sft")
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(cfg))
+    run = [sys.executable, "-m", "mmctl", "sft", str(tmp_path / "r.yaml"), "--inspect", "--rows", "4"]
+    out = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert not (tmp_path / "i").exists()  # nothing trained, nothing written
+    for row in shown["rows"]:
+        assert "".join(t["text"] for t in row["tokens"]).startswith("<|user|>What is")
+        assert len(row["tokens"]) == shown["data"]["tokens_per_row"] == 49
+    assert 0 < shown["data"]["trained_fraction"] < 1
+
+    seen, real = [], sft._tensors
+    monkeypatch.setattr(sft, "_tensors", lambda rows, picks, *rest: seen.append(picks) or real(rows, picks, *rest))
+    sft.run(config(checkpoint, tmp_path / "t", steps=1))
+    assert [row["row"] for row in shown["rows"]] == seen[0]
+
+    plain = subprocess.run(run, capture_output=True, text=True, timeout=120)  # off a terminal: ⟦trained⟧
+    assert plain.returncode == 0 and "<|assistant|>⟦" in plain.stderr and "conversations per row" in plain.stderr

@@ -95,3 +95,15 @@ def test_token_bytes_add_up_to_the_text(tok):
         assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
     assert tok.token_bytes(tok.eos_id) == b""
     assert "<|eos|>" not in bpe.longest_tokens(tok, 20)
+
+
+def test_the_digits_pattern_gives_every_digit_its_own_token(tmp_path):
+    from mmctl.data.synthetic import arithmetic
+
+    corpus = list(arithmetic(500, 0))
+    digits = bpe.train(corpus, vocab_size=400, pattern="llama3-digits")
+    grouped = bpe.train(corpus, vocab_size=400, pattern="llama3")
+    text = "What is 47 + 1180?"
+    assert [t for t in digits.encode(text).tokens if t.isdigit()] == ["4", "7", "1", "1", "8", "0"]
+    assert any(len(t) > 1 for t in grouped.encode(text).tokens if t.isdigit())  # up to 3 digits per token
+    assert digits.decode(digits.encode(text).ids) == text

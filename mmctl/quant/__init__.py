@@ -1,0 +1,1 @@
+"""Quantization: weights stored in fewer bits than they were trained in."""

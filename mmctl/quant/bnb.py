@@ -1,0 +1,104 @@
+"""bitsandbytes' 4-bit linear layers (NF4 and FP4; Dettmers et al. 2023, "QLoRA"): swap a model's linear layers
+for them, and turn them back into ordinary dense layers.
+
+A 4-bit layer stores its weight in blocks of 64 values, each block as 4-bit codes plus one scale (absmax); NF4's
+16 codes are the quantiles of a normal distribution, which is how trained weights are spread. Double
+quantization stores the scales themselves in 8 bits (about 0.4 bits per parameter saved). The matrix product
+dequantizes the weight to the compute dtype and multiplies: the base's bytes never change, and a gradient
+still flows to the layer's input, which is all QLoRA needs (the adapters on top are ordinary 32/16-bit tensors).
+
+bitsandbytes is imported here only, and only when a recipe asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from mmctl.errors import UsageError
+from mmctl.recipe import option
+
+
+@dataclass
+class QLoRAConfig:
+    quant_type: Literal["nf4", "fp4"] = option("nf4", "4-bit code: nf4 (normal-float, QLoRA's) or fp4")
+    double_quant: bool = option(True, "store the block scales in 8 bits too (QLoRA's double quantization)")
+
+
+def require():
+    """The bitsandbytes module, or a one-line error saying how to install it."""
+    import logging
+
+    # On import, bitsandbytes warns that an optional fused CPU kernel (the `kernels` package) is missing; mmctl
+    # does not use that kernel (see to_4bit), so the warning would only mislead.
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UsageError("method: qlora needs bitsandbytes, which is not installed: pip install 'mmctl[quant]' "
+                         "(or pip install bitsandbytes)") from None
+    finally:
+        cpu_ops.setLevel(level)
+    return bitsandbytes
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    return hasattr(getattr(layer, "weight", None), "quant_state")
+
+
+def to_4bit(model: nn.Module, cfg: QLoRAConfig, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Replace every nn.Linear of `model` (but those named in `skip`, and any sharing its weight with another
+    module) by a frozen bitsandbytes 4-bit layer, in place; returns their names."""
+    bnb = require()
+    shared = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
+    swapped = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in skip or shared[id(module.weight)] > 1:
+            continue
+        weight = module.weight.detach()
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=weight.dtype, compress_statistics=cfg.double_quant,
+                                  quant_type=cfg.quant_type, device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=cfg.quant_type,
+                                         compress_statistics=cfg.double_quant)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for a fused kernel the first time the layer
+        # runs in eval mode: that kernel rounds through bf16 (training after an evaluation would then compute
+        # differently, and a resumed run would not be bit-exact) and fails unless both dimensions are multiples
+        # of 32. The generic path — dequantize, then multiply — is exact and takes any shape.
+        layer.support_avx512bf16_for_cpu = False
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(weight.device))  # .to() quantizes
+        swapped.append(name)
+    return swapped
+
+
+def dequantized(layer: nn.Module):
+    """The dense weight a 4-bit layer stands for, in the dtype it was quantized from."""
+    bnb = require()
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every 4-bit layer by an nn.Linear holding its dequantized weight, in place."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        if is_4bit(module) and name:
+            weight = dequantized(module)
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              device=weight.device, dtype=weight.dtype).requires_grad_(False)
+            with torch.no_grad():
+                dense.weight.copy_(weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model
