@@ -28,11 +28,11 @@ from mmctl.artifacts import Run
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
-from mmctl.quant import bnb
 from mmctl.quant.bnb import QLoRAConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
+from mmctl.train import finetune
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 
@@ -85,11 +85,9 @@ class SFTConfig:
     run: SFTRun = option(SFTRun, "output directory, seed and device")
     base: str = option(None, "the checkpoint to fine-tune: an mmctl model/ dir or a local Llama / Qwen2 / SmolLM "
                              "Hugging Face dir", required=True)
-    method: Literal["full", "lora", "qlora"] = option(
-        "full", "full: every weight trains | lora: low-rank adapters on a frozen base | qlora: the same on a base "
-                "quantized to 4 bits (needs bitsandbytes)")
-    lora: LoRAConfig = option(LoRAConfig, "the adapters when method is lora or qlora (mmctl/models/lora.py)")
-    qlora: QLoRAConfig = option(QLoRAConfig, "how the base is quantized when method is qlora (mmctl/quant/bnb.py)")
+    method: Literal["full", "lora", "qlora"] = option("full", finetune.METHOD_HELP)
+    lora: LoRAConfig = option(LoRAConfig, finetune.LORA_HELP)
+    qlora: QLoRAConfig = option(QLoRAConfig, finetune.QLORA_HELP)
     data: DataSection = option(DataSection, "the conversations and how rows are made")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, row length (seq_len), precision, schedules")
@@ -100,7 +98,6 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     """Fine-tune `base`, then write <out>/model/ (merged) and, for LoRA, <out>/adapter/."""
     import torch
 
-    from mmctl.models import lora, transformer
     from mmctl.runtime import pick_device, pick_precision, setup_distributed
     from mmctl.train import checkpoint
     from mmctl.train.loop import resumable, train, with_frozen
@@ -111,19 +108,11 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed, lock=dist.main)
     if not options.force and run_dir.up_to_date():
         return StageResult(out, run_dir.results(), up_to_date=True)
-    if cfg.method == "qlora":
-        bnb.require()  # before minutes of loading
-    model, tok = transformer.load_with_tokenizer(base, device=dist.device)
-    if cfg.train.seq_len > model.cfg.max_position_embeddings:
-        raise UsageError(f"train.seq_len: {cfg.train.seq_len} exceeds the base model's context "
-                         f"({model.cfg.max_position_embeddings})")
+    model, tok = finetune.load(base, cfg.method, dist.device, cfg.train.seq_len)
     train_rows, val_rows, stats, _ = _rows(cfg, tok)
     model.train()
     torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
-    if cfg.method == "qlora":
-        bnb.to_4bit(model, cfg.qlora)
-    if cfg.method in ("lora", "qlora"):
-        lora.apply_lora(model, cfg.lora)
+    finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
     fingerprint = with_frozen(model, {"base": run_dir.inputs["base"]["sha256"], "method": cfg.method,
                                       "lora": recipe.to_dict(cfg.lora), "qlora": recipe.to_dict(cfg.qlora),
                                       "data": recipe.to_dict(cfg.data),
@@ -140,20 +129,13 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, train_rows, _pad_id(tok), dist),
                  loss_fn=trained_token_loss, out=out, log=run_dir.log,
                  evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
-                 export=(lambda d: _export(model, tok, d)) if cfg.method == "full" else None,
+                 export=(lambda d: finetune.export_checkpoint(model, tok, d)) if cfg.method == "full" else None,
                  fingerprint=fingerprint, force_resume=options.force_resume, precision=precision, dist=dist)
     if not dist.main:
         return StageResult(out, {})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    if cfg.method != "full":
-        lora.save_adapter(model, out / "adapter", cfg.lora, base_model=str(base))
-        bnb.to_dense(lora.merge(model))
-    model.eval()
-    transformer.save_checkpoint(model, out / "model", tok, chat=True)
-    results = {"final": last, "seconds": time.time() - start, "method": cfg.method,
-               "params": {"trainable": trainable, "total": total, "trainable_fraction": trainable / total},
-               "data": stats}
+    params = finetune.parameter_counts(model)
+    finetune.write_outputs(model, tok, out, cfg.method, cfg.lora, str(base))
+    results = {"final": last, "seconds": time.time() - start, "method": cfg.method, "params": params, "data": stats}
     run_dir.finish(results, device=dist.device)
     return StageResult(out, results)
 
@@ -306,14 +288,6 @@ def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str
     answer = generate(model, [prompt], SamplingConfig(max_new_tokens=cfg.eval.sample_tokens), stop_token_ids=stops)
     model.train()
     return {**result, "sample": f"{cfg.eval.sample_prompt} → {completion_text(tok, answer.completions[0])}"}
-
-
-def _export(model, tok, directory: Path) -> None:
-    """A full fine-tune's training checkpoints hold the whole model: make them loadable by eval and generate."""
-    from mmctl.models import hf
-    from mmctl.models.transformer import checkpoint_files
-
-    hf.write_files(directory, None, checkpoint_files(model, tok, chat=True), tok.files())
 
 
 def render(result: StageResult) -> None:

@@ -1,0 +1,65 @@
+"""What the fine-tuning stages (sft, rl) share: which weights train — `method: full | lora | qlora` — and what
+they write at the end: the merged chat model, and for adapters also the adapter in PEFT's format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METHOD_HELP = ("full: every weight trains | lora: low-rank adapters on a frozen base | qlora: the same on a base "
+               "quantized to 4 bits (needs bitsandbytes)")
+LORA_HELP = "the adapters when method is lora or qlora (mmctl/models/lora.py)"
+QLORA_HELP = "how the base is quantized when method is qlora (mmctl/quant/bnb.py)"
+
+
+def load(base: Path, method: str, device, seq_len: int):
+    """(model, tokenizer) of the base checkpoint, checked against the rows it will train on."""
+    from mmctl.errors import UsageError
+    from mmctl.models import transformer
+    from mmctl.quant import bnb
+
+    if method == "qlora":
+        bnb.require()  # before minutes of loading
+    model, tok = transformer.load_with_tokenizer(base, device=device)
+    if seq_len > model.cfg.max_position_embeddings:
+        raise UsageError(f"train.seq_len: {seq_len} exceeds the base model's context "
+                         f"({model.cfg.max_position_embeddings})")
+    return model, tok
+
+
+def adapt(model, method: str, lora_cfg, qlora_cfg) -> None:
+    """Make `model` train as `method` says, in place: nothing to do for full; adapters for lora; a 4-bit base
+    and adapters for qlora. Seed torch first: the adapters' A matrices are random."""
+    from mmctl.models import lora
+    from mmctl.quant import bnb
+
+    if method == "qlora":
+        bnb.to_4bit(model, qlora_cfg)
+    if method in ("lora", "qlora"):
+        lora.apply_lora(model, lora_cfg)
+
+
+def parameter_counts(model) -> dict:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable": trainable, "total": total, "trainable_fraction": trainable / total}
+
+
+def write_outputs(model, tok, out: Path, method: str, lora_cfg, base: str) -> None:
+    """<out>/adapter/ (lora, qlora) and <out>/model/: the merged model (a qlora base dequantized first), marked
+    a chat model."""
+    from mmctl.models import lora, transformer
+    from mmctl.quant import bnb
+
+    if method != "full":
+        lora.save_adapter(model, out / "adapter", lora_cfg, base_model=base)
+        bnb.to_dense(lora.merge(model))
+    model.eval()
+    transformer.save_checkpoint(model, out / "model", tok, chat=True)
+
+
+def export_checkpoint(model, tok, directory: Path) -> None:
+    """A full fine-tune's training checkpoints hold the whole model: make them loadable by eval and generate."""
+    from mmctl.models import hf
+    from mmctl.models.transformer import checkpoint_files
+
+    hf.write_files(directory, None, checkpoint_files(model, tok, chat=True), tok.files())
