@@ -33,6 +33,7 @@ STAGES = {
     "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
     "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
     "sft": ("mmctl.stages.sft", "SFTConfig"),
+    "rl": ("mmctl.stages.rl", "RLConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
 }
 COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
@@ -230,6 +231,16 @@ def sft(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = D
                                                      for r in inspection["rows"]]})
         return stage.render_inspection(inspection)
     _run_stage("sft", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
+               fresh=fresh, force_resume=force_resume)
+
+
+@app.command()
+@reports_errors
+def rl(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
+       as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
+       force_resume: bool = FORCE_RESUME) -> None:
+    """Preference optimisation (DPO) of a chat model on chosen / rejected pairs, full, LoRA or QLoRA; resumes."""
+    _run_stage("rl", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
                fresh=fresh, force_resume=force_resume)
 
 

@@ -42,6 +42,12 @@ class TokenWindows:
         return np.stack(out)
 
 
+def pick_row(seed: int, step: int, row: int, n_rows: int) -> int:
+    """Which of `n_rows` examples fills position `row` of step `step`'s batch: a function of (seed, step, row)
+    only, so a resumed run draws what an uninterrupted one would, on any number of processes."""
+    return int(np.random.default_rng([seed, step, row]).integers(n_rows))
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0):
     """(ids, attention_mask), both (B, T) int64 with T the longest row: each row right-aligned after padding.
 

@@ -233,10 +233,9 @@ def render_inspection(inspection: dict) -> None:
 
 
 def _pick(cfg: SFTConfig, n_rows: int, step: int, r: int) -> int:
-    """The row at position r of step `step`'s batch (across micro-batches and processes)."""
-    import numpy as np
+    from mmctl.data.batches import pick_row
 
-    return int(np.random.default_rng([cfg.run.seed, step, r]).integers(n_rows))
+    return pick_row(cfg.run.seed, step, r, n_rows)
 
 
 def _tensors(rows, picks: list[int], pad_id: int, device) -> dict:
@@ -267,8 +266,6 @@ def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str
     """Validation loss per trained token over the held-out conversations, and a greedy answer to the sample."""
     import torch
 
-    from mmctl.data.chat import render
-    from mmctl.generate import SamplingConfig, completion_text, generate
     from mmctl.runtime import autocast
 
     model.eval()
@@ -282,12 +279,9 @@ def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str
                 nats, count = nats + float(out.sum), count + float(out.count)
         if count:
             result["val_loss"] = nats / count
-    prompt = tok.encode_special(render([{"role": "user", "content": cfg.eval.sample_prompt}], tok.chat_template,
-                                       add_generation_prompt=True))
-    stops = [tok.eos_id] + ([tok.token_id("<|end|>")] if tok.token_id("<|end|>") is not None else [])
-    answer = generate(model, [prompt], SamplingConfig(max_new_tokens=cfg.eval.sample_tokens), stop_token_ids=stops)
+    sample = finetune.sample_answer(model, tok, cfg.eval.sample_prompt, cfg.eval.sample_tokens)
     model.train()
-    return {**result, "sample": f"{cfg.eval.sample_prompt} → {completion_text(tok, answer.completions[0])}"}
+    return {**result, "sample": sample}
 
 
 def render(result: StageResult) -> None:

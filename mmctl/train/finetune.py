@@ -57,6 +57,19 @@ def write_outputs(model, tok, out: Path, method: str, lora_cfg, base: str) -> No
     transformer.save_checkpoint(model, out / "model", tok, chat=True)
 
 
+def sample_answer(model, tok, question: str, max_new_tokens: int) -> str:
+    """"question → answer": the model's greedy reply to one user turn, through its chat template (what every
+    fine-tuning stage shows at each evaluation)."""
+    from mmctl.data.chat import render
+    from mmctl.generate import SamplingConfig, completion_text, generate
+
+    prompt = tok.encode_special(render([{"role": "user", "content": question}], tok.chat_template,
+                                       add_generation_prompt=True))
+    stops = [tok.eos_id] + ([tok.token_id("<|end|>")] if tok.token_id("<|end|>") is not None else [])
+    answer = generate(model, [prompt], SamplingConfig(max_new_tokens=max_new_tokens), stop_token_ids=stops)
+    return f"{question} → {completion_text(tok, answer.completions[0])}"
+
+
 def export_checkpoint(model, tok, directory: Path) -> None:
     """A full fine-tune's training checkpoints hold the whole model: make them loadable by eval and generate."""
     from mmctl.models import hf

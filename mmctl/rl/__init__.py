@@ -1,0 +1,1 @@
+"""Post-training from preferences and rewards: DPO (`dpo.py`)."""
