@@ -18,13 +18,10 @@ without training.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mmctl import recipe
-from mmctl.artifacts import Run
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
@@ -95,49 +92,27 @@ class SFTConfig:
 
 
 def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
-    """Fine-tune `base`, then write <out>/model/ (merged) and, for LoRA, <out>/adapter/."""
+    """Fine-tune `base`, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
     import torch
 
-    from mmctl.runtime import pick_device, pick_precision, setup_distributed
-    from mmctl.train import checkpoint
-    from mmctl.train.loop import resumable, train, with_frozen
+    from mmctl.runtime import pick_precision
 
-    out, base = Path(cfg.run.out), Path(cfg.base)
-    dist = setup_distributed(pick_device(cfg.run.device))
-    inputs = {"base": base, **{f"sources[{i}]": Path(s.path) for i, s in enumerate(cfg.data.sources) if s.path}}
-    run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed, lock=dist.main)
+    run_dir, dist = finetune.open_run(cfg, STAGE)
     if not options.force and run_dir.up_to_date():
-        return StageResult(out, run_dir.results(), up_to_date=True)
-    model, tok = finetune.load(base, cfg.method, dist.device, cfg.train.seq_len)
+        return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
+    model, tok = finetune.load(Path(cfg.base), cfg.method, dist.device, cfg.train.seq_len)
     train_rows, val_rows, stats, _ = _rows(cfg, tok)
-    model.train()
     torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
     finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
-    fingerprint = with_frozen(model, {"base": run_dir.inputs["base"]["sha256"], "method": cfg.method,
-                                      "lora": recipe.to_dict(cfg.lora), "qlora": recipe.to_dict(cfg.qlora),
-                                      "data": recipe.to_dict(cfg.data),
-                                      "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
-                                      "run.seed": cfg.run.seed})
-    if options.fresh and dist.main:
-        checkpoint.prune(out / "checkpoints", keep=0)
-    dist.barrier()
-    resume = resumable(out / "checkpoints", fingerprint, options.force_resume)
-    if dist.main:
-        run_dir.start(keep_metrics_through=int(resume.name.split("-")[1]) if resume else None)
     precision = pick_precision(cfg.train.precision, dist.device)
-    start = time.time()
-    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, train_rows, _pad_id(tok), dist),
-                 loss_fn=trained_token_loss, out=out, log=run_dir.log,
-                 evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
-                 export=(lambda d: finetune.export_checkpoint(model, tok, d)) if cfg.method == "full" else None,
-                 fingerprint=fingerprint, force_resume=options.force_resume, precision=precision, dist=dist)
-    if not dist.main:
-        return StageResult(out, {})
-    params = finetune.parameter_counts(model)
-    finetune.write_outputs(model, tok, out, cfg.method, cfg.lora, str(base))
-    results = {"final": last, "seconds": time.time() - start, "method": cfg.method, "params": params, "data": stats}
-    run_dir.finish(results, device=dist.device)
-    return StageResult(out, results)
+    results = finetune.train_and_write(
+        cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, _pad_id(tok), dist),
+        loss_fn=trained_token_loss, evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
+        precision=precision)
+    results = {**results, "data": stats} if dist.main else {}
+    if dist.main:
+        run_dir.finish(results, device=dist.device)
+    return StageResult(run_dir.out, results)
 
 
 def _rows(cfg: SFTConfig, tok):

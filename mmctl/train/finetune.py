@@ -11,6 +11,52 @@ LORA_HELP = "the adapters when method is lora or qlora (mmctl/models/lora.py)"
 QLORA_HELP = "how the base is quantized when method is qlora (mmctl/quant/bnb.py)"
 
 
+def open_run(cfg, stage: str):
+    """(run dir, process group) of a fine-tuning recipe; its inputs are the base checkpoint and every source file."""
+    from mmctl import recipe
+    from mmctl.artifacts import Run
+    from mmctl.runtime import pick_device, setup_distributed
+
+    dist = setup_distributed(pick_device(cfg.run.device))
+    inputs = {"base": Path(cfg.base),
+              **{f"sources[{i}]": Path(s.path) for i, s in enumerate(cfg.data.sources) if s.path}}
+    return Run(Path(cfg.run.out), stage, recipe.to_dict(cfg, stage), inputs=inputs, seed=cfg.run.seed,
+               lock=dist.main), dist
+
+
+def train_and_write(cfg, model, tok, run_dir, dist, options, *, batches, loss_fn, evaluate, precision) -> dict:
+    """The part of a fine-tuning stage after its data: fingerprint the frozen weights, resume what can be resumed,
+    train on the one loop, write the outputs (on the main process); returns the results so far."""
+    import time
+
+    from mmctl import recipe
+    from mmctl.train import checkpoint
+    from mmctl.train.loop import resumable, train, with_frozen
+
+    out = Path(cfg.run.out)
+    model.train()
+    fingerprint = with_frozen(model, {"base": run_dir.inputs["base"]["sha256"], "method": cfg.method,
+                                      "lora": recipe.to_dict(cfg.lora), "qlora": recipe.to_dict(cfg.qlora),
+                                      "data": recipe.to_dict(cfg.data), "train.seq_len": cfg.train.seq_len,
+                                      "train.batch_size": cfg.train.batch_size, "run.seed": cfg.run.seed})
+    if options.fresh and dist.main:
+        checkpoint.prune(out / "checkpoints", keep=0)
+    dist.barrier()
+    resume = resumable(out / "checkpoints", fingerprint, options.force_resume)
+    if dist.main:
+        run_dir.start(keep_metrics_through=int(resume.name.split("-")[1]) if resume else None)
+    start = time.time()
+    export = (lambda d: export_checkpoint(model, tok, d)) if cfg.method == "full" else None  # whole-model checkpoints
+    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=batches, loss_fn=loss_fn, out=out, log=run_dir.log,
+                 evaluate=evaluate, export=export, fingerprint=fingerprint, force_resume=options.force_resume,
+                 precision=precision, dist=dist)
+    if not dist.main:
+        return {}
+    params = parameter_counts(model)
+    write_outputs(model, tok, out, cfg.method, cfg.lora, cfg.base)
+    return {"final": last, "seconds": time.time() - start, "method": cfg.method, "params": params}
+
+
 def load(base: Path, method: str, device, seq_len: int):
     """(model, tokenizer) of the base checkpoint, checked against the rows it will train on."""
     from mmctl.errors import UsageError
