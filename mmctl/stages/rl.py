@@ -73,12 +73,6 @@ class DataSection:
 
 
 @dataclass
-class EvalSection:
-    sample_prompt: str = option("What is 12 + 7?", "a user message answered greedily at each evaluation")
-    sample_tokens: int = option(24, "tokens of that answer at most", ge=1)
-
-
-@dataclass
 class RLConfig:
     run: RLRun = option(RLRun, "output directory, seed and device")
     base: str = option(None, "the starting policy (and reference): an mmctl model/ dir (an sft output) or a local "
@@ -91,7 +85,7 @@ class RLConfig:
     data: DataSection = option(DataSection, "the preference pairs")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch (pairs per step), row length (seq_len), precision")
-    eval: EvalSection = option(EvalSection, "what each evaluation shows")
+    eval: finetune.EvalSection = option(finetune.EvalSection, "what each evaluation shows")
 
 
 def run(cfg: RLConfig, options: Options = Options()) -> StageResult:
@@ -157,7 +151,7 @@ def _rows(cfg: RLConfig, pairs, tok, model, precision: str, device) -> dict:
     from mmctl.runtime import autocast
 
     encoded = [preference.encode(p, tok) for p in pairs]
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad_id = finetune.pad_id(tok)
     chosen = pad([c for c, _ in encoded], cfg.train.seq_len, pad_id)
     rejected = pad([r for _, r in encoded], cfg.train.seq_len, pad_id)
     rows = {"chosen": chosen, "rejected": rejected, "cut": chosen.cut + rejected.cut,

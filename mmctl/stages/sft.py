@@ -72,12 +72,6 @@ class DataSection:
 
 
 @dataclass
-class EvalSection:
-    sample_prompt: str = option("What is 12 + 7?", "a user message answered greedily at each evaluation")
-    sample_tokens: int = option(24, "tokens of that answer at most", ge=1)
-
-
-@dataclass
 class SFTConfig:
     run: SFTRun = option(SFTRun, "output directory, seed and device")
     base: str = option(None, "the checkpoint to fine-tune: an mmctl model/ dir or a local Llama / Qwen2 / SmolLM "
@@ -88,7 +82,7 @@ class SFTConfig:
     data: DataSection = option(DataSection, "the conversations and how rows are made")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, row length (seq_len), precision, schedules")
-    eval: EvalSection = option(EvalSection, "what each evaluation shows")
+    eval: finetune.EvalSection = option(finetune.EvalSection, "what each evaluation shows")
 
 
 def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
@@ -106,7 +100,7 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
     precision = pick_precision(cfg.train.precision, dist.device)
     results = finetune.train_and_write(
-        cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, _pad_id(tok), dist),
+        cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, finetune.pad_id(tok), dist),
         loss_fn=trained_token_loss, evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
         precision=precision)
     results = {**results, "data": stats} if dist.main else {}
@@ -132,8 +126,8 @@ def _rows(cfg: SFTConfig, tok):
     n_val = round(len(conversations) * cfg.data.val_fraction)
     examples = [sft.encode(c, tok, cfg.data.train_on_prompt) for c in conversations]
     make = sft.pack if cfg.data.packing else sft.pad
-    train_rows = make(examples[n_val:], cfg.train.seq_len, _pad_id(tok))
-    val_rows = make(examples[:n_val], cfg.train.seq_len, _pad_id(tok))
+    train_rows = make(examples[n_val:], cfg.train.seq_len, finetune.pad_id(tok))
+    val_rows = make(examples[:n_val], cfg.train.seq_len, finetune.pad_id(tok))
     if not train_rows.ids or not any(any(r) for r in train_rows.trained):
         raise UsageError("data: no training conversation has a trained token (empty assistant turns, or rows too "
                          "short: raise train.seq_len)")
@@ -151,11 +145,6 @@ def _rows(cfg: SFTConfig, tok):
                   f"each); {100 * stats['trained_fraction']:.1f}% of positions trained, "
                   f"{100 * stats['real_fraction']:.1f}% real tokens (the rest padding), {train_rows.cut} cut short")
     return train_rows, val_rows, stats, conversations[n_val:]
-
-
-def _pad_id(tok) -> int:
-    """The id rows are padded with (and real tokens counted against): the pad token, else <|eos|>."""
-    return tok.pad_id if tok.pad_id is not None else tok.eos_id
 
 
 def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
@@ -250,7 +239,7 @@ def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str
         with torch.no_grad(), autocast(precision, device):
             for i in range(0, len(val_rows.ids), 8):
                 out = trained_token_loss(model, _tensors(val_rows, list(range(i, min(i + 8, len(val_rows.ids)))),
-                                                         _pad_id(tok), device))
+                                                         finetune.pad_id(tok), device))
                 nats, count = nats + float(out.sum), count + float(out.count)
         if count:
             result["val_loss"] = nats / count

@@ -3,12 +3,21 @@ they write at the end: the merged chat model, and for adapters also the adapter 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from mmctl.recipe import option
 
 METHOD_HELP = ("full: every weight trains | lora: low-rank adapters on a frozen base | qlora: the same on a base "
                "quantized to 4 bits (needs bitsandbytes)")
 LORA_HELP = "the adapters when method is lora or qlora (mmctl/models/lora.py)"
 QLORA_HELP = "how the base is quantized when method is qlora (mmctl/quant/bnb.py)"
+
+
+@dataclass
+class EvalSection:
+    sample_prompt: str = option("What is 12 + 7?", "a user message answered greedily at each evaluation")
+    sample_tokens: int = option(24, "tokens of that answer at most", ge=1)
 
 
 def open_run(cfg, stage: str):
@@ -101,6 +110,11 @@ def write_outputs(model, tok, out: Path, method: str, lora_cfg, base: str) -> No
         bnb.to_dense(lora.merge(model))
     model.eval()
     transformer.save_checkpoint(model, out / "model", tok, chat=True)
+
+
+def pad_id(tok) -> int:
+    """The id rows are padded with (and real tokens counted against): the pad token, else <|eos|>."""
+    return tok.pad_id if tok.pad_id is not None else tok.eos_id
 
 
 def sample_answer(model, tok, question: str, max_new_tokens: int) -> str:
