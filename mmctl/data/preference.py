@@ -57,10 +57,13 @@ def _completion(value, key: str, where: str) -> str:
     return value
 
 
-def read_pairs(path) -> list[Pair]:
+def read_pairs(path, split: str | None = None) -> list[Pair]:
+    """Every pair of a JSONL file, or with a split of a datasets directory."""
     from mmctl.data import jsonl
+    from mmctl.data.sources import dataset_records
 
-    out = [pair(record, where) for where, record in jsonl.records(path)]
+    records = jsonl.records(path) if split is None else dataset_records(str(path), split)
+    out = [pair(record, where) for where, record in records]
     if not out:
         raise DataError(f"{path}: no preference pairs")
     return out

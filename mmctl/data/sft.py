@@ -78,11 +78,14 @@ def builtin(name: str, n: int, seed: int) -> list[list[dict]]:
     raise DataError(f"unknown built-in chat set {name!r}; built-ins: {', '.join(BUILTINS)}")
 
 
-def read_conversations(path) -> list[list[dict]]:
-    """Every conversation of a JSONL file, whichever format each line is in."""
+def read_conversations(path, split: str | None = None) -> list[list[dict]]:
+    """Every conversation of a JSONL file — or, with a split, of a datasets directory — whichever format each
+    record is in."""
     from mmctl.data import jsonl
+    from mmctl.data.sources import dataset_records
 
-    out = [conversation(record, where) for where, record in jsonl.records(path)]
+    records = jsonl.records(path) if split is None else dataset_records(str(path), split)
+    out = [conversation(record, where) for where, record in records]
     if not out:
         raise DataError(f"{path}: no conversations")
     return out

@@ -146,24 +146,36 @@ def _parquet(path: Path, column: str) -> Iterator[str]:
 
 
 def _datasets(source: SourceConfig) -> Iterator[str]:
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError("datasets sources need the datasets package: pip install datasets") from None
-    if source.path.startswith("hf:"):  # needs network; nothing in mmctl's default recipes uses it
-        data = datasets.load_dataset(source.path[3:], split=source.split)
-    else:
-        if not Path(source.path).is_dir():
-            raise DataError(f"{source.path}: not a datasets save_to_disk directory")
-        data = datasets.load_from_disk(source.path)
-        if isinstance(data, datasets.DatasetDict):
-            if source.split not in data:
-                raise DataError(f"{source.path}: no split {source.split!r} (has: {', '.join(data)})")
-            data = data[source.split]
+    data = open_dataset(source.path, source.split)
     if source.field not in data.column_names:
         raise DataError(f"{source.path}: no column {source.field!r} (has: {', '.join(data.column_names)})")
     for row in data.select_columns([source.field]):
         yield row[source.field]
+
+
+def open_dataset(path: str, split: str):
+    """The `split` of a datasets `save_to_disk` directory (or of `hf:org/name`, with network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError("datasets sources need the datasets package: pip install datasets") from None
+    if path.startswith("hf:"):  # needs network; nothing in mmctl's default recipes uses it
+        return datasets.load_dataset(path[3:], split=split)
+    if not Path(path).is_dir():
+        raise DataError(f"{path}: not a datasets save_to_disk directory")
+    data = datasets.load_from_disk(path)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path}: no split {split!r} (has: {', '.join(data)})")
+        data = data[split]
+    return data
+
+
+def dataset_records(path: str, split: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) for every row of a datasets split, `where` naming it (`dir[train][12]`) as jsonl.records names
+    a line: what sft and rl read conversations and pairs from."""
+    for i, row in enumerate(open_dataset(path, split)):
+        yield f"{path}[{split}][{i}]", row
 
 
 def _unit(seed: int, salt: str, text: str) -> float:

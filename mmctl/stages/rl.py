@@ -41,21 +41,22 @@ class RLRun(RunConfig):
 
 @dataclass
 class PairSource:
-    kind: Literal["jsonl", "arithmetic"] = option(
-        None, "jsonl (prompt or messages, chosen, rejected) | arithmetic (on-policy pairs from the starting model)",
-        required=True)
-    path: str | None = option(None, "jsonl: the file")
-    pairs: int | None = option(None, "jsonl: read at most this many", ge=1, le=10**8)
+    kind: Literal["jsonl", "datasets", "arithmetic"] = option(
+        None, "jsonl (prompt or messages, chosen, rejected) | datasets (a save_to_disk dir with those columns) | "
+              "arithmetic (on-policy pairs from the starting model)", required=True)
+    path: str | None = option(None, "jsonl: the file; datasets: the directory")
+    split: str = option("train", "datasets: the split to read")
+    pairs: int | None = option(None, "files: read at most this many", ge=1, le=10**8)
     problems: int | None = option(None, "arithmetic: training problems to ask the starting model", ge=1, le=10**7)
     samples: int = option(4, "arithmetic: answers sampled per problem", ge=2, le=64)
     temperature: float = option(1.0, "arithmetic: sampling temperature of those answers", gt=0)
 
     def check(self) -> list[tuple[str, str]]:
-        if self.kind == "jsonl":
+        if self.kind in ("jsonl", "datasets"):
             if not self.path:
-                return [("path", "missing required value: a jsonl source needs a path")]
+                return [("path", f"missing required value: a {self.kind} source needs a path")]
             if self.problems:
-                return [("problems", "a jsonl source is read, not asked: use pairs to cap it")]
+                return [("problems", f"a {self.kind} source is read, not asked: use pairs to cap it")]
             return []
         if self.path or self.pairs:
             return [("path" if self.path else "pairs", "an arithmetic source is made, not read: set problems")]
@@ -64,8 +65,8 @@ class PairSource:
 
 @dataclass
 class DataSection:
-    sources: list[PairSource] = option(list, "the pairs, mixed (fields: kind, path, pairs, problems, samples, "
-                                             "temperature)")
+    sources: list[PairSource] = option(list, "the pairs, mixed (fields: kind, path, split, pairs, problems, "
+                                             "samples, temperature)")
     val_fraction: float = option(0.05, "share of pairs held out for validation", ge=0, lt=1)
 
     def check(self) -> list[tuple[str, str]]:
@@ -123,8 +124,8 @@ def _pairs(cfg: RLConfig, model, tok):
 
     pairs, stats = [], {}
     for i, source in enumerate(cfg.data.sources):
-        if source.kind == "jsonl":
-            pairs += read_pairs(source.path)[: source.pairs]
+        if source.kind in ("jsonl", "datasets"):
+            pairs += read_pairs(source.path, source.split if source.kind == "datasets" else None)[: source.pairs]
         else:
             console.print(f"asking the starting model {source.problems:,} arithmetic problems, {source.samples} "
                           "answers each, for on-policy pairs")
@@ -188,7 +189,7 @@ def _tensors(rows: dict, picks: list[int], device) -> dict:
     trained = [rows["chosen"].trained[i] for i in picks] + [rows["rejected"].trained[i] for i in picks]
     # a row ends with its completion, then padding: its length is the last trained target's position + 2
     lengths = [max((j for j, t in enumerate(row) if t), default=-1) + 2 for row in trained]
-    width = max(lengths)
+    width = max(*lengths, 2)  # (a prompt that fills the row leaves its completion no token: nothing to score)
     ref = rows["ref"][picks]
     return {"ids": torch.tensor([r[:width] for r in ids], device=device),
             "trained": torch.tensor([r[:width - 1] for r in trained], device=device, dtype=torch.float32),

@@ -43,26 +43,29 @@ class SFTRun(RunConfig):
 
 @dataclass
 class ChatSource:
-    kind: Literal["jsonl", "arithmetic", "story-questions"] = option(
-        None, "jsonl (chat, prompt/completion or alpaca lines) | arithmetic | story-questions (built-in)",
+    kind: Literal["jsonl", "datasets", "arithmetic", "story-questions"] = option(
+        None, "jsonl (chat, prompt/completion or alpaca lines) | datasets (a save_to_disk dir with those columns) | "
+              "arithmetic | story-questions (built-in)",
         required=True)
-    path: str | None = option(None, "jsonl: the file")
-    conversations: int | None = option(None, "built-ins: how many to generate; jsonl: read at most this many",
+    path: str | None = option(None, "jsonl: the file; datasets: the directory")
+    split: str = option("train", "datasets: the split to read")
+    conversations: int | None = option(None, "built-ins: how many to generate; files: read at most this many",
                                        ge=1, le=10**8)
 
     def check(self) -> list[tuple[str, str]]:
-        if self.kind == "jsonl" and not self.path:
-            return [("path", "missing required value: a jsonl source needs a path")]
-        if self.kind != "jsonl" and self.path:
+        read = self.kind in ("jsonl", "datasets")
+        if read and not self.path:
+            return [("path", f"missing required value: a {self.kind} source needs a path")]
+        if not read and self.path:
             return [("path", f"a {self.kind} source is built in and takes no path")]
-        if self.kind != "jsonl" and not self.conversations:
+        if not read and not self.conversations:
             return [("conversations", f"missing required value: how many {self.kind} conversations to generate")]
         return []
 
 
 @dataclass
 class DataSection:
-    sources: list[ChatSource] = option(list, "the conversations, mixed (fields: kind, path, conversations)")
+    sources: list[ChatSource] = option(list, "the conversations, mixed (fields: kind, path, split, conversations)")
     train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
     packing: bool = option(True, "several conversations per row (each attends only to itself); false: one per row")
     val_fraction: float = option(0.05, "share of conversations held out for the validation loss", ge=0, lt=1)
@@ -118,8 +121,9 @@ def _rows(cfg: SFTConfig, tok):
 
     conversations = []
     for source in cfg.data.sources:
-        if source.kind == "jsonl":
-            conversations += sft.read_conversations(source.path)[: source.conversations]
+        if source.kind in ("jsonl", "datasets"):
+            split = source.split if source.kind == "datasets" else None
+            conversations += sft.read_conversations(source.path, split)[: source.conversations]
         else:
             conversations += sft.builtin(source.kind, source.conversations, cfg.run.seed)
     random.Random(f"sft:{cfg.run.seed}").shuffle(conversations)

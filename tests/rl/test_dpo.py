@@ -137,3 +137,12 @@ def test_on_policy_pairs_are_verified(checkpoint):
         assert not held_out(question)
         assert exact_match(extract(p.chosen, "last_number"), answer)
         assert not exact_match(extract(p.rejected, "last_number"), answer)
+
+
+def test_pairs_from_a_datasets_directory(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(PAIRS).save_to_disk(tmp_path / "pairs")
+    assert preference.read_pairs(tmp_path / "pairs", "train") == [preference.pair(p, "x") for p in PAIRS]
+    with pytest.raises(DataError, match=r"no split 'test'"):
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS)}).save_to_disk(tmp_path / "dict")
+        preference.read_pairs(tmp_path / "dict", "test")

@@ -150,3 +150,21 @@ def test_inspect_shows_the_rows_the_first_step_trains_on(checkpoint, tmp_path, m
 
     plain = subprocess.run(run, capture_output=True, text=True, timeout=120)  # off a terminal: ⟦trained⟧
     assert plain.returncode == 0 and "<|assistant|>⟦" in plain.stderr and "conversations per row" in plain.stderr
+
+
+def test_a_datasets_directory_is_a_source(checkpoint, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"messages": [{"role": "user", "content": f"What is {a} + 1?"},
+                          {"role": "assistant", "content": str(a + 1)}]} for a in range(30)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(tmp_path / "chats")
+    cfg = config(checkpoint, tmp_path / "d", steps=2)
+    cfg.data.sources = [sft.ChatSource(kind="datasets", path=str(tmp_path / "chats"))]
+    result = sft.run(cfg)
+    assert result.results["data"]["conversations"] == 30
+    rows[3]["messages"][0]["role"] = "robot"
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "bad")
+    from mmctl.data.sft import read_conversations
+    from mmctl.errors import DataError
+
+    with pytest.raises(DataError, match=r"bad\[train\]\[3\]: messages\[0\]"):
+        read_conversations(tmp_path / "bad", "train")
