@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mmctl import recipe
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
@@ -107,7 +108,7 @@ def run(cfg: RLConfig, options: Options = Options()) -> StageResult:
     stats["cut_completions"] = train_rows["cut"] + val_rows["cut"]
     results = finetune.train_and_write(
         cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, dist),
-        loss_fn=lambda m, batch: dpo_loss(cfg, m, batch), precision=precision,
+        loss_fn=lambda m, batch: dpo_loss(cfg, m, batch), precision=precision, loss_config=recipe.to_dict(cfg.dpo),
         evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision))
     results = {**results, "algorithm": cfg.algorithm, "data": stats} if dist.main else {}
     if dist.main:

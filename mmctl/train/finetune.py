@@ -33,9 +33,11 @@ def open_run(cfg, stage: str):
                lock=dist.main), dist
 
 
-def train_and_write(cfg, model, tok, run_dir, dist, options, *, batches, loss_fn, evaluate, precision) -> dict:
+def train_and_write(cfg, model, tok, run_dir, dist, options, *, batches, loss_fn, evaluate, precision,
+                    loss_config: dict | None = None) -> dict:
     """The part of a fine-tuning stage after its data: fingerprint the frozen weights, resume what can be resumed,
-    train on the one loop, write the outputs (on the main process); returns the results so far."""
+    train on the one loop, write the outputs (on the main process); returns the results so far. A checkpoint
+    resumes only a run of the same base, method, data, rows and `loss_config`."""
     import time
 
     from mmctl import recipe
@@ -47,7 +49,8 @@ def train_and_write(cfg, model, tok, run_dir, dist, options, *, batches, loss_fn
     fingerprint = with_frozen(model, {"base": run_dir.inputs["base"]["sha256"], "method": cfg.method,
                                       "lora": recipe.to_dict(cfg.lora), "qlora": recipe.to_dict(cfg.qlora),
                                       "data": recipe.to_dict(cfg.data), "train.seq_len": cfg.train.seq_len,
-                                      "train.batch_size": cfg.train.batch_size, "run.seed": cfg.run.seed})
+                                      "train.batch_size": cfg.train.batch_size, "run.seed": cfg.run.seed,
+                                      **({"loss": loss_config} if loss_config else {})})
     if options.fresh and dist.main:
         checkpoint.prune(out / "checkpoints", keep=0)
     dist.barrier()
