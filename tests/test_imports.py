@@ -1,5 +1,5 @@
 """DESIGN §2: imports point down only —
-cli → stages → {rl, evals} → {data, models, train, quant, generate, accounting} → {recipe, artifacts, runtime,
+cli → stages → {finetune, rl, evals} → {data, models, train, quant, generate, accounting} → {recipe, artifacts, runtime,
 tokenizer, presets} → {console, errors}; stages never import each other, models never import data or train, and
 train is model-agnostic."""
 
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mmctl"
-LAYERS = [{"cli", "__main__"}, {"stages"}, {"rl", "evals"},
+LAYERS = [{"cli", "__main__"}, {"stages"}, {"finetune", "rl", "evals"},
           {"data", "models", "train", "quant", "generate", "accounting"},
           {"recipe", "artifacts", "runtime", "tokenizer", "presets"}, {"console", "errors", "__init__"}]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mmctl import recipe
+from mmctl import finetune, recipe
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
@@ -28,7 +28,6 @@ from mmctl.recipe import option
 from mmctl.rl.dpo import DPOConfig
 from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
-from mmctl.train import finetune
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 

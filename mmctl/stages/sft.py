@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from mmctl import finetune
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
@@ -29,7 +30,6 @@ from mmctl.quant.bnb import QLoRAConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
-from mmctl.train import finetune
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 

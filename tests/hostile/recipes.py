@@ -104,7 +104,7 @@ BAD_VALUES = {
     },
     "sft": {
         "base": ["null", "[a]"],
-        "method": ["qlora", "LoRA"],
+        "method": ["dora", "LoRA"],
         "lora.r": ["0", "1e9", "'8'"],
         "lora.alpha": ["0", ".inf"],
         "lora.dropout": ["1.0", "-0.1"],
