@@ -97,8 +97,15 @@ def adapt(model, method: str, lora_cfg, qlora_cfg) -> None:
 
 
 def parameter_counts(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters; a 4-bit weight counts the values it stands for, not its packed bytes."""
+    import math
+
+    def count(p) -> int:
+        state = getattr(p, "quant_state", None)
+        return math.prod(state.shape) if state is not None else p.numel()
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return {"trainable": trainable, "total": total, "trainable_fraction": trainable / total}
 
 

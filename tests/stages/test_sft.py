@@ -80,6 +80,8 @@ def test_qlora_merges_its_adapter_into_the_dequantized_base(checkpoint, tmp_path
 
     result = sft.run(config(checkpoint, tmp_path / "q", method="qlora"))
     assert result.results["method"] == "qlora" and 0 < result.results["params"]["trainable_fraction"] < 0.5
+    full = sft.run(config(checkpoint, tmp_path / "f", steps=1)).results["params"]["total"]
+    assert result.results["params"]["total"] == full + result.results["params"]["trainable"]  # base + adapters
     base = transformer.load_checkpoint(checkpoint)
     bnb.to_4bit(base, bnb.QLoRAConfig())  # the base the adapters were trained on, as the recipe quantized it
     lora.load_adapter(bnb.to_dense(base), tmp_path / "q" / "adapter")
