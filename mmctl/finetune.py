@@ -130,13 +130,11 @@ def pad_id(tok) -> int:
 def sample_answer(model, tok, question: str, max_new_tokens: int) -> str:
     """"question → answer": the model's greedy reply to one user turn, through its chat template (what every
     fine-tuning stage shows at each evaluation)."""
-    from mmctl.data.chat import render
+    from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.generate import SamplingConfig, completion_text, generate
 
-    prompt = tok.encode_special(render([{"role": "user", "content": question}], tok.chat_template,
-                                       add_generation_prompt=True))
-    stops = [tok.eos_id] + ([tok.token_id("<|end|>")] if tok.token_id("<|end|>") is not None else [])
-    answer = generate(model, [prompt], SamplingConfig(max_new_tokens=max_new_tokens), stop_token_ids=stops)
+    answer = generate(model, [prompt_ids([{"role": "user", "content": question}], tok)],
+                      SamplingConfig(max_new_tokens=max_new_tokens), stop_token_ids=stop_ids(tok))
     return f"{question} → {completion_text(tok, answer.completions[0])}"
 
 

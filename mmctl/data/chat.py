@@ -108,6 +108,20 @@ def tokenize(messages: list[dict], tok, add_generation_prompt: bool = False) -> 
     return ids, mask
 
 
+def prompt_ids(messages: list[dict], tok) -> list[int]:
+    """The ids that ask a chat model for the assistant's next turn: the conversation so far through the
+    tokenizer's chat template, with the generation prompt."""
+    return tok.encode_special(render(messages, tok.chat_template, add_generation_prompt=True, where=template_of(tok)))
+
+
+def stop_ids(tok) -> list[int]:
+    """Where a chat model's reply ends: <|eos|>, and the template's end-of-turn token when the tokenizer has one."""
+    from mmctl.tokenizer.bpe import END as END_OF_TURN
+
+    end = tok.token_id(END_OF_TURN)
+    return [tok.eos_id] + ([end] if end is not None else [])
+
+
 def roles(messages: list[dict], tok) -> list[str]:
     """The role of the message each token of `tokenize(messages, tok)` belongs to, for showing what trains.
 

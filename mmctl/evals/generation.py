@@ -7,10 +7,10 @@ tokens/s.
 
 from __future__ import annotations
 
+from mmctl.data.chat import stop_ids
 from mmctl.evals.extract import exact_match, extract
 from mmctl.evals.multiple_choice import mean, stderr
-from mmctl.evals.tasks import TaskConfig, fewshot_items, fewshot_prefix
-from mmctl.tokenizer.bpe import END
+from mmctl.evals.tasks import TaskConfig, chat_prompts, fewshot_prefix
 
 
 def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int, seed: int,
@@ -18,12 +18,13 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
     from mmctl.generate import SamplingConfig, completion_text, generate
 
     if chat:  # a chat model answers a user turn and ends its turn with <|end|>, not a newline
-        stop, prompt_ids = task.stop, _chat_prompts(tok, task, seed)
+        stop, prompt_ids = task.stop, chat_prompts(tok, task, seed, lambda it: it.get("question", it["prompt"]),
+                                                   lambda it: str(it["answer"]))
     else:
         prefix = fewshot_prefix(task, seed, lambda it: f"{it['prompt']} {it['answer']}")
         stop, prompt_ids = task.stop or ["\n"], lambda item: tok.encode(prefix + item["prompt"])
     sampling = SamplingConfig(max_new_tokens=task.max_new_tokens, stop_strings=stop)
-    stops = [tok.eos_id] + ([tok.token_id(END)] if chat and tok.token_id(END) is not None else [])
+    stops = stop_ids(tok) if chat else [tok.eos_id]
     samples, correct, ttft, decode_rates = [], [], [], []
     for b in range(0, len(items), batch_size):
         batch = items[b:b + batch_size]
@@ -43,19 +44,3 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
         stats["decode_tokens_per_s"] = mean(decode_rates)
     return {"exact_match": mean(correct), "exact_match_stderr": stderr(correct), "n": len(items),
             "format": "chat" if chat else "plain"}, samples
-
-
-def _chat_prompts(tok, task: TaskConfig, seed: int):
-    """item → the ids of a chat conversation asking it (few-shot examples as earlier user/assistant turns)."""
-    from mmctl.data.chat import render, template_of
-
-    shots = [m for item in fewshot_items(task, seed) for m in
-             ({"role": "user", "content": item.get("question", item["prompt"])},
-              {"role": "assistant", "content": str(item["answer"])})]
-
-    def ids(item: dict) -> list[int]:
-        messages = shots + [{"role": "user", "content": item.get("question", item["prompt"])}]
-        return tok.encode_special(render(messages, tok.chat_template, add_generation_prompt=True,
-                                         where=template_of(tok)))
-
-    return ids

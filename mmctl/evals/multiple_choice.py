@@ -12,14 +12,19 @@ from __future__ import annotations
 import math
 
 from mmctl.evals.scoring import loglikelihoods
-from mmctl.evals.tasks import TaskConfig, fewshot_prefix
+from mmctl.evals.tasks import TaskConfig, chat_prompts, fewshot_prefix
 
 DELIMITER = " "
 
 
 def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int, seed: int,
              stats: dict, chat: bool = False) -> tuple[dict, list[dict]]:
-    context_ids, delimiter = _chat_contexts(tok, task, seed) if chat else _plain_contexts(tok, task, seed)
+    if chat:  # the question as a user turn, each choice as the start of the assistant's reply
+        context_ids, delimiter = chat_prompts(tok, task, seed, lambda it: it.get("question", it["context"]),
+                                              lambda it: it["choices"][it["answer"]]), ""
+    else:  # the few-shot examples and the context as plain text, each choice after a space
+        prefix = fewshot_prefix(task, seed, lambda it: it["context"] + DELIMITER + it["choices"][it["answer"]])
+        context_ids, delimiter = (lambda item: tok.encode(prefix + item["context"])), DELIMITER
     requests = []
     for item in items:
         context = context_ids(item)
@@ -43,28 +48,6 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
     return {"acc": mean(acc), "acc_stderr": stderr(acc), "acc_norm": mean(acc_norm),
             "acc_norm_stderr": stderr(acc_norm), "chance": chance, "n": len(items),
             "format": "chat" if chat else "plain"}, samples
-
-
-def _plain_contexts(tok, task: TaskConfig, seed: int):
-    """(item → context ids, delimiter): few-shot examples and the context as plain text, each choice after a
-    space."""
-    prefix = fewshot_prefix(task, seed, lambda it: it["context"] + DELIMITER + it["choices"][it["answer"]])
-    return (lambda item: tok.encode(prefix + item["context"])), DELIMITER
-
-
-def _chat_contexts(tok, task: TaskConfig, seed: int):
-    """(item → context ids, delimiter) for a chat model: the item's `question` (else its context) as a user turn,
-    few-shot examples as earlier turns, and each choice as the start of the assistant's answer."""
-    from mmctl.data.chat import render, template_of
-    from mmctl.evals.tasks import fewshot_items
-
-    def turn(item: dict) -> dict:
-        return {"role": "user", "content": item.get("question", item["context"])}
-
-    shots = [m for it in fewshot_items(task, seed)
-             for m in (turn(it), {"role": "assistant", "content": it["choices"][it["answer"]]})]
-    return (lambda item: tok.encode_special(render(shots + [turn(item)], tok.chat_template,
-                                                   add_generation_prompt=True, where=template_of(tok)))), ""
 
 
 def mean(xs: list[float]) -> float:

@@ -150,6 +150,16 @@ def fewshot_prefix(task: TaskConfig, seed: int, render) -> str:
     return "".join(render(item) + "\n\n" for item in fewshot_items(task, seed))
 
 
+def chat_prompts(tok, task: TaskConfig, seed: int, question, answer):
+    """item → the ids asking a chat model `question(item)` as a user turn, the few-shot examples as earlier turns
+    (their `question` asked, their `answer` given by the assistant): the chat form of `fewshot_prefix`."""
+    from mmctl.data.chat import prompt_ids
+
+    shots = [m for it in fewshot_items(task, seed)
+             for m in ({"role": "user", "content": question(it)}, {"role": "assistant", "content": answer(it)})]
+    return lambda item: prompt_ids(shots + [{"role": "user", "content": question(item)}], tok)
+
+
 def builtin_items(name: str, n: int, seed: int = BUILTIN_SEED) -> list[dict]:
     from mmctl.data.synthetic import NAMES, arithmetic_problems, stories
 

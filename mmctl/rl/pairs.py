@@ -14,16 +14,13 @@ from mmctl.data.preference import Pair
 def arithmetic_pairs(model, tok, n_problems: int, seed: int, samples: int = 4, temperature: float = 1.0,
                      batch_size: int = 64) -> tuple[list[Pair], dict]:
     """(pairs, statistics) from `n_problems` training-split problems, `samples` answers each."""
-    from mmctl.data.chat import render, template_of
+    from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.data.synthetic import arithmetic_problems
     from mmctl.evals.extract import exact_match, extract
     from mmctl.generate import SamplingConfig, completion_text, generate
 
     problems = list(arithmetic_problems(n_problems, seed, split="train"))
-    end = tok.token_id("<|end|>")
-    stops = [tok.eos_id] + ([end] if end is not None else [])
-    prompts = [tok.encode_special(render([{"role": "user", "content": p.question}], tok.chat_template,
-                                         add_generation_prompt=True, where=template_of(tok))) for p in problems]
+    prompts = [prompt_ids([{"role": "user", "content": p.question}], tok) for p in problems]
     asks = [(i, k) for i in range(len(problems)) for k in range(samples)]
     answers: dict[int, list[str]] = {i: [] for i in range(len(problems))}
     was_training = model.training
@@ -32,7 +29,7 @@ def arithmetic_pairs(model, tok, n_problems: int, seed: int, samples: int = 4, t
         chunk = asks[start:start + batch_size]
         out = generate(model, [prompts[i] for i, _ in chunk],
                        SamplingConfig(max_new_tokens=8, temperature=temperature, seed=seed * 1_000_003 + start),
-                       stop_token_ids=stops)
+                       stop_token_ids=stop_ids(tok))
         for (i, _), completion in zip(chunk, out.completions, strict=True):
             answers[i].append(completion_text(tok, completion).strip())
     model.train(was_training)

@@ -49,20 +49,17 @@ def read_prompts(path: str) -> list[str]:
 
 def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     """Complete every prompt; a single prompt streams to stdout unless the results go there as JSON."""
-    from mmctl.data.chat import render, template_of
+    from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.generate import generate
     from mmctl.models import hf, transformer
     from mmctl.runtime import pick_device
 
     model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device))
     if cfg.chat:
-        texts = [render([{"role": "user", "content": p}], tok.chat_template, add_generation_prompt=True,
-                        where=template_of(tok)) for p in cfg.prompts]
-        ids = [tok.encode_special(t) for t in texts]
+        ids = [prompt_ids([{"role": "user", "content": p}], tok) for p in cfg.prompts]
     else:
         ids = [tok.encode(p) for p in cfg.prompts]
-    stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | {tok.eos_id} |
-                   ({tok.token_id("<|end|>")} if cfg.chat and tok.token_id("<|end|>") is not None else set()))
+    stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | set(stop_ids(tok) if cfg.chat else [tok.eos_id]))
     printer = _Streamer(tok, cfg.prompts[0]) if not options.json and len(ids) == 1 else None
     out = generate(model, ids, cfg.sampling, stop_token_ids=stops, decode=tok.decode,
                    on_tokens=printer.add if printer else None)

@@ -15,6 +15,9 @@ torch = pytest.importorskip("torch")
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted  # noqa: E402
 from mmctl.stages import Options, pretrain, tokenize  # noqa: E402
+from tests.models import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TIMINGS = ("tok_s", "mfu")
 
@@ -49,14 +52,6 @@ def config(shards, out, **train):
 def metrics(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_outputs(shards, tmp_path):

@@ -14,14 +14,9 @@ torch = pytest.importorskip("torch")
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted  # noqa: E402
 from mmctl.stages import sft  # noqa: E402
+from tests.models import one_thread  # noqa: E402,F401
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(checkpoint, out, method="full", **train):
