@@ -225,14 +225,14 @@ def evaluation(model, tok, val_rows: dict, cfg: RLConfig, device: str, precision
     result = {}
     n = len(val_rows["chosen"].ids)
     if n:
-        sums = {}
+        loss = accuracy = margin = 0.0  # sums over the pairs
         with torch.no_grad(), autocast(precision, device):
             for i in range(0, n, 16):
                 out = dpo_loss(cfg, model, _tensors(val_rows, list(range(i, min(i + 16, n))), device))
-                for k, (v, _) in {"val_loss": (out.sum, 0), **out.metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        result = {"val_loss": sums["val_loss"] / n, "val_rewards/accuracies": sums["rewards/accuracies"] / n,
-                  "val_rewards/margins": sums["rewards/margins"] / n}
+                loss += float(out.sum)
+                accuracy += float(out.metrics["rewards/accuracies"][0])
+                margin += float(out.metrics["rewards/margins"][0])
+        result = {"val_loss": loss / n, "val_rewards/accuracies": accuracy / n, "val_rewards/margins": margin / n}
     sample = finetune.sample_answer(model, tok, cfg.eval.sample_prompt, cfg.eval.sample_tokens)
     model.train()
     return {**result, "sample": sample}
