@@ -1,5 +1,6 @@
-"""What the fine-tuning stages (sft, rl) share: which weights train — `method: full | lora | qlora` — and what
-they write at the end: the merged chat model, and for adapters also the adapter in PEFT's format."""
+"""What the fine-tuning stages (sft, rl) share: which weights train — `method: full | lora | qlora` — the run
+around their own data and loss (open the run dir, fingerprint, resume, train on the one loop), and what they
+write at the end: the merged chat model, and for adapters also the adapter in PEFT's format."""
 
 from __future__ import annotations
 
