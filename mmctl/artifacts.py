@@ -26,6 +26,7 @@ import mmctl
 from mmctl.errors import BusyError, DataError
 
 MANIFEST = "manifest.json"
+LOGS = ("metrics.jsonl", "samples.jsonl")  # what a training run appends to: JSON lines, each with its step
 LOCK = ".lock"  # held (flock) by the process writing the directory
 # Libraries whose versions a manifest records when they are installed.
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes", "datasets", "numpy")
@@ -204,30 +205,33 @@ class Run:
     def start(self, keep_metrics_through: int | None = None) -> None:
         """Claim the directory: drop any old manifest first, so a half-done re-run never looks finished.
 
-        A resumed training run keeps the metrics logged up to its checkpoint's step (and drops any logged after
-        it, which the resumed run will log again), so metrics.jsonl reads as one uninterrupted run.
+        A resumed training run keeps the records logged up to its checkpoint's step (and drops any logged after
+        it, which the resumed run will log again), so each log reads as one uninterrupted run.
         """
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / MANIFEST).unlink(missing_ok=True)
         for stale in [*self.out.glob(".*.tmp-*"), *self.out.glob(".*.old-*")]:  # a killed publish's leftovers
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        metrics = self.out / "metrics.jsonl"
-        kept = []
-        if keep_metrics_through is not None and metrics.exists():
-            for line in metrics.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:  # a line cut short by a kill
-                    continue
-                if record.get("step", 0) <= keep_metrics_through:
-                    kept.append(line + "\n")
-        atomic_write_text(metrics, "".join(kept))
+        for name in LOGS:
+            log = self.out / name
+            if not log.exists() and name != "metrics.jsonl":
+                continue
+            kept = []
+            if keep_metrics_through is not None and log.exists():
+                for line in log.read_text(encoding="utf-8").splitlines():
+                    try:
+                        record = json.loads(line)
+                    except ValueError:  # a line cut short by a kill
+                        continue
+                    if record.get("step", 0) <= keep_metrics_through:
+                        kept.append(line + "\n")
+            atomic_write_text(log, "".join(kept))
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True))
         self.started = time.time()
 
-    def log(self, record: dict) -> None:
-        """Append one JSON object to metrics.jsonl (a log; the manifest, not this file, marks completion)."""
-        with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+    def log(self, record: dict, to: str = "metrics.jsonl") -> None:
+        """Append one JSON object to one of the run's LOGS (a log; the manifest, not this file, marks completion)."""
+        with open(self.out / to, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def finish(self, results: dict, device: str = "cpu") -> Path:

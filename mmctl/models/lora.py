@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.scaling = scaling
+        self.enabled = True  # False inside `disabled(model)`: the base layer alone
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's (and nn.Linear's) default for A
         nn.init.zeros_(self.lora_B.weight)  # so the wrapped model starts as the base model
         base.requires_grad_(False)
@@ -71,6 +74,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if not self.enabled:
+            return out
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         # in the base output's dtype: under bf16 autocast an fp32 input would otherwise promote the sum, and all
         # that follows, to fp32
@@ -110,6 +115,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     if missing:
         raise UsageError(f"lora.target_modules: no linear layer is named {', '.join(missing)}")
     return wrapped
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base inside this block: every adapter skipped (an RL run's reference model without a
+    second copy in memory, as PEFT's `disable_adapter()`)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def merge(model: nn.Module) -> nn.Module:

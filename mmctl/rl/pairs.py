@@ -8,7 +8,7 @@ The samples are a function of the seed and the model: the same recipe on the sam
 
 from __future__ import annotations
 
-from mmctl.data.preference import Pair
+from mmctl.data.rl import Pair
 
 
 def arithmetic_pairs(model, tok, n_problems: int, seed: int, samples: int = 4, temperature: float = 1.0,

@@ -1,16 +1,20 @@
-"""`mmctl rl`: learning from preferences — DPO — on the one training loop.
+"""`mmctl rl`: reinforcement learning from preferences (DPO) or from verifiable rewards (GRPO), on the one loop.
 
-TRL's DPOTrainer as a recipe-driven stage: preference pairs from JSONL (`mmctl/data/preference.py`) or built
+DPO — TRL's DPOTrainer as a recipe-driven stage: preference pairs from JSONL (`mmctl/data/rl.py`) or built
 on-policy from the starting model's own answers to arithmetic problems (`mmctl/rl/pairs.py`), each completion
 rendered through the chat template after its prompt with the loss on the completion's tokens only; the losses
-and metrics in `mmctl/rl/dpo.py`. Full, LoRA or QLoRA, as sft.
+and metrics in `mmctl/rl/dpo.py`. The reference model is the starting model, needed only for each pair's
+log-probabilities under it: they are computed once, before the first step (TRL's `precompute_ref_log_probs`), so
+no second copy of the model is ever in memory and a resumed run computes exactly the same numbers.
 
-The reference model is the starting model, and it is needed only for each pair's log-probabilities under it:
-they are computed once, before the first step (TRL's `precompute_ref_log_probs`), so no second copy of the model
-is ever in memory, LoRA needs no "adapters off" pass, and a resumed run computes exactly the same numbers.
+GRPO — TRL's GRPOTrainer: each step samples a group of completions per problem from the policy as it is
+(`mmctl/rl/rollout.py`), scores them with verifiable rewards (`mmctl/rl/rewards.py`) and trains on the
+group-relative advantages (`mmctl/rl/grpo.py`). The sampling seed is a function of (seed, step, process), so a
+resumed run samples what the uninterrupted one did; with num_iterations μ > 1 a rollout serves μ steps and is
+also kept on disk (`rollout.pt`) for a run resumed within them.
 
-Writes `<out>/model/` (merged, a chat model) and for adapters `<out>/adapter/`, as sft does.
-Leaves out (for now): GRPO.
+Full, LoRA or QLoRA, as sft. Writes `<out>/model/` (merged, a chat model) and for adapters `<out>/adapter/`;
+GRPO also `<out>/samples.jsonl`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mmctl.models.lora import LoRAConfig
 from mmctl.quant.bnb import QLoRAConfig
 from mmctl.recipe import option
 from mmctl.rl.dpo import DPOConfig
+from mmctl.rl.grpo import GRPOConfig
 from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
 from mmctl.train.loop import TrainConfig
@@ -40,34 +45,32 @@ class RLRun(RunConfig):
 
 
 @dataclass
-class PairSource:
+class Source:
     kind: Literal["jsonl", "datasets", "arithmetic"] = option(
-        None, "jsonl (prompt or messages, chosen, rejected) | datasets (a save_to_disk dir with those columns) | "
-              "arithmetic (on-policy pairs from the starting model)", required=True)
+        None, "jsonl | datasets (a save_to_disk dir) — dpo: prompt or messages, chosen, rejected; grpo: prompt or "
+              "messages, answer | arithmetic — dpo: on-policy pairs from the starting model; grpo: problems",
+        required=True)
     path: str | None = option(None, "jsonl: the file; datasets: the directory")
     split: str = option("train", "datasets: the split to read")
-    pairs: int | None = option(None, "files: read at most this many", ge=1, le=10**8)
-    problems: int | None = option(None, "arithmetic: training problems to ask the starting model", ge=1, le=10**7)
-    samples: int = option(4, "arithmetic: answers sampled per problem", ge=2, le=64)
-    temperature: float = option(1.0, "arithmetic: sampling temperature of those answers", gt=0)
+    pairs: int | None = option(None, "dpo files: read at most this many pairs", ge=1, le=10**8)
+    problems: int | None = option(None, "arithmetic: training problems to make; grpo files: read at most this "
+                                        "many", ge=1, le=10**7)
+    samples: int = option(4, "dpo arithmetic: answers sampled per problem", ge=2, le=64)
+    temperature: float = option(1.0, "dpo arithmetic: sampling temperature of those answers", gt=0)
 
     def check(self) -> list[tuple[str, str]]:
         if self.kind in ("jsonl", "datasets"):
-            if not self.path:
-                return [("path", f"missing required value: a {self.kind} source needs a path")]
-            if self.problems:
-                return [("problems", f"a {self.kind} source is read, not asked: use pairs to cap it")]
-            return []
+            return [] if self.path else [("path", f"missing required value: a {self.kind} source needs a path")]
         if self.path or self.pairs:
             return [("path" if self.path else "pairs", "an arithmetic source is made, not read: set problems")]
-        return [] if self.problems else [("problems", "missing required value: how many problems to ask")]
+        return [] if self.problems else [("problems", "missing required value: how many problems to make")]
 
 
 @dataclass
 class DataSection:
-    sources: list[PairSource] = option(list, "the pairs, mixed (fields: kind, path, split, pairs, problems, "
-                                             "samples, temperature)")
-    val_fraction: float = option(0.05, "share of pairs held out for validation", ge=0, lt=1)
+    sources: list[Source] = option(list, "the pairs (dpo) or problems (grpo), mixed (fields: kind, path, split, "
+                                         "pairs, problems, samples, temperature)")
+    val_fraction: float = option(0.05, "share held out for validation", ge=0, lt=1)
 
     def check(self) -> list[tuple[str, str]]:
         return [] if self.sources else [("sources", "missing required value: at least one source")]
@@ -78,21 +81,36 @@ class RLConfig:
     run: RLRun = option(RLRun, "output directory, seed and device")
     base: str = option(None, "the starting policy (and reference): an mmctl model/ dir (an sft output) or a local "
                              "Llama / Qwen2 / SmolLM Hugging Face dir", required=True)
-    algorithm: Literal["dpo"] = option("dpo", "dpo: direct preference optimization on chosen / rejected pairs")
+    algorithm: Literal["dpo", "grpo"] = option(
+        "dpo", "dpo: direct preference optimization on chosen / rejected pairs | grpo: group relative policy "
+               "optimization on problems with verifiable answers")
     method: Literal["full", "lora", "qlora"] = option("full", finetune.METHOD_HELP)
     lora: LoRAConfig = option(LoRAConfig, finetune.LORA_HELP)
     qlora: QLoRAConfig = option(QLoRAConfig, finetune.QLORA_HELP)
     dpo: DPOConfig = option(DPOConfig, "the DPO loss (mmctl/rl/dpo.py)")
-    data: DataSection = option(DataSection, "the preference pairs")
+    grpo: GRPOConfig = option(GRPOConfig, "sampling, rewards and the GRPO loss (mmctl/rl/grpo.py)")
+    data: DataSection = option(DataSection, "the preference pairs (dpo) or problems (grpo)")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
-    train: TrainConfig = option(TrainConfig, "steps, batch (pairs per step), row length (seq_len), precision")
+    train: TrainConfig = option(TrainConfig, "steps, batch (dpo: pairs; grpo: completions, a multiple of "
+                                             "grpo.group_size), row length (seq_len), precision")
     eval: finetune.EvalSection = option(finetune.EvalSection, "what each evaluation shows")
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        for i, s in enumerate(self.data.sources):
+            if self.algorithm == "dpo" and s.kind != "arithmetic" and s.problems:
+                problems.append((f"data.sources[{i}].problems", f"dpo reads pairs from a {s.kind} source: cap it "
+                                                                 "with pairs"))
+            if self.algorithm == "grpo" and s.pairs:
+                problems.append((f"data.sources[{i}].pairs", "grpo reads problems, not pairs: cap it with problems"))
+        if self.algorithm == "grpo" and self.train.batch_size % self.grpo.group_size:
+            problems.append(("train.batch_size", f"{self.train.batch_size} completions per step is not a whole "
+                                                 f"number of groups of {self.grpo.group_size} (grpo.group_size)"))
+        return problems
 
 
 def run(cfg: RLConfig, options: Options = Options()) -> StageResult:
-    """Train `base` on preference pairs, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
-    import torch
-
+    """Train `base` by `cfg.algorithm`, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
     from mmctl.runtime import pick_precision
 
     run_dir, dist = finetune.open_run(cfg, STAGE)
@@ -100,26 +118,35 @@ def run(cfg: RLConfig, options: Options = Options()) -> StageResult:
         return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
     model, tok = finetune.load(Path(cfg.base), cfg.method, dist.device, cfg.train.seq_len)
     precision = pick_precision(cfg.train.precision, dist.device)
-    pairs, stats = _pairs(cfg, model, tok)
-    torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
-    finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
-    train_rows, val_rows = (_rows(cfg, part, tok, model, precision, dist.device) for part in pairs)
-    stats["cut_completions"] = train_rows["cut"] + val_rows["cut"]
-    results = finetune.train_and_write(
-        cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, dist),
-        loss_fn=lambda m, batch: dpo_loss(cfg, m, batch), precision=precision, loss_config=recipe.to_dict(cfg.dpo),
-        evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision))
+    prepare = _dpo if cfg.algorithm == "dpo" else _grpo
+    parts, stats = prepare(cfg, model, tok, precision, dist, run_dir)
+    loss_config = recipe.to_dict(cfg.dpo if cfg.algorithm == "dpo" else cfg.grpo)
+    results = finetune.train_and_write(cfg, model, tok, run_dir, dist, options, precision=precision,
+                                       loss_config=loss_config, **parts)
     results = {**results, "algorithm": cfg.algorithm, "data": stats} if dist.main else {}
     if dist.main:
         run_dir.finish(results, device=dist.device)
     return StageResult(run_dir.out, results)
 
 
+def _dpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dict, dict]:
+    """The loop's parts for DPO (batches, loss, evaluation) and the data's statistics."""
+    import torch
+
+    pairs, stats = _pairs(cfg, model, tok)
+    torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
+    finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
+    train_rows, val_rows = (_rows(cfg, part, tok, model, precision, dist.device) for part in pairs)
+    stats["cut_completions"] = train_rows["cut"] + val_rows["cut"]
+    return {"batches": _batches(cfg, train_rows, dist), "loss_fn": lambda m, batch: dpo_loss(cfg, m, batch),
+            "evaluate": lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision)}, stats
+
+
 def _pairs(cfg: RLConfig, model, tok):
     """((train pairs, validation pairs), statistics): read or made, shuffled with the seed, split."""
     import random
 
-    from mmctl.data.preference import read_pairs
+    from mmctl.data.rl import read_pairs
     from mmctl.rl.pairs import arithmetic_pairs
 
     pairs, stats = [], {}
@@ -147,11 +174,11 @@ def _rows(cfg: RLConfig, pairs, tok, model, precision: str, device) -> dict:
     log-probabilities under the reference model — the model as it is now, before any step."""
     import torch
 
-    from mmctl.data import preference
+    from mmctl.data import rl as rl_data
     from mmctl.data.sft import pad
     from mmctl.runtime import autocast
 
-    encoded = [preference.encode(p, tok) for p in pairs]
+    encoded = [rl_data.encode(p, tok) for p in pairs]
     pad_id = finetune.pad_id(tok)
     chosen = pad([c for c, _ in encoded], cfg.train.seq_len, pad_id)
     rejected = pad([r for _, r in encoded], cfg.train.seq_len, pad_id)
@@ -238,15 +265,199 @@ def evaluation(model, tok, val_rows: dict, cfg: RLConfig, device: str, precision
     return {**result, "sample": sample}
 
 
+def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dict, dict]:
+    """The loop's parts for GRPO (batches that sample, loss, evaluation) and the data's statistics."""
+    import numpy as np
+    import torch
+
+    from mmctl.data.batches import pick_row
+    from mmctl.rl import rewards as reward_fns
+    from mmctl.rl import rollout
+    from mmctl.runtime import autocast
+    from mmctl.train.loop import micro_batches
+
+    g = cfg.grpo
+    rewards, correct = reward_fns.resolve(g.rewards, g.allow_python_rewards), reward_fns.correct(g.rewards)
+    (train, val), stats = _problems(cfg, tok)
+    torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
+    finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
+    reference = _reference(cfg, model)
+    per_micro, accum = micro_batches(cfg.train, dist.world)
+    if (per_micro * accum) % g.group_size:
+        raise UsageError(f"train.batch_size: {per_micro * accum} completions per process is not a whole number of "
+                         f"groups of {g.group_size}")
+    groups = per_micro * accum // g.group_size
+    health, cache = Health(), {}
+
+    def sampled(step: int, rank: int) -> rollout.Rollout:
+        """The rollout step `step` trains on: made at the first step of its μ, then reused."""
+        first = step - step % g.num_iterations
+        if first in cache:
+            return cache[first]
+        saved = run_dir.out / f"rollout-{rank}.pt"
+        if step != first and saved.exists():  # resumed within a rollout's μ steps
+            kept = torch.load(saved, weights_only=True)
+            if kept.pop("step") == first:
+                cache.clear()
+                cache[first] = rollout.Rollout(**kept)
+                return cache[first]
+        problems = [train[pick_row(cfg.run.seed, first, rank * groups + i, len(train))] for i in range(groups)]
+        seed = int(np.random.default_rng([cfg.run.seed, first, rank]).integers(2**31))
+        r = rollout.sample(model, tok, problems, g, rewards, correct, seed, finetune.pad_id(tok))
+        with autocast(precision, dist.device):
+            if g.num_iterations > 1:
+                r.old_logps = rollout.logps(model, r)
+            if reference is not None:
+                r.ref_logps = reference(r)
+        if g.num_iterations > 1:
+            torch.save({"step": first, **{k: getattr(r, k) for k in r.__dataclass_fields__}}, saved)
+        if dist.main:
+            health.rollout(r)
+            if first % g.samples_every == 0:
+                for record in r.samples:
+                    run_dir.log({"step": first + 1, **record}, to="samples.jsonl")
+        cache.clear()
+        cache[first] = r
+        return r
+
+    def batches(step: int, rank: int) -> list[dict]:
+        r = sampled(step, rank)
+        return [_grpo_batch(r, range(m * per_micro, (m + 1) * per_micro), m == 0, dist.device)
+                for m in range(accum)]
+
+    def evaluate(step: int) -> dict:
+        result = rollout.greedy(model, tok, val, rewards, correct, g.max_completion_tokens) if val else {}
+        health.evaluation(result.get("val_accuracy"))
+        sample = finetune.sample_answer(model, tok, cfg.eval.sample_prompt, cfg.eval.sample_tokens)
+        model.train()
+        return {**result, "sample": sample}
+
+    return {"batches": batches, "loss_fn": lambda m, batch: grpo_loss(cfg, m, batch), "evaluate": evaluate}, stats
+
+
+def _problems(cfg: RLConfig, tok):
+    """((train problems, validation problems), statistics): read or made, shuffled with the seed, split; every
+    prompt must leave room for a whole completion in a row."""
+    import random
+
+    from mmctl.data.chat import prompt_ids
+    from mmctl.data.rl import Problem, read_problems
+    from mmctl.data.synthetic import arithmetic_problems
+
+    problems: list[Problem] = []
+    for i, source in enumerate(cfg.data.sources):
+        if source.kind == "arithmetic":
+            problems += [Problem([{"role": "user", "content": p.question}], str(p.answer))
+                         for p in arithmetic_problems(source.problems, cfg.run.seed + i, split="train")]
+        else:
+            problems += read_problems(source.path, source.split if source.kind == "datasets" else None)[
+                : source.problems]
+    random.Random(f"rl:{cfg.run.seed}").shuffle(problems)
+    n_val = round(len(problems) * cfg.data.val_fraction)
+    if len(problems) - n_val < 1:
+        raise UsageError("data: no training problem left after the validation share")
+    room = cfg.train.seq_len - cfg.grpo.max_completion_tokens
+    longest = max(len(prompt_ids(p.prompt, tok)) for p in problems)
+    if longest > room:
+        raise UsageError(f"train.seq_len: {cfg.train.seq_len} leaves room for a {room}-token prompt beside "
+                         f"grpo.max_completion_tokens ({cfg.grpo.max_completion_tokens}); the longest prompt has "
+                         f"{longest}")
+    console.print(f"rl data: {len(problems):,} problems ({n_val} held out)")
+    stats = {"problems": len(problems), "validation_problems": n_val, "longest_prompt_tokens": longest}
+    return (problems[n_val:], problems[:n_val]), stats
+
+
+def _reference(cfg: RLConfig, model):
+    """rollout → its log-probabilities under the starting model, or None when beta is 0 (no reference kept). A
+    full fine-tune keeps a frozen copy; adapters are simply switched off (no second copy)."""
+    import copy
+
+    from mmctl.models import lora
+    from mmctl.rl import rollout
+
+    if cfg.grpo.beta == 0:
+        return None
+    if cfg.method == "full":
+        frozen = copy.deepcopy(model).requires_grad_(False).eval()
+        return lambda r: rollout.logps(frozen, r)
+
+    def without_adapters(r):
+        with lora.disabled(model):
+            return rollout.logps(model, r)
+
+    return without_adapters
+
+
+def _grpo_batch(r, rows: range, first: bool, device) -> dict:
+    """Rows of a rollout as one micro-batch, cut to its longest row; the rollout's statistics ride on the first
+    micro-batch (the others carry them with weight 0, so each is counted once)."""
+    picked = slice(rows.start, rows.stop)
+    width = max(r.tokens[picked])
+    batch = {"ids": r.ids[picked, :width].to(device), "mask": r.mask[picked, :width - 1].to(device),
+             "adv": r.advantages[picked].to(device), "tokens": sum(r.tokens[picked]),
+             "stats": r.stats if first else {k: (0.0, 0.0) for k in r.stats}}
+    for name in ("old_logps", "ref_logps"):
+        if getattr(r, name) is not None:
+            batch[name] = getattr(r, name)[picked, :width - 1].to(device)
+    return batch
+
+
+def grpo_loss(cfg: RLConfig, model, batch: dict):
+    """GRPO's loss on one micro-batch, with the clip fractions, KL, entropy and the rollout's statistics."""
+    from mmctl.rl import grpo
+    from mmctl.train.loop import LossOut
+
+    logits = model(batch["ids"][:, :-1])
+    logps = grpo.token_logps(logits, batch["ids"][:, 1:])
+    old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # μ = 1: the sampling policy is this one
+    total, count, metrics = grpo.loss(cfg.grpo, logps, old, batch["adv"], batch["mask"], batch.get("ref_logps"))
+    metrics["entropy"] = ((grpo.token_entropy(logits) * batch["mask"]).sum(), float(batch["mask"].sum()))
+    return LossOut(total, count, batch["tokens"], {**metrics, **batch["stats"]})
+
+
+class Health:
+    """Warnings a GRPO run owes its user: most groups teaching nothing, or accuracy falling evaluation after
+    evaluation (the collapse a too-high learning rate causes)."""
+
+    def __init__(self):
+        self.zero_std: list[float] = []
+        self.accuracies: list[float] = []
+
+    def rollout(self, r) -> None:
+        total, groups = r.stats["frac_reward_zero_std"]
+        self.zero_std.append(total / groups)
+
+    def evaluation(self, accuracy: float | None) -> None:
+        if self.zero_std and sum(self.zero_std) / len(self.zero_std) > 0.5:
+            console.print(f"[yellow]warning:[/yellow] {sum(self.zero_std) / len(self.zero_std):.0%} of the groups "
+                          "since the last evaluation had equal rewards (no advantage, nothing learned): the "
+                          "problems are too hard or too easy for this model, or the group too small")
+        self.zero_std = []
+        if accuracy is None:
+            return
+        self.accuracies.append(accuracy)
+        last = self.accuracies[-4:]
+        if len(last) == 4 and all(b < a for a, b in zip(last, last[1:], strict=False)):
+            console.print(f"[yellow]warning:[/yellow] validation accuracy fell three evaluations in a row "
+                          f"({' → '.join(f'{a:.2f}' for a in last)}): a sign of collapse; try a lower optim.lr")
+
+
 def render(result: StageResult) -> None:
     r = result.results
     final, p = r["final"], r["params"]
-    console.print(f"{r['algorithm']} ({r['method']}): {p['trainable']:,} of {p['total']:,} parameters trained, "
-                  f"{final.get('step')} steps in {r['seconds']:.0f} s: loss {final.get('loss', float('nan')):.3f}, "
-                  f"reward accuracy {final.get('rewards/accuracies', float('nan')):.2f}, margin "
-                  f"{final.get('rewards/margins', float('nan')):.3f}; validation: loss "
-                  f"{final.get('val_loss', float('nan')):.3f}, reward accuracy "
-                  f"{final.get('val_rewards/accuracies', float('nan')):.2f}")
+
+    def f(name: str, spec: str = ".3f") -> str:
+        return format(final.get(name, float("nan")), spec)
+
+    head = (f"{r['algorithm']} ({r['method']}): {p['trainable']:,} of {p['total']:,} parameters trained, "
+            f"{final.get('step')} steps in {r['seconds']:.0f} s: ")
+    if r["algorithm"] == "grpo":
+        console.print(head + f"reward {f('reward')}, accuracy {f('accuracy', '.2f')}, groups with equal rewards "
+                      f"{f('frac_reward_zero_std', '.0%')}; validation accuracy {f('val_accuracy', '.2f')}")
+    else:
+        console.print(head + f"loss {f('loss')}, reward accuracy {f('rewards/accuracies', '.2f')}, margin "
+                      f"{f('rewards/margins')}; validation: loss {f('val_loss')}, reward accuracy "
+                      f"{f('val_rewards/accuracies', '.2f')}")
     if "sample" in final:
         console.print(f"sample: {final['sample']!r}", soft_wrap=True)
     console.print(f"model: {result.out / 'model'}" + (f"; adapter: {result.out / 'adapter'}"

@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mmctl import recipe  # noqa: E402
-from mmctl.data import preference  # noqa: E402
+from mmctl.data import rl as rl_data  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
 from mmctl.rl import dpo  # noqa: E402
 
@@ -81,7 +81,7 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
     config = recipe.build(rl.RLConfig, {"base": str(checkpoint), "dpo": {"beta": 0.1, "loss": loss},
                                         "data": {"sources": [{"kind": "jsonl", "path": "unused"}]},
                                         "train": {"seq_len": 63}}, recipe.Source("r", {}, set()))
-    pairs = [preference.pair(p, "test") for p in PAIRS]
+    pairs = [rl_data.pair(p, "test") for p in PAIRS]
     rows = rl._rows(config, pairs, ours_tok, ours_ref, "fp32", "cpu")
     with torch.no_grad():
         out = rl.dpo_loss(config, ours_policy.eval(), rl._tensors(rows, [0, 1, 2, 3], "cpu"))
@@ -96,7 +96,7 @@ def test_the_mask_covers_the_completion_and_its_end_of_turn(checkpoint):
     from mmctl.tokenizer import bpe
 
     tok = bpe.load(checkpoint)
-    chosen, rejected = preference.encode(preference.pair(PAIRS[1], "test"), tok)
+    chosen, rejected = rl_data.encode(rl_data.pair(PAIRS[1], "test"), tok)
     for example, text in ((chosen, "34"), (rejected, "44")):
         trained = [t for t, m in zip(example.ids, example.mask, strict=True) if m]
         assert tok.decode(trained) == f"{text}<|end|>"
@@ -116,7 +116,7 @@ def test_malformed_pairs_name_file_and_line(tmp_path, record, fragment):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": "b"}) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(DataError, match=f"pairs.jsonl:2: .*{fragment.replace('[', '.').replace(']', '.')}"):
-        preference.read_pairs(path)
+        rl_data.read_pairs(path)
 
 
 def test_on_policy_pairs_are_verified(checkpoint):
@@ -142,7 +142,7 @@ def test_on_policy_pairs_are_verified(checkpoint):
 def test_pairs_from_a_datasets_directory(tmp_path):
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(PAIRS).save_to_disk(tmp_path / "pairs")
-    assert preference.read_pairs(tmp_path / "pairs", "train") == [preference.pair(p, "x") for p in PAIRS]
+    assert rl_data.read_pairs(tmp_path / "pairs", "train") == [rl_data.pair(p, "x") for p in PAIRS]
     with pytest.raises(DataError, match=r"no split 'test'"):
         datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS)}).save_to_disk(tmp_path / "dict")
-        preference.read_pairs(tmp_path / "dict", "test")
+        rl_data.read_pairs(tmp_path / "dict", "test")

@@ -1,12 +1,15 @@
-"""Preference pairs for DPO: a prompt with a chosen and a rejected completion → two token rows whose trained mask
-covers the completion only (its tokens and the end-of-turn token; never the prompt).
+"""The rl stage's data, one JSON object per line (or a `datasets` directory with the same columns).
 
-One JSON object per line, in TRL's two preference formats:
+Preference pairs for DPO: a prompt with a chosen and a rejected completion → two token rows whose trained mask
+covers the completion only (its tokens and the end-of-turn token; never the prompt). In TRL's two formats:
 - standard: `{"prompt": str, "chosen": str, "rejected": str}` — the prompt is one user turn;
 - conversational: `{"prompt" | "messages": [{role, content}, …], "chosen": …, "rejected": …}`, each completion
   a string or a list holding one assistant message.
 
 Built-in on-policy pairs come from the starting model itself (`rl/pairs.py`).
+
+Problems with verifiable answers for GRPO: `{"prompt" | "messages": …, "answer": str | number}` (the prompt as
+above); built-in arithmetic problems come from `data/synthetic.py`.
 """
 
 from __future__ import annotations
@@ -25,11 +28,36 @@ class Pair:
     rejected: str
 
 
+@dataclass
+class Problem:
+    prompt: list[dict]  # chat messages, the last one not the assistant's
+    answer: str  # what a correct completion's answer equals (mmctl/rl/rewards.py)
+
+
 def pair(record: dict, where: str) -> Pair:
     """One JSONL record in either format → a Pair (one-line DataError naming `where` otherwise)."""
-    key = "prompt" if "prompt" in record else "messages" if "messages" in record else None
-    if key is None or "chosen" not in record or "rejected" not in record:
+    if "chosen" not in record or "rejected" not in record:
         raise DataError(f"{where}: not a preference pair (expected prompt or messages, chosen and rejected; has: "
+                        f"{', '.join(sorted(record)) or 'nothing'})")
+    prompt = _prompt(record, where)
+    chosen, rejected = (_completion(record[k], k, where) for k in ("chosen", "rejected"))
+    _check_text([chosen, rejected], where)
+    return Pair(prompt, chosen, rejected)
+
+
+def problem(record: dict, where: str) -> Problem:
+    """One JSONL record → a Problem (one-line DataError naming `where` otherwise)."""
+    answer = record.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
+        raise DataError(f"{where}: not a problem with an answer (expected prompt or messages, and answer as text "
+                        f"or a number; has: {', '.join(sorted(record)) or 'nothing'})")
+    return Problem(_prompt(record, where), str(answer).strip())
+
+
+def _prompt(record: dict, where: str) -> list[dict]:
+    key = "prompt" if "prompt" in record else "messages" if "messages" in record else None
+    if key is None:
+        raise DataError(f"{where}: no prompt (expected prompt or messages; has: "
                         f"{', '.join(sorted(record)) or 'nothing'})")
     prompt = record[key]
     if isinstance(prompt, str):
@@ -41,11 +69,13 @@ def pair(record: dict, where: str) -> Pair:
             raise DataError(f"{where}: {key}[{i}] is not {{role: system|user|assistant, content: text}}")
     if prompt[-1]["role"] == "assistant":
         raise DataError(f"{where}: {key} ends with an assistant message; the completions are the assistant's reply")
-    chosen, rejected = (_completion(record[k], k, where) for k in ("chosen", "rejected"))
-    texts = [m["content"] for m in prompt] + [chosen, rejected]
+    _check_text([m["content"] for m in prompt], where)
+    return prompt
+
+
+def _check_text(texts: list[str], where: str) -> None:
     if any(START in t or END in t for t in texts):
         raise DataError(f"{where}: contains the code point U+E000 or U+E001, reserved for rendering chat templates")
-    return Pair(prompt, chosen, rejected)
 
 
 def _completion(value, key: str, where: str) -> str:
@@ -59,13 +89,22 @@ def _completion(value, key: str, where: str) -> str:
 
 def read_pairs(path, split: str | None = None) -> list[Pair]:
     """Every pair of a JSONL file, or with a split of a datasets directory."""
+    return _read(path, split, pair, "preference pairs")
+
+
+def read_problems(path, split: str | None = None) -> list[Problem]:
+    """Every problem of a JSONL file, or with a split of a datasets directory."""
+    return _read(path, split, problem, "problems")
+
+
+def _read(path, split: str | None, parse, what: str) -> list:
     from mmctl.data import jsonl
     from mmctl.data.sources import dataset_records
 
     records = jsonl.records(path) if split is None else dataset_records(str(path), split)
-    out = [pair(record, where) for where, record in records]
+    out = [parse(record, where) for where, record in records]
     if not out:
-        raise DataError(f"{path}: no preference pairs")
+        raise DataError(f"{path}: no {what}")
     return out
 
 

@@ -1,0 +1,118 @@
+"""GRPO's rollouts: a group of sampled completions per problem from the current policy, scored by the rewards,
+turned into training rows — with the statistics that tell a learning run from a stuck one.
+
+Every completion is sampled through `mmctl/generate.py` (batched, KV cache) from the prompt rendered by the
+model's chat template; its row is prompt + completion (the end-of-turn token included), right-padded, the
+mask on the completion's tokens. The sampling seed is the caller's: a rollout is a function of (weights, seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mmctl.data.rl import Problem
+from mmctl.rl.grpo import GRPOConfig, advantages, token_logps
+from mmctl.rl.rewards import Sample
+
+Reward = tuple[str, float, Callable[[Sample], float]]  # (name, weight, function), from rewards.resolve
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (N, T) prompt + completion, right-padded; N = problems × group_size
+    mask: torch.Tensor  # (N, T − 1) 1 where the next token is a completion's
+    advantages: torch.Tensor  # (N,)
+    tokens: list[int]  # each row's real tokens
+    stats: dict[str, tuple[float, float]]  # diagnostics as (sum, weight), the loop's metric form
+    samples: list[dict]  # the first problems' groups, readable, for samples.jsonl
+    old_logps: torch.Tensor | None = None  # (N, T − 1) under the policy that sampled (kept when μ > 1)
+    ref_logps: torch.Tensor | None = None  # (N, T − 1) under the reference (when beta > 0)
+
+
+def complete(model, tok, problems: list[Problem], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, repeat: int = 1, batch_size: int = 64) -> list[tuple]:
+    """(prompt ids, completion ids, text, finished) for each problem, `repeat` times in a row, in eval mode."""
+    from mmctl.data.chat import prompt_ids, stop_ids
+    from mmctl.generate import SamplingConfig, completion_text, generate
+
+    prompts = [prompt_ids(p.prompt, tok) for p in problems for _ in range(repeat)]
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  seed=seed * 1_000_003 + start)
+        for prompt, c in zip(chunk, generate(model, chunk, sampling, stop_token_ids=stop_ids(tok)).completions,
+                             strict=True):
+            out.append((prompt, c.ids, completion_text(tok, c), c.finish_reason == "stop"))
+    model.train(was_training)
+    return out
+
+
+def score(done: list[tuple], problems: list[Problem], repeat: int, rewards: list[Reward], correct, max_tokens: int
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed reward (N,), each reward (N, R), correct (N,)) of `complete`'s output."""
+    scored, right = [], []
+    for i, (_, ids, text, _) in enumerate(done):
+        s = Sample(text, problems[i // repeat].answer, len(ids), max_tokens)
+        scored.append([fn(s) for _, _, fn in rewards])
+        right.append(correct(s))
+    each = torch.tensor(scored, dtype=torch.float32).view(len(done), len(rewards))
+    weights = torch.tensor([w for _, w, _ in rewards], dtype=torch.float32)
+    return each @ weights, each, torch.tensor(right, dtype=torch.float32)
+
+
+def sample(model, tok, problems: list[Problem], cfg: GRPOConfig, rewards: list[Reward], correct, seed: int,
+           pad_id: int, show: int = 2) -> Rollout:
+    """Sample `cfg.group_size` completions per problem, score them, and lay them out as training rows."""
+    G = cfg.group_size
+    done = complete(model, tok, problems, cfg.max_completion_tokens, cfg.temperature, cfg.top_p, seed, repeat=G)
+    total, each, right = score(done, problems, G, rewards, correct, cfg.max_completion_tokens)
+    adv = advantages(total, G, cfg.scale_rewards)
+
+    rows = [prompt + ids for prompt, ids, _, _ in done]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width - 1)
+    for i, (prompt, *_) in enumerate(done):
+        ids[i, :len(rows[i])] = torch.tensor(rows[i])
+        mask[i, len(prompt) - 1:len(rows[i]) - 1] = 1  # targets: the completion's tokens
+    lengths = torch.tensor([len(c) for _, c, _, _ in done], dtype=torch.float32)
+    group_std = total.view(-1, G).std(dim=1)
+    n, groups, n_right = float(len(done)), float(len(problems)), float(right.sum())
+    stats = {"reward": (float(total.sum()), n), "reward_std": (float(group_std.sum()), groups),
+             "frac_reward_zero_std": (float((group_std < 1e-6).sum()), groups), "accuracy": (n_right, n),
+             **{f"rewards/{name}": (float(each[:, j].sum()), n) for j, (name, _, _) in enumerate(rewards)},
+             "completions/mean_length": (float(lengths.sum()), n),
+             "completions/length_correct": (float((lengths * right).sum()), n_right),
+             "completions/length_incorrect": (float((lengths * (1 - right)).sum()), n - n_right),
+             "completions/clipped_ratio": (float(sum(not finished for *_, finished in done)), n)}
+    samples = [{"prompt": problems[p].prompt[-1]["content"], "answer": problems[p].answer,
+                "completions": [{"text": done[i][2], "reward": round(float(total[i]), 4),
+                                 "advantage": round(float(adv[i]), 4), "correct": bool(right[i])}
+                                for i in range(p * G, (p + 1) * G)]}
+               for p in range(min(show, len(problems)))]
+    return Rollout(ids, mask, adv, [len(r) for r in rows], stats, samples)
+
+
+@torch.no_grad()
+def logps(model, rollout: Rollout, rows: int = 16) -> torch.Tensor:
+    """Each row's per-token log-probabilities (N, T − 1) under `model` as it is now (eval mode, no gradient)."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([token_logps(model(rollout.ids[i:i + rows, :-1].to(model.device)),
+                                 rollout.ids[i:i + rows, 1:].to(model.device)).cpu()
+                     for i in range(0, len(rollout.ids), rows)])
+    model.train(was_training)
+    return out
+
+
+def greedy(model, tok, problems: list[Problem], rewards: list[Reward], correct, max_tokens: int) -> dict:
+    """Held-out problems answered greedily: accuracy and mean reward (what each evaluation of a GRPO run shows)."""
+    done = complete(model, tok, problems, max_tokens)
+    total, _, right = score(done, problems, 1, rewards, correct, max_tokens)
+    return {"val_accuracy": float(right.mean()), "val_reward": float(total.mean())}
