@@ -11,7 +11,7 @@ Built in (`rewards: [{name, weight}]` in a recipe; the reward of a completion is
   working directory or the Python path. It runs your code, so it must be allowed in the recipe
   (`grpo.allow_python_rewards: true`); a recipe from someone else cannot run code you did not agree to.
 
-"The answer" of a completion is what sits inside `<answer>…</answer>` if it has one, else what follows `####`,
+"The answer" of a completion is what sits inside `<answer>…</answer>` if it has one, else the line after `####`,
 else the whole completion, so `numeric` and `exact` work with and without a format.
 """
 
@@ -63,7 +63,7 @@ def answer_part(completion: str) -> str:
     if tagged:
         return tagged.group(1)
     _, hashes, rest = completion.partition("####")
-    return rest if hashes else completion
+    return rest.strip().split("\n", 1)[0] if hashes else completion
 
 
 def numeric(s: Sample) -> float:

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mmctl import recipe  # noqa: E402
-from mmctl.errors import Interrupted  # noqa: E402
+from mmctl.errors import Interrupted, UsageError  # noqa: E402
 from mmctl.stages import rl  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
@@ -89,3 +89,91 @@ def test_on_policy_pairs_from_the_starting_model(checkpoint, tmp_path):
     result = rl.run(cfg)
     data = result.results["data"]
     assert data["pairs"] == data["sources[0]"]["pairs"] > 0 and data["sources[0]"]["problems"] == 16
+
+
+def distinct_characters(completion: str, answer: str) -> float:
+    """A reward a random model's completions differ in (so every group has an advantage to follow)."""
+    return len(set(completion)) / 10
+
+
+@pytest.fixture(scope="module")
+def problems_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("problems") / "problems.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": a + b}) + "\n"
+                            for a in range(10) for b in range(4)))
+    return path
+
+
+def grpo_config(checkpoint, out, problems, method="full", grpo=None, **train):
+    data = {"run": {"out": str(out), "seed": 2, "device": "cpu"}, "base": str(checkpoint), "method": method,
+            "algorithm": "grpo", "lora": {"r": 4, "alpha": 8},
+            "grpo": {"group_size": 4, "max_completion_tokens": 6, "samples_every": 3, "allow_python_rewards": True,
+                     "rewards": [{"name": "numeric"}, {"name": "tests.stages.test_rl:distinct_characters"}],
+                     **(grpo or {})},
+            "data": {"sources": [{"kind": "jsonl", "path": str(problems)}], "val_fraction": 0.1},
+            "optim": {"lr": 3e-3, "warmup_steps": 0},
+            "train": {"steps": 8, "batch_size": 16, "micro_batch_size": 8, "seq_len": 48, "precision": "fp32",
+                      "log_every": 1, "eval_every": 4, "checkpoint_every": 3, **train},
+            "eval": {"sample_tokens": 3}}
+    return recipe.build(rl.RLConfig, data, recipe.Source("r", {}, set()))
+
+
+def test_grpo_logs_its_diagnostics_and_raises_the_reward(checkpoint, tmp_path, problems_file):
+    result = rl.run(grpo_config(checkpoint, tmp_path / "a", problems_file))
+    steps = [m for m in metrics(tmp_path / "a") if "loss" in m]
+    assert steps[0]["loss"] == pytest.approx(0, abs=1e-6)  # μ = 1: ratio 1 and advantages summing to 0
+    for key in ("reward", "reward_std", "frac_reward_zero_std", "accuracy", "entropy", "clip_ratio/region",
+                "completions/mean_length", "completions/clipped_ratio", "rewards/numeric",
+                "rewards/tests.stages.test_rl:distinct_characters"):
+        assert key in steps[0], key
+    assert steps[0]["clip_ratio/region"] == 0 and steps[0]["completions/mean_length"] <= 6
+    assert sum(m["reward"] for m in steps[-3:]) > sum(m["reward"] for m in steps[:3])
+    final = result.results["final"]
+    assert 0 <= final["val_accuracy"] <= 1 and "→" in final["sample"]
+    samples = [json.loads(line) for line in (tmp_path / "a" / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [1, 4, 7] and len(samples[0]["completions"]) == 4
+    assert rl.run(grpo_config(checkpoint, tmp_path / "a", problems_file)).up_to_date
+
+
+@pytest.mark.parametrize(("method", "grpo"), [("full", {"num_iterations": 2, "beta": 0.1, "loss_type": "grpo"}),
+                                              ("lora", {"beta": 0.1, "loss_type": "dr_grpo"})])
+def test_grpo_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, problems_file, method, grpo):
+    """Interrupted within a rollout's μ steps, the resumed run trains on the kept rollout and samples afterwards
+    exactly what the uninterrupted one sampled."""
+    rl.run(grpo_config(checkpoint, tmp_path / "full", problems_file, method, grpo))
+    real, calls = rl.grpo_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 5:  # during step 3 of 8 (two micro-batches a step): the second step on step 2's rollout
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(rl, "grpo_loss", interrupting)
+    with pytest.raises(Interrupted):
+        rl.run(grpo_config(checkpoint, tmp_path / "part", problems_file, method, grpo))
+    monkeypatch.setattr(rl, "grpo_loss", real)
+    rl.run(grpo_config(checkpoint, tmp_path / "part", problems_file, method, grpo))
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
+    for name in ("samples.jsonl", "model/model.safetensors"):
+        assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    assert "kl" in metrics(tmp_path / "full")[0]
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"train": {"batch_size": 10}}, "not a whole number of groups"),
+    ({"data": {"sources": [{"kind": "jsonl", "path": "x", "pairs": 3}]}}, "grpo reads problems"),
+    ({"grpo": {"rewards": [{"name": "numerical"}]}}, "unknown reward"),
+])
+def test_grpo_recipe_mistakes_are_named(change, message):
+    data = {"base": "m", "algorithm": "grpo", "data": {"sources": [{"kind": "arithmetic", "problems": 10}]},
+            "grpo": {"group_size": 4}, "train": {"batch_size": 16}}
+    for key, value in change.items():
+        data[key] = {**data[key], **value}
+    with pytest.raises(UsageError, match=message):
+        recipe.build(rl.RLConfig, data, recipe.Source("r", {}, set()))
+
+
+def test_grpo_refuses_prompts_that_leave_no_room(checkpoint, tmp_path, problems_file):
+    with pytest.raises(UsageError, match="longest prompt"):
+        rl.run(grpo_config(checkpoint, tmp_path / "o", problems_file, seq_len=12))
