@@ -254,6 +254,8 @@ def eval_(
                                                       "stories-ppl), ppl / mc / gen with --data, or a task YAML file."),
     data: str | None = typer.Option(None, "--data", help="The task data for --task ppl / mc / gen."),
     limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
+    samples: int | None = typer.Option(None, "--samples", help="Generation tasks: also sample N answers per item "
+                                       "and report pass@k and maj@k (test-time compute)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
     out: str | None = typer.Option(None, "--out", help="Output directory (default out/eval)."),
     chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Ask generation and multiple-choice tasks "
@@ -271,8 +273,8 @@ def eval_(
         overrides.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
-    overrides += _flags({"eval.limit": limit, "eval.batch_size": batch_size, "run.out": out, "run.device": device,
-                         "eval.chat": chat})
+    overrides += _flags({"eval.limit": limit, "eval.samples": samples, "eval.batch_size": batch_size, "run.out": out,
+                         "run.device": device, "eval.chat": chat})
     _run_stage("eval", targets[0] if is_recipe else None, overrides + set_, dry_run, force=force, json=as_json)
 
 

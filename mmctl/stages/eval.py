@@ -34,6 +34,10 @@ class EvalSection:
     limit: int | None = option(None, "score at most this many items per task", ge=1)
     chat: bool | None = option(None, "ask generation and multiple-choice tasks through the chat template; unset: "
                                      "for chat models (those `mmctl sft` writes)")
+    samples: int = option(0, "generation tasks: answers sampled per item beside the greedy one, scored as pass@k "
+                             "and maj@k for k = 1, 2, 4, …, samples (test-time compute); 0: greedy only",
+                          ge=0, le=1024)
+    temperature: float = option(1.0, "the sampling temperature of those answers", gt=0)
 
 
 @dataclass
@@ -114,6 +118,8 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict, chat: bool
     if kind == "perplexity":
         items = [item["text"] for item in items]
     extra = {"chat": chat} if kind != "perplexity" else {}
+    if kind == "generation":
+        extra |= {"samples": cfg.eval.samples, "temperature": cfg.eval.temperature}
     return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats,
                            **extra)
 
@@ -160,15 +166,29 @@ def render(result: StageResult) -> None:
     first = results["checkpoints"][ckpts[0]]["tasks"]
     for task, metrics in first.items():
         for metric, value in metrics.items():
-            if not isinstance(value, float) or metric.endswith("stderr") or metric == "chance":
+            if not isinstance(value, float) or metric.endswith("stderr") or metric == "chance" or "@" in metric:
                 continue
-            cells = []
-            for c in ckpts:
-                m = results["checkpoints"][c]["tasks"][task]
-                err = m.get(f"{metric}_stderr")
-                cells.append(f"{m[metric]:.4g}" + (f" ± {err:.2g}" if err == err and err is not None else ""))
-            table.add_row(task, metric, *cells)
+            table.add_row(task, metric, *[_cell(results["checkpoints"][c]["tasks"][task], metric) for c in ckpts])
         if "chance" in metrics:
             table.add_row(task, "chance", *[f"{metrics['chance']:.4g}"] * len(ckpts))
     console.print(table)
+    for task, metrics in first.items():  # test-time compute: accuracy against the number of samples
+        ns = [int(m.split("@")[1]) for m in metrics if m.startswith("pass@") and not m.endswith("stderr")]
+        if not ns:
+            continue
+        table = Table(title=f"{task}: accuracy against N samples per item",
+                      title_justify="left")
+        table.add_column("N", justify="right")
+        for c in ckpts:
+            table.add_column(f"{c} pass@N", justify="right")
+            table.add_column("maj@N", justify="right")
+        for n in ns:
+            table.add_row(str(n), *[_cell(results["checkpoints"][c]["tasks"][task], f"{kind}@{n}")
+                                    for c in ckpts for kind in ("pass", "maj")])
+        console.print(table)
     console.print(f"samples: {out / 'samples.jsonl'}")
+
+
+def _cell(metrics: dict, metric: str) -> str:
+    err = metrics.get(f"{metric}_stderr")
+    return f"{metrics[metric]:.4g}" + (f" ± {err:.2g}" if err == err and err is not None else "")

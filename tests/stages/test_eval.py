@@ -56,3 +56,51 @@ def test_a_chat_model_is_asked_through_its_template(checkpoint, chat_checkpoint,
         assert sample["logprobs"] == pytest.approx(expected, abs=1e-4)
     forced = run([chat_checkpoint], tmp_path / "p", chat=False).results["checkpoints"][str(chat_checkpoint)]
     assert {t["format"] for t in forced["tasks"].values()} == {"plain"}
+
+
+def test_pass_at_k_is_chen_et_al_unbiased_estimator():
+    from math import comb
+
+    from mmctl.evals.generation import ks, pass_at_k
+
+    for n in (1, 5, 16):
+        for c in range(n + 1):
+            for k in ks(n):
+                assert pass_at_k(n, c, k) == pytest.approx(1 - comb(n - c, k) / comb(n, k), abs=1e-12)
+    assert ks(8) == [1, 2, 4, 8] and ks(6) == [1, 2, 4, 6] and ks(1) == [1]
+    assert pass_at_k(200, 3, 100) == pytest.approx(1 - comb(197, 100) / comb(200, 100))  # no overflow
+
+
+def test_majority_vote_normalises_and_breaks_ties_to_the_earliest():
+    from mmctl.evals.generation import majority_right, test_time_scores
+
+    assert majority_right(["7", "8", "8.0"], [True, False, False]) is False  # 8 and 8.0 vote together
+    assert majority_right(["7", "8", None, None, None], [True, False, False, False, False]) is True  # tie: earliest
+    assert majority_right([None, None], [False, False]) is False
+    scores = test_time_scores(["1", "2", "2", "3"], [False, True, True, False])
+    assert scores["maj@1"] == 0 and scores["maj@4"] == 1 and scores["pass@1"] == 0.5
+    assert scores["pass@4"] == 1 and scores["pass@2"] == pytest.approx(1 - 1 / 6)
+
+
+def test_samples_per_item_give_pass_and_majority_from_the_recorded_answers(checkpoint, tmp_path):
+    """A task a random model sometimes gets right (the first lowercase letter it writes), so the scores are not
+    all zero; every metric must follow from the answers samples.jsonl records."""
+    from mmctl.evals.generation import test_time_scores
+
+    items = tmp_path / "letters.jsonl"
+    items.write_text("".join(json.dumps({"prompt": f"Say {c}:", "answer": c}) + "\n" for c in "etaoinshrdlucmfw"))
+    task = {"kind": "generation", "data": str(items), "extract": "regex:([a-z])", "max_new_tokens": 6}
+    data = {"run": {"out": str(tmp_path / "s"), "device": "cpu"}, "checkpoints": [str(checkpoint)], "tasks": [task],
+            "eval": {"batch_size": 8, "samples": 8, "temperature": 1.5}}
+    result = stage.run(recipe.build(stage.EvalConfig, data, recipe.Source("r", {}, set())))
+    metrics = result.results["checkpoints"][str(checkpoint)]["tasks"]["letters"]
+    records = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 16 and all(len(r["samples"]) == 8 for r in records)
+    right = [[bool(s["exact_match"]) for s in r["samples"]] for r in records]
+    per_item = [test_time_scores([s["prediction"] for s in r["samples"]], ok)
+                for r, ok in zip(records, right, strict=True)]
+    for name in ("pass@1", "pass@2", "pass@4", "pass@8", "maj@1", "maj@2", "maj@4", "maj@8"):
+        assert metrics[name] == pytest.approx(sum(s[name] for s in per_item) / 16)
+    assert metrics["pass@1"] == pytest.approx(sum(map(sum, right)) / 128) and metrics["pass@1"] > 0
+    assert metrics["pass@8"] == pytest.approx(sum(map(any, right)) / 16)
+    assert metrics["pass@8"] > metrics["pass@1"]
