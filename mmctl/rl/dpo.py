@@ -63,3 +63,19 @@ def losses(cfg: DPOConfig, chosen: torch.Tensor, rejected: torch.Tensor, ref_cho
                   "rewards/margins": reward_chosen - reward_rejected,
                   "rewards/accuracies": (reward_chosen > reward_rejected).float(),
                   "logps/chosen": chosen.detach(), "logps/rejected": rejected.detach()}
+
+
+def logps(model, batch: dict) -> torch.Tensor:
+    """Each row's summed completion log-probability under `model` (a batch of `rl/pairs.tensors`)."""
+    return sequence_logps(model(batch["ids"][:, :-1]), batch["ids"][:, 1:], batch["trained"])
+
+
+def batch_loss(cfg: DPOConfig, model, batch: dict):
+    """DPO's loss summed over the micro-batch's pairs, with TRL's metrics."""
+    from mmctl.train.loop import LossOut
+
+    chosen, rejected = logps(model, batch).chunk(2)
+    ref_chosen, ref_rejected = batch["ref"].chunk(2)
+    per_pair, metrics = losses(cfg, chosen, rejected, ref_chosen, ref_rejected, *batch["trained"].sum(-1).chunk(2))
+    n = len(chosen)
+    return LossOut(per_pair.sum(), n, batch["real"], {k: (v.sum(), n) for k, v in metrics.items()})

@@ -109,3 +109,15 @@ def loss(cfg: GRPOConfig, logps: torch.Tensor, old_logps: torch.Tensor, adv: tor
     if cfg.loss_type == "dr_grpo":
         return masked.sum() / cfg.max_completion_tokens, len(adv), metrics
     return masked.sum(), tokens, metrics
+
+
+def batch_loss(cfg: GRPOConfig, model, batch: dict):
+    """GRPO's loss on one micro-batch, with the clip fractions, KL, entropy and the rollout's statistics."""
+    from mmctl.train.loop import LossOut
+
+    logits = model(batch["ids"][:, :-1])
+    logps = token_logps(logits, batch["ids"][:, 1:])
+    old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # μ = 1: the sampling policy is this one
+    total, count, metrics = loss(cfg, logps, old, batch["adv"], batch["mask"], batch.get("ref_logps"))
+    metrics["entropy"] = ((token_entropy(logits) * batch["mask"]).sum(), float(batch["mask"].sum()))
+    return LossOut(total, count, batch["tokens"], {**metrics, **batch["stats"]})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmctl.console import console
 from mmctl.data.rl import Problem
 from mmctl.rl.grpo import GRPOConfig, advantages, token_logps
 from mmctl.rl.rewards import Sample
@@ -116,3 +117,44 @@ def greedy(model, tok, problems: list[Problem], rewards: list[Reward], correct, 
     done = complete(model, tok, problems, max_tokens)
     total, _, right = score(done, problems, 1, rewards, correct, max_tokens)
     return {"val_accuracy": float(right.mean()), "val_reward": float(total.mean())}
+
+
+def micro_batch(r: Rollout, rows: range, first: bool, device) -> dict:
+    """Rows of a rollout as one micro-batch, cut to its longest row; the rollout's statistics ride on the first
+    micro-batch (the others carry them with weight 0, so each is counted once)."""
+    picked = slice(rows.start, rows.stop)
+    width = max(r.tokens[picked])
+    batch = {"ids": r.ids[picked, :width].to(device), "mask": r.mask[picked, :width - 1].to(device),
+             "adv": r.advantages[picked].to(device), "tokens": sum(r.tokens[picked]),
+             "stats": r.stats if first else {k: (0.0, 0.0) for k in r.stats}}
+    for name in ("old_logps", "ref_logps"):
+        if getattr(r, name) is not None:
+            batch[name] = getattr(r, name)[picked, :width - 1].to(device)
+    return batch
+
+
+class Health:
+    """Warnings a GRPO run owes its user: most groups teaching nothing, or accuracy falling evaluation after
+    evaluation (the collapse a too-high learning rate causes)."""
+
+    def __init__(self):
+        self.zero_std: list[float] = []
+        self.accuracies: list[float] = []
+
+    def rollout(self, r) -> None:
+        total, groups = r.stats["frac_reward_zero_std"]
+        self.zero_std.append(total / groups)
+
+    def evaluation(self, accuracy: float | None) -> None:
+        if self.zero_std and sum(self.zero_std) / len(self.zero_std) > 0.5:
+            console.print(f"[yellow]warning:[/yellow] {sum(self.zero_std) / len(self.zero_std):.0%} of the groups "
+                          "since the last evaluation had equal rewards (no advantage, nothing learned): the "
+                          "problems are too hard or too easy for this model, or the group too small")
+        self.zero_std = []
+        if accuracy is None:
+            return
+        self.accuracies.append(accuracy)
+        last = self.accuracies[-4:]
+        if len(last) == 4 and all(b < a for a, b in zip(last, last[1:], strict=False)):
+            console.print(f"[yellow]warning:[/yellow] validation accuracy fell three evaluations in a row "
+                          f"({' → '.join(f'{a:.2f}' for a in last)}): a sign of collapse; try a lower optim.lr")

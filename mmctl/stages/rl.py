@@ -133,12 +133,17 @@ def _dpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dict
     """The loop's parts for DPO (batches, loss, evaluation) and the data's statistics."""
     import torch
 
+    from mmctl.rl import dpo
+    from mmctl.rl import pairs as rl_pairs
+
     pairs, stats = _pairs(cfg, model, tok)
     torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
     finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
-    train_rows, val_rows = (_rows(cfg, part, tok, model, precision, dist.device) for part in pairs)
+    train_rows, val_rows = (rl_pairs.rows(part, tok, model, cfg.train.seq_len, finetune.pad_id(tok), precision,
+                                          dist.device) for part in pairs)
     stats["cut_completions"] = train_rows["cut"] + val_rows["cut"]
-    return {"batches": _batches(cfg, train_rows, dist), "loss_fn": lambda m, batch: dpo_loss(cfg, m, batch),
+    return {"batches": rl_pairs.batches(train_rows, cfg.run.seed, cfg.train, dist),
+            "loss_fn": lambda m, batch: dpo.batch_loss(cfg.dpo, m, batch),
             "evaluate": lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision)}, stats
 
 
@@ -169,97 +174,11 @@ def _pairs(cfg: RLConfig, model, tok):
     return (pairs[n_val:], pairs[:n_val]), stats
 
 
-def _rows(cfg: RLConfig, pairs, tok, model, precision: str, device) -> dict:
-    """Chosen and rejected rows (padded to train.seq_len + 1, the mask on the completion) and their summed
-    log-probabilities under the reference model — the model as it is now, before any step."""
-    import torch
-
-    from mmctl.data import rl as rl_data
-    from mmctl.data.sft import pad
-    from mmctl.runtime import autocast
-
-    encoded = [rl_data.encode(p, tok) for p in pairs]
-    pad_id = finetune.pad_id(tok)
-    chosen = pad([c for c, _ in encoded], cfg.train.seq_len, pad_id)
-    rejected = pad([r for _, r in encoded], cfg.train.seq_len, pad_id)
-    rows = {"chosen": chosen, "rejected": rejected, "cut": chosen.cut + rejected.cut,
-            "ref": torch.zeros(len(pairs), 2)}
-    model.eval()
-    with torch.no_grad(), autocast(precision, device):
-        for i in range(0, len(pairs), 16):
-            batch = _tensors(rows, list(range(i, min(i + 16, len(pairs)))), device)
-            rows["ref"][i:i + 16] = _logps(model, batch).view(2, -1).T.cpu()
-    return rows
-
-
-def _batches(cfg: RLConfig, rows: dict, dist):
-    """batches(step, rank) → micro-batches of pairs drawn as a function of (seed, step, pair)."""
-    from mmctl.data.batches import pick_row
-    from mmctl.train.loop import micro_batches
-
-    per_micro, accum = micro_batches(cfg.train, dist.world)
-    n = len(rows["chosen"].ids)
-
-    def batches(step: int, rank: int) -> list:
-        firsts = [(rank * accum + m) * per_micro for m in range(accum)]
-        return [_tensors(rows, [pick_row(cfg.run.seed, step, r, n) for r in range(f, f + per_micro)], dist.device)
-                for f in firsts]
-
-    return batches
-
-
-def _tensors(rows: dict, picks: list[int], device) -> dict:
-    """The picked pairs as one batch: chosen rows then rejected rows, cut to the longest real row."""
-    import torch
-
-    ids = [rows["chosen"].ids[i] for i in picks] + [rows["rejected"].ids[i] for i in picks]
-    trained = [rows["chosen"].trained[i] for i in picks] + [rows["rejected"].trained[i] for i in picks]
-    # a row ends with its completion, then padding: its length is the last trained target's position + 2
-    lengths = [max((j for j, t in enumerate(row) if t), default=-1) + 2 for row in trained]
-    width = max(*lengths, 2)  # (a prompt that fills the row leaves its completion no token: nothing to score)
-    ref = rows["ref"][picks]
-    return {"ids": torch.tensor([r[:width] for r in ids], device=device),
-            "trained": torch.tensor([r[:width - 1] for r in trained], device=device, dtype=torch.float32),
-            "ref": torch.cat([ref[:, 0], ref[:, 1]]).to(device), "real": sum(lengths) - len(lengths)}
-
-
-def _logps(model, batch):
-    from mmctl.rl.dpo import sequence_logps
-
-    return sequence_logps(model(batch["ids"][:, :-1]), batch["ids"][:, 1:], batch["trained"])
-
-
-def dpo_loss(cfg: RLConfig, model, batch):
-    """DPO's loss summed over the micro-batch's pairs, with TRL's metrics."""
-    from mmctl.rl import dpo
-    from mmctl.train.loop import LossOut
-
-    logps, tokens = _logps(model, batch), batch["trained"].sum(-1)
-    chosen, rejected = logps.chunk(2)
-    ref_chosen, ref_rejected = batch["ref"].chunk(2)
-    losses, metrics = dpo.losses(cfg.dpo, chosen, rejected, ref_chosen, ref_rejected, *tokens.chunk(2))
-    n = len(chosen)
-    return LossOut(losses.sum(), n, batch["real"], {k: (v.sum(), n) for k, v in metrics.items()})
-
-
 def evaluation(model, tok, val_rows: dict, cfg: RLConfig, device: str, precision: str) -> dict:
     """The validation pairs' loss and reward accuracy, and a greedy answer to the sample prompt."""
-    import torch
+    from mmctl.rl import pairs
 
-    from mmctl.runtime import autocast
-
-    model.eval()
-    result = {}
-    n = len(val_rows["chosen"].ids)
-    if n:
-        loss = accuracy = margin = 0.0  # sums over the pairs
-        with torch.no_grad(), autocast(precision, device):
-            for i in range(0, n, 16):
-                out = dpo_loss(cfg, model, _tensors(val_rows, list(range(i, min(i + 16, n))), device))
-                loss += float(out.sum)
-                accuracy += float(out.metrics["rewards/accuracies"][0])
-                margin += float(out.metrics["rewards/margins"][0])
-        result = {"val_loss": loss / n, "val_rewards/accuracies": accuracy / n, "val_rewards/margins": margin / n}
+    result = pairs.validation(cfg.dpo, model, val_rows, device, precision)
     sample = finetune.sample_answer(model, tok, cfg.eval.sample_prompt, cfg.eval.sample_tokens)
     model.train()
     return {**result, "sample": sample}
@@ -271,8 +190,8 @@ def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dic
     import torch
 
     from mmctl.data.batches import pick_row
+    from mmctl.rl import grpo, rollout
     from mmctl.rl import rewards as reward_fns
-    from mmctl.rl import rollout
     from mmctl.runtime import autocast
     from mmctl.train.loop import micro_batches
 
@@ -287,7 +206,7 @@ def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dic
         raise UsageError(f"train.batch_size: {per_micro * accum} completions per process is not a whole number of "
                          f"groups of {g.group_size}")
     groups = per_micro * accum // g.group_size
-    health, cache = Health(), {}
+    health, cache = rollout.Health(), {}
 
     def sampled(step: int, rank: int) -> rollout.Rollout:
         """The rollout step `step` trains on: made at the first step of its μ, then reused."""
@@ -322,7 +241,7 @@ def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dic
 
     def batches(step: int, rank: int) -> list[dict]:
         r = sampled(step, rank)
-        return [_grpo_batch(r, range(m * per_micro, (m + 1) * per_micro), m == 0, dist.device)
+        return [rollout.micro_batch(r, range(m * per_micro, (m + 1) * per_micro), m == 0, dist.device)
                 for m in range(accum)]
 
     def evaluate(step: int) -> dict:
@@ -332,7 +251,7 @@ def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dic
         model.train()
         return {**result, "sample": sample}
 
-    return {"batches": batches, "loss_fn": lambda m, batch: grpo_loss(cfg, m, batch), "evaluate": evaluate}, stats
+    return {"batches": batches, "loss_fn": lambda m, batch: grpo.batch_loss(g, m, batch), "evaluate": evaluate}, stats
 
 
 def _problems(cfg: RLConfig, tok):
@@ -386,60 +305,6 @@ def _reference(cfg: RLConfig, model):
             return rollout.logps(model, r)
 
     return without_adapters
-
-
-def _grpo_batch(r, rows: range, first: bool, device) -> dict:
-    """Rows of a rollout as one micro-batch, cut to its longest row; the rollout's statistics ride on the first
-    micro-batch (the others carry them with weight 0, so each is counted once)."""
-    picked = slice(rows.start, rows.stop)
-    width = max(r.tokens[picked])
-    batch = {"ids": r.ids[picked, :width].to(device), "mask": r.mask[picked, :width - 1].to(device),
-             "adv": r.advantages[picked].to(device), "tokens": sum(r.tokens[picked]),
-             "stats": r.stats if first else {k: (0.0, 0.0) for k in r.stats}}
-    for name in ("old_logps", "ref_logps"):
-        if getattr(r, name) is not None:
-            batch[name] = getattr(r, name)[picked, :width - 1].to(device)
-    return batch
-
-
-def grpo_loss(cfg: RLConfig, model, batch: dict):
-    """GRPO's loss on one micro-batch, with the clip fractions, KL, entropy and the rollout's statistics."""
-    from mmctl.rl import grpo
-    from mmctl.train.loop import LossOut
-
-    logits = model(batch["ids"][:, :-1])
-    logps = grpo.token_logps(logits, batch["ids"][:, 1:])
-    old = batch["old_logps"] if "old_logps" in batch else logps.detach()  # μ = 1: the sampling policy is this one
-    total, count, metrics = grpo.loss(cfg.grpo, logps, old, batch["adv"], batch["mask"], batch.get("ref_logps"))
-    metrics["entropy"] = ((grpo.token_entropy(logits) * batch["mask"]).sum(), float(batch["mask"].sum()))
-    return LossOut(total, count, batch["tokens"], {**metrics, **batch["stats"]})
-
-
-class Health:
-    """Warnings a GRPO run owes its user: most groups teaching nothing, or accuracy falling evaluation after
-    evaluation (the collapse a too-high learning rate causes)."""
-
-    def __init__(self):
-        self.zero_std: list[float] = []
-        self.accuracies: list[float] = []
-
-    def rollout(self, r) -> None:
-        total, groups = r.stats["frac_reward_zero_std"]
-        self.zero_std.append(total / groups)
-
-    def evaluation(self, accuracy: float | None) -> None:
-        if self.zero_std and sum(self.zero_std) / len(self.zero_std) > 0.5:
-            console.print(f"[yellow]warning:[/yellow] {sum(self.zero_std) / len(self.zero_std):.0%} of the groups "
-                          "since the last evaluation had equal rewards (no advantage, nothing learned): the "
-                          "problems are too hard or too easy for this model, or the group too small")
-        self.zero_std = []
-        if accuracy is None:
-            return
-        self.accuracies.append(accuracy)
-        last = self.accuracies[-4:]
-        if len(last) == 4 and all(b < a for a, b in zip(last, last[1:], strict=False)):
-            console.print(f"[yellow]warning:[/yellow] validation accuracy fell three evaluations in a row "
-                          f"({' → '.join(f'{a:.2f}' for a in last)}): a sign of collapse; try a lower optim.lr")
 
 
 def render(result: StageResult) -> None:

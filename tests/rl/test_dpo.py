@@ -14,6 +14,7 @@ from mmctl import recipe  # noqa: E402
 from mmctl.data import rl as rl_data  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
 from mmctl.rl import dpo  # noqa: E402
+from mmctl.rl import pairs as rl_pairs  # noqa: E402
 
 T = torch.tensor
 
@@ -58,7 +59,6 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
     from trl import DPOConfig, DPOTrainer
 
     from mmctl.models import transformer
-    from mmctl.stages import rl
 
     policy = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -78,13 +78,11 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
 
     ours_policy, ours_tok = transformer.load_with_tokenizer(checkpoint)
     ours_ref = transformer.load_checkpoint(tmp_path / "ref")
-    config = recipe.build(rl.RLConfig, {"base": str(checkpoint), "dpo": {"beta": 0.1, "loss": loss},
-                                        "data": {"sources": [{"kind": "jsonl", "path": "unused"}]},
-                                        "train": {"seq_len": 63}}, recipe.Source("r", {}, set()))
     pairs = [rl_data.pair(p, "test") for p in PAIRS]
-    rows = rl._rows(config, pairs, ours_tok, ours_ref, "fp32", "cpu")
+    rows = rl_pairs.rows(pairs, ours_tok, ours_ref, 63, ours_tok.eos_id, "fp32", "cpu")
     with torch.no_grad():
-        out = rl.dpo_loss(config, ours_policy.eval(), rl._tensors(rows, [0, 1, 2, 3], "cpu"))
+        out = dpo.batch_loss(dpo.DPOConfig(beta=0.1, loss=loss), ours_policy.eval(),
+                             rl_pairs.tensors(rows, [0, 1, 2, 3], "cpu"))
     assert float(out.sum) / out.count == pytest.approx(theirs["loss"], abs=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                  "logps/rejected"):

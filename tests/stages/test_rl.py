@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted, UsageError  # noqa: E402
+from mmctl.rl import dpo, grpo  # noqa: E402
 from mmctl.stages import rl  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
@@ -62,7 +63,7 @@ def test_dpo_starts_at_log_2_and_widens_the_margin(checkpoint, tmp_path, pairs_f
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, pairs_file, method):
     rl.run(config(checkpoint, tmp_path / "full", pairs_file, method))
-    real, calls = rl.dpo_loss, []
+    real, calls = dpo.batch_loss, []
 
     def interrupting(*args):
         calls.append(1)
@@ -70,10 +71,10 @@ def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeyp
             signal.raise_signal(signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(rl, "dpo_loss", interrupting)
+    monkeypatch.setattr(dpo, "batch_loss", interrupting)
     with pytest.raises(Interrupted):
         rl.run(config(checkpoint, tmp_path / "part", pairs_file, method))
-    monkeypatch.setattr(rl, "dpo_loss", real)
+    monkeypatch.setattr(dpo, "batch_loss", real)
     rl.run(config(checkpoint, tmp_path / "part", pairs_file, method))
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
     full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
@@ -135,13 +136,13 @@ def test_grpo_logs_its_diagnostics_and_raises_the_reward(checkpoint, tmp_path, p
     assert rl.run(grpo_config(checkpoint, tmp_path / "a", problems_file)).up_to_date
 
 
-@pytest.mark.parametrize(("method", "grpo"), [("full", {"num_iterations": 2, "beta": 0.1, "loss_type": "grpo"}),
+@pytest.mark.parametrize(("method", "knobs"), [("full", {"num_iterations": 2, "beta": 0.1, "loss_type": "grpo"}),
                                               ("lora", {"beta": 0.1, "loss_type": "dr_grpo"})])
-def test_grpo_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, problems_file, method, grpo):
+def test_grpo_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, problems_file, method, knobs):
     """Interrupted within a rollout's μ steps, the resumed run trains on the kept rollout and samples afterwards
     exactly what the uninterrupted one sampled."""
-    rl.run(grpo_config(checkpoint, tmp_path / "full", problems_file, method, grpo))
-    real, calls = rl.grpo_loss, []
+    rl.run(grpo_config(checkpoint, tmp_path / "full", problems_file, method, knobs))
+    real, calls = grpo.batch_loss, []
 
     def interrupting(*args):
         calls.append(1)
@@ -149,11 +150,11 @@ def test_grpo_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, pro
             signal.raise_signal(signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(rl, "grpo_loss", interrupting)
+    monkeypatch.setattr(grpo, "batch_loss", interrupting)
     with pytest.raises(Interrupted):
-        rl.run(grpo_config(checkpoint, tmp_path / "part", problems_file, method, grpo))
-    monkeypatch.setattr(rl, "grpo_loss", real)
-    rl.run(grpo_config(checkpoint, tmp_path / "part", problems_file, method, grpo))
+        rl.run(grpo_config(checkpoint, tmp_path / "part", problems_file, method, knobs))
+    monkeypatch.setattr(grpo, "batch_loss", real)
+    rl.run(grpo_config(checkpoint, tmp_path / "part", problems_file, method, knobs))
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
     for name in ("samples.jsonl", "model/model.safetensors"):
         assert (tmp_path / "part" / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
