@@ -6,7 +6,10 @@ r_i, and use the group as its own baseline — no value model:
     advantage  A_i = r_i − mean(r)                 (scale_rewards: ÷ (std(r) + 1e-4); Dr. GRPO drops this)
     ratio      ρ_t = π(o_t | …) / π_old(o_t | …)   (π_old: the policy that sampled the group)
     per token  ℓ_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A)  [+ β · KL_t to the reference]
-    KL_t (k3)  = exp(q) − q − 1 with q = log π_ref − log π   (unbiased, always ≥ 0)
+    KL_t (k3)  = exp(q) − q − 1 with q = log π_ref − log π   (unbiased, always ≥ 0), times ρ_t by default: the
+               tokens were sampled from π_old, and the weight makes the KL's gradient the unbiased reverse-KL
+               gradient (DeepSeek-V3.2; TRL's default; the GRPO paper and CS336 use plain k3: kl_bias_correction
+               false). The ratio is differentiable, so this changes the gradient even at μ = 1.
 
 and the ℓ_t are summed over the batch by `loss_type`:
     grpo     each sequence's mean over its tokens, then the mean over sequences (the paper's; long completions'
@@ -53,6 +56,8 @@ class GRPOConfig:
                                     "kept from when they were sampled)", ge=1, le=64)
     beta: float = option(0.0, "weight of the KL penalty to the starting model (0: none, and no reference kept)",
                          ge=0)
+    kl_bias_correction: bool = option(True, "weight the KL term by the importance ratio π / π_old (the unbiased "
+                                            "reverse-KL gradient; false: the GRPO paper's plain k3)")
     samples_every: int = option(10, "steps between completions written to samples.jsonl", ge=1)
 
 
@@ -97,6 +102,8 @@ def loss(cfg: GRPOConfig, logps: torch.Tensor, old_logps: torch.Tensor, adv: tor
     if ref_logps is not None:
         q = ref_logps - logps
         kl = torch.exp(q) - q - 1
+        if cfg.kl_bias_correction:
+            kl = kl * ratio
         per_token = per_token + cfg.beta * kl
         metrics["kl"] = ((kl.detach() * mask).sum(), tokens)
     low = ((ratio < 1 - cfg.epsilon_low) & (a < 0)).float() * mask

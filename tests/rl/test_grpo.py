@@ -128,13 +128,18 @@ def test_at_one_iteration_the_gradient_is_the_policy_gradient():
 
 
 def test_kl_is_k3_and_only_with_a_reference():
-    cfg = GRPOConfig(beta=0.5, loss_type="dapo")
+    cfg = GRPOConfig(beta=0.5, loss_type="dapo", kl_bias_correction=False)
     logps, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
     total, count, metrics = grpo.loss(cfg, logps, logps, torch.tensor([0.0]), torch.ones(1, 2), ref)
     k3 = [math.exp(q) - q - 1 for q in (-0.5, 1.0)]
     assert float(metrics["kl"][0]) / metrics["kl"][1] == pytest.approx(sum(k3) / 2)
     assert float(total) / count == pytest.approx(0.5 * sum(k3) / 2)  # advantage 0: the KL term alone
     assert "kl" not in grpo.loss(cfg, logps, logps, torch.tensor([0.0]), torch.ones(1, 2))[2]
+    old = torch.tensor([[-1.2, -1.9]])  # the correction weighs each token's k3 by its ratio π / π_old
+    corrected = grpo.loss(GRPOConfig(beta=0.5, loss_type="dapo"), logps, old, torch.tensor([0.0]), torch.ones(1, 2),
+                          ref)
+    weighted = [k * math.exp(r) for k, r in zip(k3, (0.2, -0.1), strict=True)]
+    assert float(corrected[2]["kl"][0]) / 2 == pytest.approx(sum(weighted) / 2)
 
 
 def score(fn, completion, answer="42", tokens=4):
@@ -181,3 +186,54 @@ def test_python_rewards_need_opt_in_and_fail_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="cannot import"):
         rewards.resolve([RewardSpec("no_such_module_here:f")], allow_python=True)
     assert RewardSpec("numerc").check() and not RewardSpec("numeric").check()
+
+
+@pytest.mark.parametrize(("loss_type", "beta", "corrected"), [("grpo", 0.0, True), ("dr_grpo", 0.04, True),
+                                                            ("dapo", 0.1, True), ("grpo", 0.1, False)])
+def test_equal_to_trls_grpo_trainer(checkpoint, tmp_path, loss_type, beta, corrected):
+    """The same model, rows, advantages, old and reference log-probs: TRL's GRPOTrainer._compute_loss and mmctl's
+    batch loss agree in value and in gradient (prompts of one length: TRL left-pads, mmctl right-pads)."""
+    pytest.importorskip("trl")
+    import transformers
+    from datasets import Dataset
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from mmctl.models import transformer
+
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4,
+                     max_completion_length=5, loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28,
+                     use_bias_correction_kl=corrected, report_to=[], use_cpu=True, bf16=False)
+    trainer = GRPOTrainer(model=theirs, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_list([{"prompt": "What is 1 + 2?"}] * 4),
+                          processing_class=transformers.AutoTokenizer.from_pretrained(checkpoint))
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 512, (4, 7), generator=g)
+    completion = torch.randint(0, 512, (4, 5), generator=g)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
+    adv = torch.tensor([1.2, -0.4, 0.3, -1.1])
+    ours = transformer.load_checkpoint(checkpoint)
+    ids = torch.cat([prompt, completion], 1)
+    with torch.no_grad():  # old and reference log-probs a little away from the model's, so ratios clip and KL > 0
+        now = grpo.token_logps(ours(ids[:, :-1]), ids[:, 1:])[:, 6:]
+    old = now + torch.randn(now.shape, generator=g) * 0.3
+    ref = now + torch.randn(now.shape, generator=g) * 0.3
+    inputs = {"prompt_ids": prompt, "prompt_mask": torch.ones_like(prompt), "completion_ids": completion,
+              "completion_mask": completion_mask, "advantages": adv, "old_per_token_logps": old,
+              "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()}
+    trl_loss = trainer._compute_loss(theirs, inputs)
+    trl_loss.backward()
+
+    cfg = GRPOConfig(loss_type=loss_type, beta=beta, epsilon_low=0.2, epsilon_high=0.28, max_completion_tokens=5,
+                     kl_bias_correction=corrected)
+    pad = torch.zeros(4, 6)
+    mask = torch.cat([pad, completion_mask.float()], 1)  # over the targets ids[:, 1:]: the completion from 6 on
+    batch = {"ids": ids, "mask": mask, "adv": adv, "tokens": int(ids.numel()), "stats": {},
+             "old_logps": torch.cat([pad, old], 1), "ref_logps": torch.cat([pad, ref], 1)}
+    out = grpo.batch_loss(cfg, ours, batch)
+    (out.sum / out.count).backward()
+    assert float(out.sum / out.count) == pytest.approx(float(trl_loss), rel=1e-5, abs=1e-6)
+    theirs_grads = dict(theirs.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, theirs_grads[name].grad, rtol=1e-4, atol=1e-6)
