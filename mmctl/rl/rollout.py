@@ -8,8 +8,10 @@ mask on the completion's tokens. The sampling seed is the caller's: a rollout is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -98,6 +100,23 @@ def sample(model, tok, problems: list[Problem], cfg: GRPOConfig, rewards: list[R
                                 for i in range(p * G, (p + 1) * G)]}
                for p in range(min(show, len(problems)))]
     return Rollout(ids, mask, adv, [len(r) for r in rows], stats, samples)
+
+
+def save(r: Rollout, directory: Path, rank: int, step: int, keep: int) -> None:
+    """Keep a rollout that serves μ steps on disk (atomically; this rank's newest `keep`), so that a run resumed
+    within those steps trains on it rather than on a fresh sample."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"rank{rank}-step{step:09d}.pt"
+    torch.save({k: getattr(r, k) for k in r.__dataclass_fields__}, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in sorted(directory.glob(f"rank{rank}-step*.pt"))[:-keep]:
+        old.unlink()
+
+
+def load(directory: Path, rank: int, step: int) -> Rollout | None:
+    """The rollout `save` kept for this rank and step, if it is there."""
+    path = directory / f"rank{rank}-step{step:09d}.pt"
+    return Rollout(**torch.load(path, weights_only=True)) if path.exists() else None
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ GRPO — TRL's GRPOTrainer: each step samples a group of completions per problem
 (`mmctl/rl/rollout.py`), scores them with verifiable rewards (`mmctl/rl/rewards.py`) and trains on the
 group-relative advantages (`mmctl/rl/grpo.py`). The sampling seed is a function of (seed, step, process), so a
 resumed run samples what the uninterrupted one did; with num_iterations μ > 1 a rollout serves μ steps and is
-also kept on disk (`rollout.pt`) for a run resumed within them.
+also kept on disk (`rollouts/`) for a run resumed within them.
 
 Full, LoRA or QLoRA, as sft. Writes `<out>/model/` (merged, a chat model) and for adapters `<out>/adapter/`;
 GRPO also `<out>/samples.jsonl`.
@@ -213,13 +213,15 @@ def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dic
         first = step - step % g.num_iterations
         if first in cache:
             return cache[first]
-        saved = run_dir.out / f"rollout-{rank}.pt"
-        if step != first and saved.exists():  # resumed within a rollout's μ steps
-            kept = torch.load(saved, weights_only=True)
-            if kept.pop("step") == first:
+        if step != first:  # resumed within a rollout's μ steps: train on the one kept from its first step
+            kept = rollout.load(run_dir.out / "rollouts", rank, first)
+            if kept is not None:
                 cache.clear()
-                cache[first] = rollout.Rollout(**kept)
-                return cache[first]
+                cache[first] = kept
+                return kept
+            console.print(f"[yellow]warning:[/yellow] the rollout of step {first + 1} is not in "
+                          f"{run_dir.out / 'rollouts'}: sampling afresh (this run will differ from an uninterrupted "
+                          "one)")
         problems = [train[pick_row(cfg.run.seed, first, rank * groups + i, len(train))] for i in range(groups)]
         seed = int(np.random.default_rng([cfg.run.seed, first, rank]).integers(2**31))
         r = rollout.sample(model, tok, problems, g, rewards, correct, seed, finetune.pad_id(tok))
@@ -228,8 +230,8 @@ def _grpo(cfg: RLConfig, model, tok, precision: str, dist, run_dir) -> tuple[dic
                 r.old_logps = rollout.logps(model, r)
             if reference is not None:
                 r.ref_logps = reference(r)
-        if g.num_iterations > 1:
-            torch.save({"step": first, **{k: getattr(r, k) for k in r.__dataclass_fields__}}, saved)
+        if g.num_iterations > 1:  # enough to reach back to the newest checkpoint wherever the run stops
+            rollout.save(r, run_dir.out / "rollouts", rank, first, cfg.train.checkpoint_every // g.num_iterations + 2)
         if dist.main:
             health.rollout(r)
             if first % g.samples_every == 0:
