@@ -8,8 +8,9 @@ covers the completion only (its tokens and the end-of-turn token; never the prom
 
 Built-in on-policy pairs come from the starting model itself (`rl/pairs.py`).
 
-Problems with verifiable answers for GRPO: `{"prompt" | "messages": …, "answer": str | number}` (the prompt as
-above); built-in arithmetic problems come from `data/synthetic.py`.
+Problems with verifiable answers for GRPO: `{"prompt" | "messages" | "question": …, "answer": str | number}` (the
+prompt as above; `question` as GSM8K names it, whose answers end with `#### N`: the reference is then N);
+built-in arithmetic problems come from `data/synthetic.py`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,14 @@ def problem(record: dict, where: str) -> Problem:
     """One JSONL record → a Problem (one-line DataError naming `where` otherwise)."""
     answer = record.get("answer")
     if isinstance(answer, bool) or not isinstance(answer, str | int | float) or not str(answer).strip():
-        raise DataError(f"{where}: not a problem with an answer (expected prompt or messages, and answer as text "
-                        f"or a number; has: {', '.join(sorted(record)) or 'nothing'})")
-    return Problem(_prompt(record, where), str(answer).strip())
+        raise DataError(f"{where}: not a problem with an answer (expected prompt, messages or question, and answer "
+                        f"as text or a number; has: {', '.join(sorted(record)) or 'nothing'})")
+    answer = str(answer).rpartition("####")[2].strip()  # GSM8K: the worked solution, then "#### 72"
+    if not answer:
+        raise DataError(f"{where}: the answer is empty after its ####")
+    if "prompt" not in record and "messages" not in record and isinstance(record.get("question"), str):
+        record = {**record, "prompt": record["question"]}
+    return Problem(_prompt(record, where), answer)
 
 
 def _prompt(record: dict, where: str) -> list[dict]:

@@ -71,6 +71,8 @@ class DataSection:
     sources: list[Source] = option(list, "the pairs (dpo) or problems (grpo), mixed (fields: kind, path, split, "
                                          "pairs, problems, samples, temperature)")
     val_fraction: float = option(0.05, "share held out for validation", ge=0, lt=1)
+    system_prompt: str | None = option(None, "grpo: a system message before every problem that has none (e.g. "
+                                             "R1's instruction to think in <think> and answer in <answer>)")
 
     def check(self) -> list[tuple[str, str]]:
         return [] if self.sources else [("sources", "missing required value: at least one source")]
@@ -103,6 +105,8 @@ class RLConfig:
                                                                  "with pairs"))
             if self.algorithm == "grpo" and s.pairs:
                 problems.append((f"data.sources[{i}].pairs", "grpo reads problems, not pairs: cap it with problems"))
+        if self.algorithm == "dpo" and self.data.system_prompt:
+            problems.append(("data.system_prompt", "dpo pairs carry their own messages: put a system message there"))
         if self.algorithm == "grpo" and self.train.batch_size % self.grpo.group_size:
             problems.append(("train.batch_size", f"{self.train.batch_size} completions per step is not a whole "
                                                  f"number of groups of {self.grpo.group_size} (grpo.group_size)"))
@@ -273,6 +277,10 @@ def _problems(cfg: RLConfig, tok):
         else:
             problems += read_problems(source.path, source.split if source.kind == "datasets" else None)[
                 : source.problems]
+    if cfg.data.system_prompt:
+        system = {"role": "system", "content": cfg.data.system_prompt}
+        problems = [p if p.prompt[0]["role"] == "system" else Problem([system, *p.prompt], p.answer)
+                    for p in problems]
     random.Random(f"rl:{cfg.run.seed}").shuffle(problems)
     n_val = round(len(problems) * cfg.data.val_fraction)
     if len(problems) - n_val < 1:

@@ -237,3 +237,23 @@ def test_equal_to_trls_grpo_trainer(checkpoint, tmp_path, loss_type, beta, corre
     theirs_grads = dict(theirs.named_parameters())
     for name, p in ours.named_parameters():
         torch.testing.assert_close(p.grad, theirs_grads[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_problems_in_each_format_and_bad_ones_named(tmp_path):
+    from mmctl.data.rl import Problem, read_problems
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "What is 2 + 2?", "answer": 4}\n'
+                    '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], '
+                    '"answer": "hello"}\n'
+                    '{"question": "Tom has 3 apples and buys 4.", "answer": "3 + 4 = 7 apples.\\n#### 7"}\n')
+    assert read_problems(path) == [
+        Problem([{"role": "user", "content": "What is 2 + 2?"}], "4"),
+        Problem([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}], "hello"),
+        Problem([{"role": "user", "content": "Tom has 3 apples and buys 4."}], "7")]
+    for bad, message in (('{"prompt": "x"}', "not a problem"), ('{"prompt": "x", "answer": true}', "not a problem"),
+                         ('{"prompt": "x", "answer": "so #### "}', "empty after"), ('{"answer": 3}', "no prompt"),
+                         ('{"prompt": [{"role": "assistant", "content": "x"}], "answer": 3}', "ends with")):
+        path.write_text(bad + "\n")
+        with pytest.raises(DataError, match=message):
+            read_problems(path)

@@ -178,3 +178,12 @@ def test_grpo_recipe_mistakes_are_named(change, message):
 def test_grpo_refuses_prompts_that_leave_no_room(checkpoint, tmp_path, problems_file):
     with pytest.raises(UsageError, match="longest prompt"):
         rl.run(grpo_config(checkpoint, tmp_path / "o", problems_file, seq_len=12))
+
+
+def test_grpo_puts_the_system_prompt_before_problems_without_one(checkpoint, tmp_path, problems_file):
+    from mmctl.tokenizer import bpe
+
+    cfg = grpo_config(checkpoint, tmp_path / "o", problems_file, steps=1)
+    cfg.data.system_prompt = "Think, then answer."
+    (train, val), _ = rl._problems(cfg, bpe.load(checkpoint))
+    assert all(p.prompt[0] == {"role": "system", "content": "Think, then answer."} for p in train + val)
