@@ -1,0 +1,148 @@
+"""A Vision Transformer in SigLIP's layout (Zhai et al. 2023), the image encoder of mmctl's VLM.
+
+An image (B, 3, H, W) is cut into P × P patches by one strided convolution (the "patch embedding": each patch's
+3·P² pixels → a C-wide vector), plus a learned position embedding per patch slot — N = (H / P)² patch tokens,
+no class token. Pre-LayerNorm blocks (attention over all patches, no mask: an image has no "future"), then a
+GELU MLP (tanh approximation, as SigLIP), and a final LayerNorm:
+
+    x = patch_embedding(image) + position_embedding        (B, N, C)
+    x = x + attention(layer_norm1(x));  x = x + mlp(layer_norm2(x))     × num_layers
+    output = post_layernorm(x)
+
+Parameter names are transformers' `SiglipVisionModel` (embeddings.patch_embedding, encoder.layers.N.self_attn.
+q_proj, …, post_layernorm), so its weights load into either without renaming. `features(images, layer)` gives
+the hidden states after any block — a VLM often reads an earlier one than the last (LLaVA reads the
+second-to-last): the last blocks of a contrastively trained encoder specialise in matching captions, earlier
+ones keep more spatial detail.
+
+Leaves out: SigLIP's attention-pooling head (a VLM reads the patch tokens, not one pooled vector), position
+embedding interpolation for other image sizes, dropout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmctl.recipe import option
+
+
+@dataclass
+class ViTConfig:
+    """The encoder's shape; usable directly as a recipe's `vision:` section. Defaults make a tiny encoder."""
+
+    image_size: int = option(32, "image side in pixels (images are resized to image_size × image_size)", ge=1)
+    patch_size: int = option(4, "patch side in pixels: (image_size / patch_size)² patch tokens per image", ge=1)
+    hidden_size: int = option(128, "width of each patch token (C)", ge=1)
+    intermediate_size: int = option(512, "width of the GELU MLP", ge=1)
+    num_layers: int = option(4, "transformer blocks", ge=1, le=256)
+    num_heads: int = option(4, "attention heads", ge=1)
+    layer_norm_eps: float = option(1e-6, "epsilon of the LayerNorms", gt=0)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(("patch_size", f"{self.patch_size} does not divide image_size ({self.image_size})"))
+        if self.hidden_size % self.num_heads:
+            problems.append(("num_heads", f"{self.num_heads} does not divide hidden_size ({self.hidden_size})"))
+        return problems
+
+    def to_hf(self) -> dict:
+        """transformers' SiglipVisionConfig fields."""
+        return {"model_type": "siglip_vision_model", "image_size": self.image_size, "patch_size": self.patch_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads, "num_channels": 3,
+                "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": self.layer_norm_eps, "attention_dropout": 0.0,
+                "vision_use_head": False}
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> ViTConfig:
+        return cls(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
+                   intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+                   num_heads=hf["num_attention_heads"], layer_norm_eps=hf.get("layer_norm_eps", 1e-6))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.position_embedding = nn.Embedding(cfg.num_patches, cfg.hidden_size)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(images.to(self.patch_embedding.weight.dtype))  # (B, C, H/P, W/P)
+        return patches.flatten(2).transpose(1, 2) + self.position_embedding.weight  # (B, N, C), row-major patches
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+            nn.Linear(cfg.hidden_size, cfg.hidden_size) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = (p(x).view(B, N, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj,
+                                                                                  self.v_proj))
+        out = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch
+        return self.out_proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def features(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """Patch features (B, N, C) of `images` (B, 3, H, W) after block `layer`, counted as transformers counts
+        `hidden_states`: 0 is the embeddings, i the i-th block's output, −1 the last block's, −2 the one before
+        (no post_layernorm: LLaVA reads `hidden_states[vision_feature_layer]` exactly so)."""
+        n = len(self.encoder.layers)
+        stop = range(n + 1)[layer]  # raises IndexError for a layer that does not exist
+        x = self.embeddings(images)
+        for block in self.encoder.layers[:stop]:
+            x = block(x)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The last block's features through post_layernorm (SigLIP's `last_hidden_state`)."""
+        return self.post_layernorm(self.features(images))
