@@ -1,5 +1,5 @@
-"""The ViT against transformers' SiglipVisionModel with the same weights, and the projectors' shapes: pixel
-shuffle against Idefics3's, and its inverse."""
+"""The vision side against transformers with the same weights: the ViT as SiglipVisionModel, pixel shuffle as
+Idefics3's (and its inverse), the whole VLM as LlavaForConditionalGeneration."""
 
 from __future__ import annotations
 
@@ -58,3 +58,43 @@ def test_projector_shapes(kind, tokens):
     cfg = ProjectorConfig(kind=kind, scale_factor=2)
     out = Projector(cfg, vision_size=24, text_size=40)(torch.randn(3, 64, 24))
     assert out.shape == (3, tokens, 40) and cfg.tokens(64) == tokens
+
+
+def test_a_vlm_equals_transformers_llava_with_the_same_weights(tmp_path):
+    """mmctl's VLM saved under Llava's names loads in LlavaForConditionalGeneration with the same logits; the
+    placeholder expands to one slot per image token, and no label ever targets an image slot."""
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import save_file
+
+    from mmctl.models import vlm
+    from mmctl.models.config import ModelConfig
+    from mmctl.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    section = vlm.VisionSection(encoder=ViTConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=64,
+                                                  num_layers=3, num_heads=4), feature_layer=-2)
+    lm = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, max_position_embeddings=64))
+    model = vlm.VLM(section, lm, image_token_id=7).eval()
+    with torch.no_grad():
+        for p in model.vision_tower.parameters():
+            p.normal_(0, 0.2)
+    (tmp_path / "m").mkdir()
+    save_file({k: v.contiguous() for k, v in vlm.state_for_llava(model).items()}, tmp_path / "m" / "model.safetensors")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(vlm.llava_config(model)))
+    theirs = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+
+    assert model.tokens_per_image == 16
+    ids = torch.tensor([vlm.expand([1, 7, 9, 10, 11], 7, 16), vlm.expand([2, 3, 7, 12, 13], 7, 16)])
+    assert ids.shape == (2, 20) and int((ids == 7).sum()) == 32
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model(ids, pixels)
+        reference = theirs(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+    labels = vlm.labels_for(ids, 7)
+    assert not (labels == 7).any() and int((labels == vlm.IGNORE).sum()) == 32  # every slot is some target
+    with pytest.raises(ValueError, match="image slots"):
+        model(ids[:, :10], pixels)
