@@ -20,13 +20,17 @@ a directory `LlavaForConditionalGeneration.from_pretrained` loads (`save_llava`)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from mmctl.errors import DataError
+from mmctl.models.config import ModelConfig
 from mmctl.models.projector import Projector, ProjectorConfig
-from mmctl.models.transformer import Transformer
+from mmctl.models.transformer import Rotary, Transformer
 from mmctl.models.vit import ViT, ViTConfig
 from mmctl.recipe import option
 
@@ -124,3 +128,70 @@ def state_for_llava(model: VLM) -> dict[str, torch.Tensor]:
     if model.language_model.cfg.tie_embeddings:
         state.pop("language_model.lm_head.weight")
     return state
+
+
+def save_llava(model: VLM, out: str | Path, tokenizer, chat: bool = True) -> Path:
+    """Write `model` as a Llava checkpoint dir with its processor (LlavaProcessor: the tokenizer and
+    SiglipImageProcessorPil's preprocessing), so `AutoProcessor` and `AutoModelForImageTextToText` load it offline
+    and the processor expands `<|image|>` to the model's image tokens."""
+    from mmctl.data import images
+    from mmctl.models import hf
+    from mmctl.models.transformer import CHAT_MARK
+
+    size = model.vision.encoder.image_size
+    special = tokenizer.special_token_ids()
+    processor = {"processor_class": "LlavaProcessor", "image_token": tokenizer.decode([model.image_token_id]),
+                 "num_additional_image_tokens": 0, "patch_size": model.vision.encoder.patch_size,
+                 "vision_feature_select_strategy": "full", "image_processor": images.processor_config(size)}
+    files = {"config.json": llava_config(model, tokenizer),
+             "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})},
+             "processor_config.json": processor, "preprocessor_config.json": images.processor_config(size)}
+    return hf.write_dir(out, state_for_llava(model), files, tokenizer.files())
+
+
+def is_llava(path: str | Path) -> bool:
+    from mmctl.models import hf
+
+    file = Path(path) / "config.json"
+    return file.is_file() and hf.read_json(file).get("model_type") == "llava"
+
+
+def load_llava(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VLM:
+    """A Llava checkpoint dir with a SigLIP vision tower and a Llama-family LM (mmctl's, or a local Hugging Face
+    one of that layout) → VLM in eval mode."""
+    from mmctl.models import hf
+
+    path = Path(path)
+    cfg = hf.read_json(path / "config.json")
+    where = path / "config.json"
+    vision_hf, text_hf = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    if cfg.get("model_type") != "llava" or vision_hf.get("model_type") != "siglip_vision_model":
+        raise DataError(f"{where}: not a Llava model with a SigLIP vision tower")
+    if cfg.get("vision_feature_select_strategy", "default") != "full" or not isinstance(
+            cfg.get("vision_feature_layer", -2), int):
+        raise DataError(f"{where}: mmctl reads every patch of one vision layer (vision_feature_select_strategy "
+                        "full, an integer vision_feature_layer)")
+    if cfg.get("projector_hidden_act", "gelu") != "gelu" or not cfg.get("multimodal_projector_bias", True):
+        raise DataError(f"{where}: mmctl's mlp projector is Linear → GELU → Linear with biases")
+    try:
+        encoder = ViTConfig.from_hf(vision_hf)
+    except KeyError as e:
+        raise DataError(f"{where}: vision_config lacks {e}") from None
+    section = VisionSection(encoder=encoder, projector=ProjectorConfig("mlp"),
+                            feature_layer=cfg.get("vision_feature_layer", -2))
+    text = ModelConfig.from_hf({"tie_word_embeddings": cfg.get("tie_word_embeddings", False), **text_hf}, str(where))
+    with torch.device("meta"):
+        model = VLM(section, Transformer(text), int(cfg.get("image_token_index", cfg.get("image_token_id", -1))))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if text.tie_embeddings:
+        expected.pop("language_model.lm_head.weight")
+    held = sum(math.prod(s) for s in hf.tensor_shapes(path).values())
+    if sum(math.prod(s) for s in expected.values()) > 2 * held:
+        raise DataError(f"{where}: describes far more parameters than the weight files hold")
+    tensors = hf.read_tensors(path, expected, dtype=dtype, device=device)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    lm = model.language_model
+    if text.tie_embeddings:
+        lm.lm_head.weight = lm.model.embed_tokens.weight
+    lm.model.rotary = Rotary(text).to(device)
+    return model.eval()

@@ -98,3 +98,40 @@ def test_a_vlm_equals_transformers_llava_with_the_same_weights(tmp_path):
     assert not (labels == 7).any() and int((labels == vlm.IGNORE).sum()) == 32  # every slot is some target
     with pytest.raises(ValueError, match="image slots"):
         model(ids[:, :10], pixels)
+
+
+def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpoint, tmp_path):
+    """save_llava → AutoProcessor expands <|image|> to the image's tokens and preprocesses as mmctl does, and
+    AutoModelForImageTextToText gives mmctl's logits; load_llava reads the dir back to the same model."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    import random
+
+    from mmctl.data import images, shapes
+    from mmctl.data.chat import render
+    from mmctl.models import transformer, vlm
+    from mmctl.tokenizer import bpe
+
+    torch.manual_seed(0)
+    tok = bpe.load(checkpoint)
+    lm = transformer.load_checkpoint(checkpoint)
+    section = vlm.VisionSection(encoder=ViTConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=64,
+                                                  num_layers=2, num_heads=4))
+    model = vlm.VLM(section, lm, tok.token_id(bpe.IMAGE)).eval()
+    out = vlm.save_llava(model, tmp_path / "llava", tok)
+
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    theirs = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
+    image = shapes.render(shapes.scene(random.Random(0), "train"), 64)
+    text = render([{"role": "user", "content": f"{bpe.IMAGE}\\nWhat colour is the circle?"}], tok.chat_template,
+                  add_generation_prompt=True)
+    inputs = processor(text=text, images=image, return_tensors="pt")
+    ids = torch.tensor([vlm.expand(tok.encode_special(text), model.image_token_id, model.tokens_per_image)])
+    assert torch.equal(inputs["input_ids"], ids)
+    pixels = images.pixels(image, 32)[None]
+    torch.testing.assert_close(inputs["pixel_values"], pixels, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        ours = model(ids, pixels)
+        torch.testing.assert_close(theirs(**inputs).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(vlm.load_llava(out)(ids, pixels), ours, atol=0, rtol=0)
+    assert vlm.is_llava(out) and not vlm.is_llava(checkpoint)
