@@ -91,12 +91,14 @@ def pick(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | No
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
              stop_token_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
-             on_tokens: Callable[[list[int | None]], None] | None = None) -> Generation:
+             on_tokens: Callable[[list[int | None]], None] | None = None, pixels=None) -> Generation:
     """Continue each prompt (a list of token ids). Rows stop at a stop token, a stop string or max_new_tokens.
 
     decode: token ids → text; needed for `stop_strings`.
     on_tokens: called after every step with each row's new token id, None for rows that already stopped
         (for streaming).
+    pixels: a VLM's images (n, 3, H, W), one per expanded `<|image|>` run in the prompts, in order; they enter
+        with the prefill, and decoding continues on text alone.
     """
     sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -123,7 +125,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
 
     start = time.perf_counter()
     cache = model.new_cache(B, T + new)
-    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
+    images = {} if pixels is None else {"pixels": pixels.to(device)}
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True, **images)[:, -1]  # (B, V)
     positions = mask.sum(1, keepdim=True) - 1  # (B, 1) each row's last real position
     out: list[list[int]] = [[] for _ in range(B)]
     done: list[Completion | None] = [None] * B

@@ -65,6 +65,14 @@ class VLM(nn.Module):
     def device(self) -> torch.device:
         return self.language_model.device
 
+    @property
+    def cfg(self) -> ModelConfig:
+        """The language model's config: what decoding needs (context, vocabulary)."""
+        return self.language_model.cfg
+
+    def new_cache(self, batch_size: int, max_len: int):
+        return self.language_model.new_cache(batch_size, max_len)
+
     def image_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
         """(n_images, 3, H, W) → (n_images, tokens_per_image, C_lm)."""
         return self.multi_modal_projector(self.vision_tower.features(pixels, self.vision.feature_layer))

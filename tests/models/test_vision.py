@@ -135,3 +135,29 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
         torch.testing.assert_close(theirs(**inputs).logits, ours, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(vlm.load_llava(out)(ids, pixels), ours, atol=0, rtol=0)
     assert vlm.is_llava(out) and not vlm.is_llava(checkpoint)
+
+
+def test_a_vlm_decodes_with_its_image_as_a_full_forward_pass_would():
+    """Greedy decoding with the KV cache (image in the prefill, left-padded batch) equals argmax of a full
+    forward pass over each prompt alone, token by token."""
+    from mmctl.generate import SamplingConfig, generate
+    from mmctl.models import vlm
+    from mmctl.models.config import ModelConfig
+    from mmctl.models.transformer import Transformer
+
+    torch.manual_seed(0)
+    section = vlm.VisionSection(encoder=ViTConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
+                                                  num_layers=2, num_heads=2),
+                                projector=ProjectorConfig(kind="pixel_shuffle", scale_factor=2))
+    lm = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                                 num_kv_heads=2, max_position_embeddings=64))
+    model = vlm.VLM(section, lm, image_token_id=7).eval()
+    prompts = [vlm.expand([1, 7, 9], 7, 4), vlm.expand([2, 3, 4, 7, 12, 13], 7, 4)]
+    pixels = torch.randn(2, 3, 16, 16)
+    out = generate(model, prompts, SamplingConfig(max_new_tokens=6), pixels=pixels)
+    for prompt, image, completion in zip(prompts, pixels, out.completions, strict=True):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids]), image[None])[0, -1].argmax()))
+        assert completion.ids == ids[len(prompt):]
