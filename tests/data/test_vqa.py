@@ -1,0 +1,51 @@
+"""VLM rows: the placeholder expands to the image's tokens, the loss is on the answer (or also the question),
+never on an image slot; JSONL examples with images beside the file, and bad ones named with their line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("PIL")
+torch = pytest.importorskip("torch")
+
+from mmctl.data import shapes, vqa  # noqa: E402
+from mmctl.errors import DataError  # noqa: E402
+from mmctl.tokenizer import bpe  # noqa: E402
+
+
+def test_rows_expand_the_image_and_train_the_answer(checkpoint):
+    tok = bpe.load(checkpoint)
+    image = tok.token_id(bpe.IMAGE)
+    [example] = vqa.shapes(1, 0, "train", 16)
+    ids, mask = vqa.encode(example, tok, image, 9)
+    assert ids.count(image) == 9 and len(ids) == len(mask)
+    trained = [t for t, m in zip(ids, mask, strict=True) if m]
+    assert tok.decode(trained) == example.answer + "<|end|>"
+    assert not any(m for t, m in zip(ids, mask, strict=True) if t == image)
+    ids2, mask2 = vqa.encode(example, tok, image, 9, train_on_question=True)
+    assert ids2 == ids and sum(mask2) > sum(mask) and not any(m for t, m in zip(ids2, mask2, strict=True)
+                                                               if t == image)
+    asked = vqa.prompt(example.question, tok, image, 9)
+    assert ids[: len(asked)] == asked  # the row starts with exactly what generation asks
+
+
+def test_jsonl_examples_and_their_errors(tmp_path):
+    import random
+
+    shapes.render(shapes.scene(random.Random(0), "train"), 40).save(tmp_path / "a.png")
+    lines = [{"image": "a.png", "question": "How many shapes are there?", "answer": 2, "type": "count"},
+             {"image": "a.png", "caption": "a red circle"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    first, second = vqa.read_jsonl(path, 16)
+    assert (first.answer, first.type, second.question, second.type) == ("2", "count", vqa.CAPTION_PROMPT, "caption")
+    assert tuple(first.pixels.shape) == (3, 16, 16)
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    for line, message in (({"image": "bad.png", "caption": "x"}, "d.jsonl:1: .*bad.png: not a readable image"),
+                          ({"image": "gone.png", "caption": "x"}, "gone.png: image not found"),
+                          ({"question": "q", "answer": "a"}, "missing field 'image'")):
+        path.write_text(json.dumps(line) + "\n")
+        with pytest.raises(DataError, match=message):
+            vqa.read_jsonl(path, 16)
