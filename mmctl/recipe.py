@@ -85,8 +85,8 @@ def option(default: Any = None, doc: str = "", *, required: bool = False, ge: fl
     meta = {"doc": doc, "required": required, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if callable(default) and (dataclasses.is_dataclass(default) or default in (list, dict)):
         return dataclasses.field(default_factory=default, metadata=meta)
-    if isinstance(default, list):  # a non-empty default list: each config gets its own copy
-        return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list | dict):  # a non-empty default list or mapping: each config gets its own copy
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -131,6 +131,7 @@ class ViT(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.encoder = Encoder(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        init_weights(self)
 
     def features(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
         """Patch features (B, N, C) of `images` (B, 3, H, W) after block `layer`, counted as transformers counts
@@ -146,3 +147,16 @@ class ViT(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The last block's features through post_layernorm (SigLIP's `last_hidden_state`)."""
         return self.post_layernorm(self.features(images))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Normal(0, std) weights for every linear, convolution and embedding, zero biases, unit LayerNorms (ViT and
+    projector trained from scratch; PyTorch's own default gives position embeddings a std of 1, 50× a patch's)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -101,8 +101,8 @@ def test_a_vlm_equals_transformers_llava_with_the_same_weights(tmp_path):
 
 
 def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpoint, tmp_path):
-    """save_llava → AutoProcessor expands <|image|> to the image's tokens and preprocesses as mmctl does, and
-    AutoModelForImageTextToText gives mmctl's logits; load_llava reads the dir back to the same model."""
+    """save_vlm → AutoProcessor expands <|image|> to the image's tokens and preprocesses as mmctl does, and
+    AutoModelForImageTextToText gives mmctl's logits; load_vlm reads the dir back to the same model."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("PIL")
     import random
@@ -118,7 +118,7 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
     section = vlm.VisionSection(encoder=ViTConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=64,
                                                   num_layers=2, num_heads=4))
     model = vlm.VLM(section, lm, tok.token_id(bpe.IMAGE)).eval()
-    out = vlm.save_llava(model, tmp_path / "llava", tok)
+    out = vlm.save_vlm(model, tmp_path / "llava", tok)
 
     processor = transformers.AutoProcessor.from_pretrained(out)
     theirs = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -133,8 +133,8 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
     with torch.no_grad():
         ours = model(ids, pixels)
         torch.testing.assert_close(theirs(**inputs).logits, ours, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(vlm.load_llava(out)(ids, pixels), ours, atol=0, rtol=0)
-    assert vlm.is_llava(out) and not vlm.is_llava(checkpoint)
+        torch.testing.assert_close(vlm.load_vlm(out)(ids, pixels), ours, atol=0, rtol=0)
+    assert vlm.is_vlm(out) and not vlm.is_vlm(checkpoint)
 
 
 def test_a_vlm_decodes_with_its_image_as_a_full_forward_pass_would():
