@@ -239,7 +239,8 @@ def sft(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = D
 def rl(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
        as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
        force_resume: bool = FORCE_RESUME) -> None:
-    """Preference optimisation (DPO) of a chat model on chosen / rejected pairs, full, LoRA or QLoRA; resumes."""
+    """Preference optimisation (DPO) or RL with verifiable rewards (GRPO) of a chat model; full, LoRA or QLoRA;
+    resumes."""
     _run_stage("rl", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
                fresh=fresh, force_resume=force_resume)
 

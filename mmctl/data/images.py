@@ -10,8 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmctl.errors import DataError
-
-MEAN = STD = (0.5, 0.5, 0.5)
+from mmctl.models.vit import MEAN, STD
 
 
 def load(path: str | Path):
@@ -40,10 +39,3 @@ def pixels(image, size: int):
     x = np.asarray(resized, dtype=np.float32) * np.float32(1 / 255)
     x = (x - np.asarray(MEAN, dtype=np.float32)) / np.asarray(STD, dtype=np.float32)
     return torch.from_numpy(x).permute(2, 0, 1).contiguous()
-
-
-def processor_config(size: int) -> dict:
-    """preprocessor_config.json of the same preprocessing, for transformers' SiglipImageProcessorPil."""
-    return {"image_processor_type": "SiglipImageProcessor", "do_convert_rgb": True, "do_resize": True,
-            "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": list(MEAN), "image_std": list(STD)}

@@ -29,6 +29,8 @@ from torch import nn
 
 from mmctl.recipe import option
 
+MEAN = STD = (0.5, 0.5, 0.5)  # SigLIP's input normalisation: pixels / 255 → (x − 0.5) / 0.5, in [−1, 1]
+
 
 @dataclass
 class ViTConfig:
@@ -67,6 +69,14 @@ class ViTConfig:
         return cls(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
                    intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
                    num_heads=hf["num_attention_heads"], layer_norm_eps=hf.get("layer_norm_eps", 1e-6))
+
+
+def processor_config(size: int) -> dict:
+    """The preprocessing this encoder expects, as transformers' SiglipImageProcessorPil config (the exported
+    checkpoint's processor; `mmctl/data/images.py` computes the same pixels)."""
+    return {"image_processor_type": "SiglipImageProcessor", "do_convert_rgb": True, "do_resize": True,
+            "size": {"height": size, "width": size}, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": list(MEAN), "image_std": list(STD)}
 
 
 class Embeddings(nn.Module):

@@ -149,9 +149,9 @@ def save_vlm(model: VLM, out: str | Path, tokenizer, chat: bool = True) -> Path:
     the model's image tokens), else mmctl's own layout — the same tensor names and files, `model_type` mmctl_vlm
     and the projector in config.json (only mmctl loads it)."""
     from mmctl import recipe
-    from mmctl.data import images
     from mmctl.models import hf
     from mmctl.models.transformer import CHAT_MARK
+    from mmctl.models.vit import processor_config
 
     size = model.vision.encoder.image_size
     special = tokenizer.special_token_ids()
@@ -165,10 +165,10 @@ def save_vlm(model: VLM, out: str | Path, tokenizer, chat: bool = True) -> Path:
                   "tie_word_embeddings": model.language_model.cfg.tie_embeddings}
     processor = {"processor_class": "LlavaProcessor", "image_token": tokenizer.decode([model.image_token_id]),
                  "num_additional_image_tokens": 0, "patch_size": model.vision.encoder.patch_size,
-                 "vision_feature_select_strategy": "full", "image_processor": images.processor_config(size)}
+                 "vision_feature_select_strategy": "full", "image_processor": processor_config(size)}
     files = {"config.json": config,
              "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})},
-             "processor_config.json": processor, "preprocessor_config.json": images.processor_config(size)}
+             "processor_config.json": processor, "preprocessor_config.json": processor_config(size)}
     return hf.write_dir(out, state_for_llava(model), files, tokenizer.files())
 
 

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 
 from mmctl.data import images, shapes  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
+from mmctl.models.vit import processor_config  # noqa: E402
 
 
 def test_pixels_equal_siglips_processor():
@@ -17,7 +18,7 @@ def test_pixels_equal_siglips_processor():
 
     from PIL import Image
 
-    processor = transformers.SiglipImageProcessorPil(**{k: v for k, v in images.processor_config(24).items()
+    processor = transformers.SiglipImageProcessorPil(**{k: v for k, v in processor_config(24).items()
                                                         if k != "image_processor_type"})
     noise = Image.frombytes("RGB", (40, 30), bytes(random.Random(0).randrange(256) for _ in range(40 * 30 * 3)))
     for image in (shapes.render(shapes.scene(random.Random(1), "train"), 48), noise, noise.convert("L")):

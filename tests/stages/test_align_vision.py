@@ -1,0 +1,112 @@
+"""align-vision on a tiny LM and ViT: phases freeze what they do not train, the loss falls, the model exports as
+a Llava dir transformers loads, a run interrupted in its second phase resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("PIL")
+
+from mmctl import recipe  # noqa: E402
+from mmctl.errors import Interrupted, UsageError  # noqa: E402
+from mmctl.stages import align_vision as stage  # noqa: E402
+from tests.models import one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(checkpoint, out, projector="mlp", **changes):
+    phase = {"optim": {"lr": 3e-3, "warmup_steps": 0}, "val_fraction": 0.1}
+    train = {"batch_size": 8, "seq_len": 63, "precision": "fp32", "log_every": 1, "eval_every": 3,
+             "checkpoint_every": 2}
+    data = {"run": {"out": str(out), "seed": 3, "device": "cpu"}, "base": str(checkpoint),
+            "vision": {"encoder": {"image_size": 16, "patch_size": 4, "hidden_size": 32, "intermediate_size": 64,
+                                   "num_layers": 2, "num_heads": 2},
+                       "projector": {"kind": projector, "scale_factor": 2}},
+            "phases": [{"name": "align", "sources": [{"kind": "shapes", "items": 60}],  # (captions overflow 64)
+                        "trainable": {"multi_modal_projector": 1.0}, **phase, "train": {**train, "steps": 4}},
+                       {"name": "instruct", "sources": [{"kind": "shapes", "items": 60}],
+                        "trainable": {"multi_modal_projector": 1.0, "vision_tower": 1.0, "language_model": 0.3},
+                        **phase, "train": {**train, "steps": 5}}],
+            "eval": {"items": 12, "composition_items": 6}}
+    for key, value in changes.items():
+        data[key] = value
+    return recipe.build(stage.AlignVisionConfig, data, recipe.Source("r", {}, set()))
+
+
+def metrics(out):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tok_s", "mfu")}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_phases_train_what_they_name_and_the_model_loads_in_transformers(checkpoint, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from mmctl.models import transformer
+
+    lm_before = {k: v.clone() for k, v in transformer.load_checkpoint(checkpoint).state_dict().items()}
+    seen = {}
+    real = stage._train_phase
+
+    def spy(cfg, i, model, *args):  # the weights each phase starts from and ends with
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = real(cfg, i, model, *args)
+        seen[cfg.phases[i].name] = (before, {k: v.clone() for k, v in model.state_dict().items()})
+        return out
+
+    monkeypatch.setattr(stage, "_train_phase", spy)
+    result = stage.run(config(checkpoint, tmp_path / "a"))
+    before, after = seen["align"]
+    for name in before:  # phase 1 trains the projector only
+        changed = not torch.equal(before[name], after[name])
+        assert changed == name.startswith("multi_modal_projector."), name
+    for name, t in lm_before.items():
+        assert torch.equal(after[f"language_model.{name}"], t)
+    before, after = seen["instruct"]
+    assert not torch.equal(before["vision_tower.embeddings.patch_embedding.weight"],
+                           after["vision_tower.embeddings.patch_embedding.weight"])
+    rows = metrics(tmp_path / "a")
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 10))
+    assert [r["phase"] for r in rows if "loss" in r] == ["align"] * 4 + ["instruct"] * 5
+    scores = result.results["evaluation"]
+    assert set(scores["per_type"]) == {"count", "colour", "shape", "position", "relation", "exists"}
+    assert 0 <= scores["hallucination_rate"] <= 1 and 0 <= scores["composition_accuracy"] <= 1
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "a" / "model")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert stage.run(config(checkpoint, tmp_path / "a")).up_to_date
+
+
+def test_interrupted_in_the_second_phase_resumes_to_the_same_model(checkpoint, tmp_path, monkeypatch):
+    stage.run(config(checkpoint, tmp_path / "full", "pixel_shuffle"))
+    real, calls = stage.loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == 7:  # step 6 of 9 overall: the second phase's second step
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(stage, "loss", interrupting)
+    with pytest.raises(Interrupted):
+        stage.run(config(checkpoint, tmp_path / "part", "pixel_shuffle"))
+    monkeypatch.setattr(stage, "loss", real)
+    stage.run(config(checkpoint, tmp_path / "part", "pixel_shuffle"))
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
+    full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "part" / "model" / "model.safetensors").read_bytes() == full
+    from mmctl.models import vlm
+
+    assert vlm.load_vlm(tmp_path / "full" / "model").vision.projector.kind == "pixel_shuffle"
+
+
+def test_recipe_mistakes_are_named(checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="trainable"):
+        config(checkpoint, tmp_path, phases=[{"name": "x", "sources": [{"kind": "shapes", "items": 5}],
+                                              "trainable": {"the_vit": 1.0}}])
+    with pytest.raises(UsageError, match="seq_len"):
+        cfg = config(checkpoint, tmp_path / "o")
+        cfg.phases[0].train.seq_len = 8
+        stage.run(cfg)
