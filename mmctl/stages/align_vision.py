@@ -64,6 +64,9 @@ class Phase:
     trainable: dict = option({"multi_modal_projector": 1.0}, "module → learning-rate scale for the "
                              "modules this phase trains (vision_tower, multi_modal_projector, language_model); "
                              "the others are frozen")
+    objective: Literal["answer", "siglip", "clip"] = option(
+        "answer", "answer: the VLM learns to answer (loss on the answer's tokens) | siglip / clip: contrastive "
+                  "pretraining of the ViT against a small text tower on captions (stage 0; no LM)")
     train_on_question: bool = option(False, "also train on the question's tokens (never the image's)")
     val_fraction: float = option(0.02, "share of the examples held out for the validation loss", ge=0, lt=1)
     optim: OptimConfig = option(OptimConfig, "AdamW and the schedule of this phase")
@@ -78,6 +81,9 @@ class Phase:
         elif not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0
                      for v in self.trainable.values()):
             problems.append(("trainable", "each learning-rate scale must be a positive number"))
+        elif self.objective != "answer" and set(self.trainable) != {"vision_tower"}:
+            problems.append(("trainable", f"a {self.objective} phase trains the vision_tower only (with its text "
+                                          "tower; the LM and projector are not used)"))
         return problems
 
 
@@ -178,10 +184,21 @@ def _train_phase(cfg, i: int, model, tok, run_dir, dist, options, precision: str
     def log(record: dict) -> None:
         run_dir.log({**record, "phase": phase.name, "step": offset + record["step"], "phase_step": record["step"]})
 
-    return train(model, cfg=phase.train, optim=phase.optim, batches=_batches(cfg, i, train_rows, dist),
-                 loss_fn=loss, out=run_dir.out / "phases" / phase.name, log=log, fingerprint=fingerprint,
-                 evaluate=lambda step: _evaluation(model, tok, val_rows, held_out, cfg, dist.device, precision),
-                 lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()},
+    trained, loss_fn = model, loss
+    evaluate = lambda step: _evaluation(model, tok, val_rows, held_out, cfg, dist.device, precision)  # noqa: E731
+    if phase.objective != "answer":  # stage 0: the ViT against a text tower made for this phase
+        import torch
+
+        from mmctl.models.contrastive import Contrastive
+
+        torch.manual_seed(cfg.run.seed + 31 * i)
+        trained = Contrastive(model.vision_tower, tok.vocab_size, phase.train.seq_len + 1,
+                              loss=phase.objective).to(dist.device)
+        loss_fn = contrastive_loss
+        evaluate = lambda step: _retrieval(trained, val_rows, dist.device, precision)  # noqa: E731
+    return train(trained, cfg=phase.train, optim=phase.optim, batches=_batches(cfg, i, train_rows, dist),
+                 loss_fn=loss_fn, out=run_dir.out / "phases" / phase.name, log=log, fingerprint=fingerprint,
+                 evaluate=evaluate, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()},
                  force_resume=options.force_resume, precision=precision, dist=dist)
 
 
@@ -195,7 +212,7 @@ def _rows(cfg, i: int, model, tok) -> tuple[Rows, Rows]:
 
     phase, size = cfg.phases[i], cfg.vision.encoder.image_size
     context = model.language_model.cfg.max_position_embeddings
-    if phase.train.seq_len > context:
+    if phase.objective == "answer" and phase.train.seq_len > context:
         raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} exceeds the language model's context "
                          f"({context})")
     examples = []
@@ -207,13 +224,20 @@ def _rows(cfg, i: int, model, tok) -> tuple[Rows, Rows]:
     random.Random(f"align-vision:{cfg.run.seed}:{i}").shuffle(examples)
     n_val = round(len(examples) * phase.val_fraction)
     parts = []
+    if phase.objective != "answer" and any(e.type != "caption" for e in examples):
+        raise UsageError(f"phases[{i}]: a {phase.objective} phase pairs images with captions; its sources must be "
+                         "captions (shapes with captions: true, or jsonl caption lines)")
     for part in (examples[n_val:], examples[:n_val]):
-        encoded = [vqa.encode(e, tok, model.image_token_id, model.tokens_per_image, phase.train_on_question)
-                   for e in part]
+        if phase.objective == "answer":
+            encoded = [vqa.encode(e, tok, model.image_token_id, model.tokens_per_image, phase.train_on_question)
+                       for e in part]
+        else:  # the caption alone, every token of it
+            encoded = [(ids, [1] * len(ids)) for ids in (tok.encode(e.answer) for e in part)]
         longest = max((len(ids) for ids, _ in encoded), default=0)
         if longest > phase.train.seq_len + 1:
-            raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} is shorter than the longest row "
-                             f"({longest - 1} tokens with {model.tokens_per_image} image tokens)")
+            what = (f"row ({longest - 1} tokens with {model.tokens_per_image} image tokens)"
+                    if phase.objective == "answer" else f"caption ({longest} tokens)")
+            raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} is shorter than the longest {what}")
         pixels = torch.stack([e.pixels for e in part]) if part else torch.zeros(0)
         parts.append(Rows([ids for ids, _ in encoded], [m for _, m in encoded], pixels, part))
     if not parts[0].ids:
@@ -247,8 +271,9 @@ def tensors(rows: Rows, picks: list[int], device) -> dict:
     for b, i in enumerate(picks):
         ids[b, :len(rows.ids[i])] = torch.tensor(rows.ids[i])
         trained[b, :len(rows.ids[i]) - 1] = torch.tensor(rows.mask[i][1:], dtype=torch.bool)
-    return {"ids": ids.to(device), "trained": trained.to(device), "pixels": rows.pixels[picks].to(device),
-            "real": sum(len(rows.ids[i]) for i in picks)}
+    valid = torch.arange(width) < torch.tensor([len(rows.ids[i]) for i in picks]).unsqueeze(1)
+    return {"ids": ids.to(device), "trained": trained.to(device), "valid": valid.to(device),
+            "pixels": rows.pixels[picks].to(device), "real": sum(len(rows.ids[i]) for i in picks)}
 
 
 def loss(model, batch: dict):
@@ -263,6 +288,36 @@ def loss(model, batch: dict):
     logits = model(batch["ids"][:, :-1], batch["pixels"])
     total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return LossOut(total, float((labels != IGNORE).sum()), batch["real"])
+
+
+def contrastive_loss(model, batch: dict):
+    """SigLIP's (or CLIP's) loss summed over the micro-batch's images, their captions the only positives."""
+    from mmctl.models.contrastive import clip_loss, siglip_loss
+    from mmctl.train.loop import LossOut
+
+    logits = model(batch["pixels"], batch["ids"], batch["valid"])
+    objective = getattr(model, "module", model).loss  # (under DistributedDataParallel, the model it wraps)
+    total = siglip_loss(logits) if objective == "siglip" else clip_loss(logits)
+    return LossOut(total, float(len(logits)), batch["real"])
+
+
+def _retrieval(model, val: Rows, device, precision: str) -> dict:
+    """R@1 image → caption and caption → image among (up to 256) held-out pairs, and their loss per image."""
+    import torch
+
+    from mmctl.models.contrastive import recall_at_1
+    from mmctl.runtime import autocast
+
+    if not val.ids:
+        return {}
+    model.eval()
+    with torch.no_grad(), autocast(precision, device):
+        batch = tensors(val, list(range(min(len(val.ids), 256))), device)
+        logits = model(batch["pixels"], batch["ids"], batch["valid"]).float()
+        out = contrastive_loss(model, batch)
+    model.train()
+    i2t, t2i = recall_at_1(logits)
+    return {"val_loss": float(out.sum) / out.count, "val_r@1_image_to_text": i2t, "val_r@1_text_to_image": t2i}
 
 
 def _evaluation(model, tok, val: Rows, held_out: dict, cfg, device, precision: str) -> dict:

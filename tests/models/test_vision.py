@@ -161,3 +161,33 @@ def test_a_vlm_decodes_with_its_image_as_a_full_forward_pass_would():
             for _ in range(6):
                 ids.append(int(model(torch.tensor([ids]), image[None])[0, -1].argmax()))
         assert completion.ids == ids[len(prompt):]
+
+
+def test_contrastive_losses_and_recall_by_hand():
+    import math
+
+    from mmctl.models.contrastive import clip_loss, recall_at_1, siglip_loss
+
+    logits = torch.tensor([[2.0, -1.0, 0.5], [0.0, 1.0, 3.0], [-2.0, 0.5, 1.5]])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    expected = -sum(math.log(sig(logits[i, j].item() * (1 if i == j else -1))) for i in range(3) for j in range(3))
+    assert float(siglip_loss(logits)) == pytest.approx(expected, rel=1e-6)
+    rows = -sum(math.log(math.exp(logits[i, i]) / sum(math.exp(v) for v in logits[i].tolist())) for i in range(3))
+    cols = -sum(math.log(math.exp(logits[i, i]) / sum(math.exp(v) for v in logits[:, i].tolist())) for i in range(3))
+    assert float(clip_loss(logits)) == pytest.approx((rows + cols) / 2, rel=1e-6)
+    assert recall_at_1(logits) == (pytest.approx(2 / 3), pytest.approx(2 / 3))  # row 1 picks 2; column 1 picks 1
+
+
+def test_the_text_tower_pools_only_the_captions_tokens():
+    from mmctl.models.contrastive import Contrastive
+
+    torch.manual_seed(0)
+    pair = Contrastive(ViT(ViTConfig(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1,
+                                     num_heads=2)), vocab_size=50, max_len=8).eval()
+    ids = torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 9, 9]])
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        text = pair.text_tower(ids, valid)
+        assert text.shape == (2, 32) and not torch.allclose(text[0], text[1])
+        logits = pair(torch.randn(3, 3, 16, 16), ids[:1].expand(3, -1), valid[:1].expand(3, -1))
+    assert logits.shape == (3, 3)

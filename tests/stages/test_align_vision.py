@@ -110,3 +110,34 @@ def test_recipe_mistakes_are_named(checkpoint, tmp_path):
         cfg = config(checkpoint, tmp_path / "o")
         cfg.phases[0].train.seq_len = 8
         stage.run(cfg)
+
+
+def test_a_contrastive_phase_trains_the_vit_against_a_text_tower(checkpoint, tmp_path):
+    from mmctl.models import transformer, vlm
+
+    train = {"batch_size": 8, "seq_len": 63, "precision": "fp32", "log_every": 1, "eval_every": 3,
+             "checkpoint_every": 3, "steps": 3}
+    phases = [{"name": "siglip", "objective": "siglip", "sources": [{"kind": "shapes", "items": 40, "captions": True}],
+               "trainable": {"vision_tower": 1.0}, "val_fraction": 0.2, "optim": {"lr": 1e-3, "warmup_steps": 0},
+               "train": {**train, "seq_len": 127}},  # captions: no LM context to fit
+              {"name": "instruct", "sources": [{"kind": "shapes", "items": 24}],
+               "trainable": {"multi_modal_projector": 1.0}, "optim": {"lr": 1e-3, "warmup_steps": 0},
+               "train": {**train, "steps": 2}}]
+    cfg = config(checkpoint, tmp_path / "c", phases=phases)
+    stage.run(cfg)
+    rows = metrics(tmp_path / "c")
+    retrieval = [r for r in rows if "val_r@1_image_to_text" in r]
+    assert len(retrieval) == 1 and 0 <= retrieval[0]["val_r@1_text_to_image"] <= 1
+    assert [r["phase"] for r in rows if "loss" in r] == ["siglip"] * 3 + ["instruct"] * 2
+    torch.manual_seed(3)  # the stage seeds with run.seed just before making the VLM: the same initial weights
+    fresh = vlm.VLM(cfg.vision, transformer.load_checkpoint(checkpoint), 7)
+    trained = vlm.load_vlm(tmp_path / "c" / "model")
+    before, after = fresh.state_dict(), trained.state_dict()
+    for name in after:  # the ViT moved in the siglip phase, the projector in instruct, the LM never
+        assert torch.equal(before[name], after[name]) == name.startswith("language_model."), name
+    assert stage.run(cfg).up_to_date
+    with pytest.raises(UsageError, match="captions"):
+        bad = config(checkpoint, tmp_path / "d", phases=[{**phases[0], "sources": [{"kind": "shapes", "items": 8}]}])
+        stage.run(bad)
+    with pytest.raises(UsageError, match="vision_tower only"):
+        config(checkpoint, tmp_path / "e", phases=[{**phases[0], "trainable": {"language_model": 1.0}}])
