@@ -169,12 +169,12 @@ def run(cfg: AlignVisionConfig, options: Options = Options()) -> StageResult:
 def _train_phase(cfg, i: int, model, tok, run_dir, dist, options, precision: str, offset: int, held_out) -> dict:
     """One phase on the one loop: freeze what it does not train, build its rows, train (or restore a finished
     phase's weights from its last checkpoint)."""
+    from mmctl.train.loop import train
+
     phase = cfg.phases[i]
     for name in MODULES:
         getattr(model, name).requires_grad_(name in phase.trainable)
     train_rows, val_rows = _rows(cfg, i, model, tok)
-    from mmctl.train.loop import train
-
     fingerprint = {"base": run_dir.inputs["base"]["sha256"], "vision": recipe.to_dict(cfg.vision),
                    "phases": [recipe.to_dict(p) for p in cfg.phases[: i + 1]], "run.seed": cfg.run.seed}
     if dist.main:
@@ -184,9 +184,12 @@ def _train_phase(cfg, i: int, model, tok, run_dir, dist, options, precision: str
     def log(record: dict) -> None:
         run_dir.log({**record, "phase": phase.name, "step": offset + record["step"], "phase_step": record["step"]})
 
-    trained, loss_fn = model, loss
-    evaluate = lambda step: _evaluation(model, tok, val_rows, held_out, cfg, dist.device, precision)  # noqa: E731
-    if phase.objective != "answer":  # stage 0: the ViT against a text tower made for this phase
+    if phase.objective == "answer":
+        trained, loss_fn = model, loss
+
+        def evaluate(step: int) -> dict:
+            return _evaluation(model, tok, val_rows, held_out, cfg, dist.device, precision)
+    else:  # stage 0: the ViT against a text tower made for this phase
         import torch
 
         from mmctl.models.contrastive import Contrastive
@@ -195,7 +198,10 @@ def _train_phase(cfg, i: int, model, tok, run_dir, dist, options, precision: str
         trained = Contrastive(model.vision_tower, tok.vocab_size, phase.train.seq_len + 1,
                               loss=phase.objective).to(dist.device)
         loss_fn = contrastive_loss
-        evaluate = lambda step: _retrieval(trained, val_rows, dist.device, precision)  # noqa: E731
+
+        def evaluate(step: int) -> dict:
+            return _retrieval(trained, val_rows, dist.device, precision)
+
     return train(trained, cfg=phase.train, optim=phase.optim, batches=_batches(cfg, i, train_rows, dist),
                  loss_fn=loss_fn, out=run_dir.out / "phases" / phase.name, log=log, fingerprint=fingerprint,
                  evaluate=evaluate, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()},
