@@ -21,6 +21,15 @@ CAPTION_PROMPT = "Describe the image."
 
 
 @dataclass
+class Rows:
+    """Encoded examples: ids and masks as `encode` makes them, the images stacked (n, 3, H, W)."""
+
+    ids: list[list[int]]
+    mask: list[list[int]]
+    pixels: object
+
+
+@dataclass
 class Example:
     pixels: object  # (3, size, size) float tensor, preprocessed (mmctl/data/images.py)
     question: str
@@ -99,3 +108,18 @@ def prompt(question: str, tok, image_token_id: int, tokens_per_image: int) -> li
     ids = prompt_ids(messages(question), tok)
     at = ids.index(image_token_id)
     return ids[:at] + [image_token_id] * tokens_per_image + ids[at + 1:]
+
+
+def batch(rows: Rows, picks: list[int], device) -> dict:
+    """Picked rows right-padded to the longest (pad targets untrained), with their images."""
+    import torch
+
+    width = max(len(rows.ids[i]) for i in picks)
+    ids = torch.zeros(len(picks), width, dtype=torch.long)
+    trained = torch.zeros(len(picks), width - 1, dtype=torch.bool)
+    for b, i in enumerate(picks):
+        ids[b, :len(rows.ids[i])] = torch.tensor(rows.ids[i])
+        trained[b, :len(rows.ids[i]) - 1] = torch.tensor(rows.mask[i][1:], dtype=torch.bool)
+    valid = torch.arange(width) < torch.tensor([len(rows.ids[i]) for i in picks]).unsqueeze(1)
+    return {"ids": ids.to(device), "trained": trained.to(device), "valid": valid.to(device),
+            "pixels": rows.pixels[picks].to(device), "real": sum(len(rows.ids[i]) for i in picks)}

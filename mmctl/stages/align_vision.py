@@ -17,13 +17,15 @@ processor (transformers loads it); with `pixel_shuffle` or `linear`, mmctl's own
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from mmctl import recipe
 from mmctl.console import console
+from mmctl.data import vqa
 from mmctl.errors import UsageError
+from mmctl.evals import vqa as vqa_eval
 from mmctl.models.vlm import VisionSection
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
@@ -112,14 +114,6 @@ class AlignVisionConfig:
         return problems
 
 
-@dataclass
-class Rows:
-    ids: list[list[int]]
-    mask: list[list[int]]
-    pixels: object  # (n, 3, H, W)
-    examples: list = field(default_factory=list)
-
-
 def run(cfg: AlignVisionConfig, options: Options = Options()) -> StageResult:
     """Train the VLM phase by phase, evaluate it per question type, write <out>/model/."""
     import torch
@@ -149,14 +143,14 @@ def run(cfg: AlignVisionConfig, options: Options = Options()) -> StageResult:
     if dist.main:
         run_dir.start(keep_metrics_through=_resume_point(run_dir.out, cfg))
         _module_table(model, cfg)
-    held_out = _heldout(cfg, model)
+    held_out = _heldout(cfg)
     offset, last = 0, {}
     for i, phase in enumerate(cfg.phases):
         last = _train_phase(cfg, i, model, tok, run_dir, dist, options, precision, offset, held_out)
         offset += phase.train.steps
     if not dist.main:
         return StageResult(run_dir.out, {})
-    scores = evaluate(model, tok, held_out)
+    scores = vqa_eval.evaluate(model, tok, held_out)
     out = run_dir.out / "model"
     vlm.save_vlm(model, out, tok)
     results = {"final": last, "evaluation": scores, "tokens_per_image": model.tokens_per_image,
@@ -208,13 +202,11 @@ def _train_phase(cfg, i: int, model, tok, run_dir, dist, options, precision: str
                  force_resume=options.force_resume, precision=precision, dist=dist)
 
 
-def _rows(cfg, i: int, model, tok) -> tuple[Rows, Rows]:
+def _rows(cfg, i: int, model, tok):
     """The phase's examples, encoded, shuffled with the seed and split into train and validation rows."""
     import random
 
     import torch
-
-    from mmctl.data import vqa
 
     phase, size = cfg.phases[i], cfg.vision.encoder.image_size
     context = model.language_model.cfg.max_position_embeddings
@@ -245,13 +237,13 @@ def _rows(cfg, i: int, model, tok) -> tuple[Rows, Rows]:
                     if phase.objective == "answer" else f"caption ({longest} tokens)")
             raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} is shorter than the longest {what}")
         pixels = torch.stack([e.pixels for e in part]) if part else torch.zeros(0)
-        parts.append(Rows([ids for ids, _ in encoded], [m for _, m in encoded], pixels, part))
+        parts.append(vqa.Rows([ids for ids, _ in encoded], [m for _, m in encoded], pixels))
     if not parts[0].ids:
         raise UsageError(f"phases[{i}]: no training example left after the validation share")
     return parts[0], parts[1]
 
 
-def _batches(cfg, i: int, rows: Rows, dist):
+def _batches(cfg, i: int, rows, dist):
     """batches(step, rank) → micro-batches drawn as a function of (seed, phase, step, row)."""
     from mmctl.data.batches import pick_row
     from mmctl.train.loop import micro_batches
@@ -261,25 +253,10 @@ def _batches(cfg, i: int, rows: Rows, dist):
 
     def batches(step: int, rank: int) -> list[dict]:
         firsts = [(rank * accum + m) * per_micro for m in range(accum)]
-        return [tensors(rows, [pick_row(seed, step, r, n) for r in range(f, f + per_micro)], dist.device)
+        return [vqa.batch(rows, [pick_row(seed, step, r, n) for r in range(f, f + per_micro)], dist.device)
                 for f in firsts]
 
     return batches
-
-
-def tensors(rows: Rows, picks: list[int], device) -> dict:
-    """Picked rows right-padded to the longest (pad targets untrained), with their images."""
-    import torch
-
-    width = max(len(rows.ids[i]) for i in picks)
-    ids = torch.zeros(len(picks), width, dtype=torch.long)
-    trained = torch.zeros(len(picks), width - 1, dtype=torch.bool)
-    for b, i in enumerate(picks):
-        ids[b, :len(rows.ids[i])] = torch.tensor(rows.ids[i])
-        trained[b, :len(rows.ids[i]) - 1] = torch.tensor(rows.mask[i][1:], dtype=torch.bool)
-    valid = torch.arange(width) < torch.tensor([len(rows.ids[i]) for i in picks]).unsqueeze(1)
-    return {"ids": ids.to(device), "trained": trained.to(device), "valid": valid.to(device),
-            "pixels": rows.pixels[picks].to(device), "real": sum(len(rows.ids[i]) for i in picks)}
 
 
 def loss(model, batch: dict):
@@ -307,7 +284,7 @@ def contrastive_loss(model, batch: dict):
     return LossOut(total, float(len(logits)), batch["real"])
 
 
-def _retrieval(model, val: Rows, device, precision: str) -> dict:
+def _retrieval(model, val, device, precision: str) -> dict:
     """R@1 image → caption and caption → image among (up to 256) held-out pairs, and their loss per image."""
     import torch
 
@@ -318,7 +295,7 @@ def _retrieval(model, val: Rows, device, precision: str) -> dict:
         return {}
     model.eval()
     with torch.no_grad(), autocast(precision, device):
-        batch = tensors(val, list(range(min(len(val.ids), 256))), device)
+        batch = vqa.batch(val, list(range(min(len(val.ids), 256))), device)
         logits = model(batch["pixels"], batch["ids"], batch["valid"]).float()
         out = contrastive_loss(model, batch)
     model.train()
@@ -326,7 +303,7 @@ def _retrieval(model, val: Rows, device, precision: str) -> dict:
     return {"val_loss": float(out.sum) / out.count, "val_r@1_image_to_text": i2t, "val_r@1_text_to_image": t2i}
 
 
-def _evaluation(model, tok, val: Rows, held_out: dict, cfg, device, precision: str) -> dict:
+def _evaluation(model, tok, val, held_out: dict, cfg, device, precision: str) -> dict:
     """The validation loss and the answer to the sample question about one held-out image."""
     import torch
 
@@ -338,65 +315,21 @@ def _evaluation(model, tok, val: Rows, held_out: dict, cfg, device, precision: s
         total = count = 0.0
         with torch.no_grad(), autocast(precision, device):
             for start in range(0, len(val.ids), 32):
-                out = loss(model, tensors(val, list(range(start, min(start + 32, len(val.ids)))), device))
+                out = loss(model, vqa.batch(val, list(range(start, min(start + 32, len(val.ids)))), device))
                 total, count = total + float(out.sum), count + out.count
         result["val_loss"] = total / max(count, 1)
     example = held_out["per_type"][0]
-    answer = _answers(model, tok, [example.pixels], [cfg.eval.sample_question])[0]
+    answer = vqa_eval.answers(model, tok, [example.pixels], [cfg.eval.sample_question])[0]
     model.train()
     return {**result, "sample": f"{cfg.eval.sample_question} → {answer}"}
 
 
-def _heldout(cfg, model) -> dict:
+def _heldout(cfg) -> dict:
     """Fresh shapes questions (a seed no phase uses) and composition questions (held-out colour–kind pairs)."""
-    from mmctl.data import vqa
-
     size = cfg.vision.encoder.image_size
     return {"per_type": vqa.shapes(cfg.eval.items, 1_000_003, "train", size),
             "composition": vqa.shapes(cfg.eval.composition_items, 1_000_003, "test", size)
             if cfg.eval.composition_items else []}
-
-
-def _answers(model, tok, pixels: list, questions: list[str], batch_size: int = 64) -> list[str]:
-    import torch
-
-    from mmctl.data import vqa
-    from mmctl.data.chat import stop_ids
-    from mmctl.generate import SamplingConfig, completion_text, generate
-
-    out = []
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start:start + batch_size]
-        prompts = [vqa.prompt(q, tok, model.image_token_id, model.tokens_per_image) for q in chunk]
-        done = generate(model, prompts, SamplingConfig(max_new_tokens=8), stop_token_ids=stop_ids(tok),
-                        pixels=torch.stack(pixels[start:start + batch_size]))
-        out += [completion_text(tok, c).strip() for c in done.completions]
-    return out
-
-
-def evaluate(model, tok, held_out: dict) -> dict:
-    """Accuracy per question type with chance beside it, the hallucination rate, and composition accuracy."""
-    from mmctl.data.shapes import CHANCE
-    from mmctl.evals.extract import normalize
-
-    model.eval()
-    scores: dict = {"per_type": {}}
-    for part, examples in held_out.items():
-        if not examples:
-            continue
-        answers = _answers(model, tok, [e.pixels for e in examples], [e.question for e in examples])
-        right = [normalize(a).lower() == normalize(e.answer).lower() for a, e in zip(answers, examples, strict=True)]
-        if part == "composition":
-            scores["composition_accuracy"] = sum(right) / len(right)
-            continue
-        for kind in CHANCE:
-            mine = [r for r, e in zip(right, examples, strict=True) if e.type == kind]
-            if mine:
-                scores["per_type"][kind] = {"accuracy": sum(mine) / len(mine), "chance": CHANCE[kind], "n": len(mine)}
-        absent = [a for a, e in zip(answers, examples, strict=True) if e.type == "exists" and e.answer == "no"]
-        scores["hallucination_rate"] = sum(a.lower() == "yes" for a in absent) / max(len(absent), 1)
-        scores["accuracy"] = sum(right) / len(right)
-    return scores
 
 
 def _module_table(model, cfg) -> None:
