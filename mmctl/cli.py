@@ -34,6 +34,7 @@ STAGES = {
     "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
     "sft": ("mmctl.stages.sft", "SFTConfig"),
     "rl": ("mmctl.stages.rl", "RLConfig"),
+    "align-vision": ("mmctl.stages.align_vision", "AlignVisionConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
 }
 COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
@@ -245,6 +246,17 @@ def rl(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DR
                fresh=fresh, force_resume=force_resume)
 
 
+@app.command("align-vision")
+@reports_errors
+def align_vision(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN,
+                 force: bool = FORCE, as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
+                 force_resume: bool = FORCE_RESUME) -> None:
+    """Train a vision-language model — a ViT and a projector in front of a chat model — in phases on image–text
+    data; per-question-type accuracy on held-out images; resumes."""
+    _run_stage("align-vision", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
+               json=as_json, fresh=fresh, force_resume=force_resume)
+
+
 @app.command("eval")
 @reports_errors
 def eval_(
@@ -252,8 +264,9 @@ def eval_(
                                         help="An eval recipe, or one or more checkpoint directories (a `model/` "
                                              "dir, or a training checkpoint `checkpoints/step-N`)."),
     task: list[str] = typer.Option([], "--task", help="A built-in task (arithmetic, arithmetic-mc, stories-mc, "
-                                                      "stories-ppl), ppl / mc / gen with --data, or a task YAML file."),
-    data: str | None = typer.Option(None, "--data", help="The task data for --task ppl / mc / gen."),
+                                                      "stories-ppl, story-questions, shapes-vqa), ppl / mc / gen / vqa "
+                                                      "with --data, or a task YAML file."),
+    data: str | None = typer.Option(None, "--data", help="The task data for --task ppl / mc / gen / vqa."),
     limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
     samples: int | None = typer.Option(None, "--samples", help="Generation tasks: also sample N answers per item "
                                        "and report pass@k and maj@k (test-time compute)."),
@@ -294,13 +307,15 @@ def generate(
     stop: list[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the sampler."),
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the checkpoint's chat template."),
+    image: str | None = typer.Option(None, "--image", help="Ask each prompt about this image (a vision-language "
+                                                           "model, from align-vision)."),
     device: str | None = DEVICE, as_json: bool = JSON,
 ) -> None:
     """Sample from a checkpoint (KV cache; batched prompts are left-padded); output streams to the terminal."""
     from mmctl.stages import generate as stage
 
     texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
-    overrides = _flags({"checkpoint": checkpoint, "prompts": texts, "chat": chat, "device": device,
+    overrides = _flags({"checkpoint": checkpoint, "prompts": texts, "chat": chat, "image": image, "device": device,
                         "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature,
                         "sampling.top_k": top_k, "sampling.top_p": top_p,
                         "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed,

@@ -237,20 +237,44 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: Source) -> dict:
-    """Merge `--set` overrides into the recipe data (in order; the last one wins)."""
+    """Merge `--set` overrides into the recipe data (in order; the last one wins). A path part `name[i]` is the
+    i-th item of a list the recipe already has (`--set phases[1].train.steps=500`)."""
     for item in overrides:
         key, value = parse_override(item)
         node = data
         parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if not isinstance(node.get(part), dict):
-                if part in node and node[part] is not None:
+        for i, part in enumerate(parts):
+            name, index = _indexed(part, item)
+            last = i == len(parts) - 1
+            if index is not None:
+                items = node.get(name)
+                if not isinstance(items, list) or not -len(items) <= index < len(items):
+                    raise UsageError(f"--set {item}: {'.'.join(parts[:i] + [name])} has no item {index}")
+                if last:
+                    items[index] = value
+                elif not isinstance(items[index], dict):
                     raise UsageError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a section")
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+                node = items[index]
+            elif last:
+                node[name] = value
+            else:
+                if not isinstance(node.get(name), dict):
+                    if name in node and node[name] is not None:
+                        raise UsageError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a section")
+                    node[name] = {}
+                node = node[name]
         source.overridden.add(key)
     return data
+
+
+def _indexed(part: str, item: str) -> tuple[str, int | None]:
+    """`name[3]` → ("name", 3); `name` → ("name", None)."""
+    if not part.endswith("]"):
+        return part, None
+    name, _, index = part[:-1].partition("[")
+    if not name or not index.lstrip("-").isdigit():
+        raise UsageError(f"--set {item}: {part!r} is not NAME or NAME[INDEX]")
+    return name, int(index)
 
 
 def build(cls: type, data: dict, source: Source, overrides: list[str] | tuple[str, ...] = (), *,

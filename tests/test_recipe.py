@@ -3,6 +3,7 @@ type rules, and --set overrides."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -157,6 +158,23 @@ def test_set_overrides_are_typed_and_named(tmp_path):
         recipe.load(path, Cfg, ["train.steps"])
     with pytest.raises(UsageError, match="train.steps is not a section"):
         recipe.load(path, Cfg, ["train.steps.x=1"])
+
+
+def test_set_reaches_into_a_list_item():
+    from pathlib import Path
+
+    from mmctl.stages.align_vision import AlignVisionConfig
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "align-vision.yaml"
+    cfg = recipe.load(path, AlignVisionConfig, ["phases[0].train.steps=7", "phases[-1].sources[0].items=9",
+                                                "phases[0].trainable={language_model: 0.5}"], stage="align-vision")
+    assert (cfg.phases[0].train.steps, cfg.phases[0].sources[0].items) == (7, 9)
+    assert cfg.phases[0].trainable == {"language_model": 0.5}
+    for override, message in (("phases[3].name=x", "phases has no item 3"), ("phases[a].name=x", "NAME or NAME[INDEX]"),
+                              ("vision[0].x=1", "vision has no item 0"), ("phases[0].name.x=1", "not a section"),
+                              ("phases[0].sources[0].items.x=1", "not a section")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            recipe.load(path, AlignVisionConfig, [override], stage="align-vision")
 
 
 def test_floats_without_a_dot_and_ints_for_floats(tmp_path):

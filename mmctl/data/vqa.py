@@ -6,8 +6,9 @@ the image slots, which have no next token to predict).
 Sources: the built-in `shapes` set (`mmctl/data/shapes.py`: questions of six types, or captions) and JSONL lines
 `{"image": path, "question": str, "answer": str | number, "type": str (optional)}` or `{"image": path,
 "caption": str}` (a caption becomes the answer to "Describe the image."), the image path relative to the JSONL
-file. Images are read and preprocessed once, as they are listed (a tiny set's pixels fit in memory; an
-unreadable image stops the run with one line naming it and its line).
+file; or a `datasets` save_to_disk dir with an image column (COCO-style captions, VQAv2-style questions). Images
+are read and preprocessed once, as they are listed (a tiny set's pixels fit in memory; an unreadable image stops
+the run with one line naming it and its line or row).
 """
 
 from __future__ import annotations
@@ -55,27 +56,83 @@ def shapes(n: int, seed: int, split: str, size: int, captions: bool = False) -> 
 
 def read_jsonl(path: str | Path, size: int, limit: int | None = None) -> list[Example]:
     """Examples of a JSONL file (see the module docstring), at most `limit`."""
-    from mmctl.data import images, jsonl
+    from mmctl.data import jsonl
+
+    return _read(jsonl.records(path), Path(path).parent, size, limit, path)
+
+
+def read_dataset(path: str, split: str, size: int, limit: int | None = None, image_column: str = "image"
+                 ) -> list[Example]:
+    """Examples of a `datasets` save_to_disk dir: an image column (decoded images, or paths relative to the dir)
+    and `caption` (COCO-style; a list of captions gives its first) or `question` and `answer` (VQAv2-style
+    `answers`: the most common of them)."""
+    from mmctl.data.sources import dataset_records
+
+    return _read(dataset_records(path, split), Path(path), size, limit, path, image_column)
+
+
+def _read(records, base: Path, size: int, limit: int | None, name, image_column: str = "image") -> list[Example]:
+    from mmctl.data import images
 
     out = []
-    for where, record in jsonl.records(path):
+    for where, record in records:
         if limit is not None and len(out) >= limit:
             break
-        image = jsonl.field(record, "image", str, where)
-        if "caption" in record:
-            question, answer, kind = CAPTION_PROMPT, jsonl.field(record, "caption", str, where), "caption"
-        else:
-            question = jsonl.field(record, "question", str, where)
-            answer = str(jsonl.field(record, "answer", (str, int, float), where))
-            kind = str(record.get("type", "vqa"))
+        question, answer, kind = _text(record, where)
         try:
-            picture = images.load(Path(path).parent / image)
+            picture = _image(record, image_column, base, where)
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
         out.append(Example(images.pixels(picture, size), question, answer.strip(), kind))
     if not out:
-        raise DataError(f"{path}: no examples")
+        raise DataError(f"{name}: no examples")
     return out
+
+
+def _text(record: dict, where: str) -> tuple[str, str, str]:
+    """(question, answer, type) of a record: a caption answers CAPTION_PROMPT."""
+    from collections import Counter
+
+    from mmctl.data import jsonl
+
+    if "caption" in record or "captions" in record:
+        captions = record.get("caption", record.get("captions"))
+        captions = captions if isinstance(captions, list) else [captions]
+        if not captions or not all(isinstance(c, str) for c in captions):
+            raise DataError(f"{where}: a caption must be a string (or a list of strings)")
+        return CAPTION_PROMPT, captions[0], "caption"
+    question = jsonl.field(record, "question", str, where)
+    if "answer" not in record and isinstance(record.get("answers"), list) and record["answers"]:
+        said = [a["answer"] if isinstance(a, dict) else a for a in record["answers"]]
+        answer = Counter(map(str, said)).most_common(1)[0][0]
+    else:
+        answer = str(jsonl.field(record, "answer", (str, int, float), where))
+    return question, answer, str(record.get("type", record.get("question_type", "vqa")))
+
+
+def _image(record: dict, column: str, base: Path, where: str):
+    """The record's image: a decoded PIL image, {"bytes" | "path"} as datasets stores one, or a path."""
+    import io
+
+    from PIL import Image
+
+    from mmctl.data import images
+
+    if column not in record:
+        raise DataError(f"missing field {column!r} (has: {', '.join(sorted(record))})")
+    value = record[column]
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and value.get("bytes"):
+        try:
+            return images.load(io.BytesIO(value["bytes"]))
+        except DataError as e:  # (the message would name a BytesIO object)
+            raise DataError(f"field {column!r}: {str(e).split(': ', 1)[-1]}") from None
+    if isinstance(value, dict) and value.get("path"):
+        value = value["path"]
+    if not isinstance(value, str):
+        raise DataError(f"field {column!r} is {type(value).__name__}, expected an image or a path")
+    return images.load(base / value)
 
 
 def messages(question: str, answer: str | None = None) -> list[dict]:

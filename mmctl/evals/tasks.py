@@ -1,17 +1,20 @@
 """Evaluation tasks: what a task is, how its items are read, and the built-in offline tasks.
 
 A task is a `TaskConfig` — inline in an eval recipe, in a YAML file of its own, or made from command-line flags
-— of one of three kinds, scored as lm-evaluation-harness scores them:
+— of one of four kinds, the first three scored as lm-evaluation-harness scores them:
 - perplexity: documents from a text file, a jsonl field, or a shard split; rolling windows (`eval.stride`);
 - multiple_choice: jsonl items `{"context": str, "choices": [str, …], "answer": int}`; log-likelihood of each
   choice after the context (acc, and acc_norm by characters);
 - generation: jsonl items `{"prompt": str, "answer": str | number}`; greedy completion, answer extraction,
-  exact match after numeric normalization.
+  exact match after numeric normalization;
+- vqa (vision-language models): jsonl items `{"image": path, "question": str, "answer": str | number, "type": str
+  (optional)}`, images relative to the file; greedy answers, accuracy per type (mmctl/evals/vqa.py).
 
 Built-in tasks, generated offline from the project's procedural data so the tiny pipeline can show what each
 stage changes: `arithmetic` (generation, the held-out tenth of problems), `arithmetic-mc` (4 choices),
 `stories-mc` (which friend is thanked at the end of a tiny story, 4 choices), `stories-ppl` (fresh stories),
-`story-questions` (generation: who helped, what was found, where, which animal — one-word answers).
+`story-questions` (generation: who helped, what was found, where, which animal — one-word answers), `shapes-vqa`
+(vqa: fresh shapes scenes, six question types, and scenes with colour–kind pairs training never shows).
 
 Generation tasks ask a chat model (one `mmctl sft` wrote) through its chat template: the item's `question` (or
 its `prompt`) as a user turn, few-shot examples as earlier turns; `--no-chat` asks it in the plain format.
@@ -28,17 +31,17 @@ from typing import Literal
 from mmctl.errors import DataError, UsageError
 from mmctl.recipe import option
 
-BUILTINS = ("arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl", "story-questions")
+BUILTINS = ("arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl", "story-questions", "shapes-vqa")
 BUILTIN_SEED = 1_000_003  # different from any training recipe's seed: fresh documents
 
 
 @dataclass
 class TaskConfig:
     name: str | None = option(None, "label in the results; default: the built-in's name or the data file's stem")
-    builtin: Literal["arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl", "story-questions"] | None = option(
-        None, "a built-in offline task (then kind and data are implied)")
-    kind: Literal["perplexity", "multiple_choice", "generation"] | None = option(
-        None, "perplexity | multiple_choice | generation")
+    builtin: Literal["arithmetic", "arithmetic-mc", "stories-mc", "stories-ppl", "story-questions",
+                     "shapes-vqa"] | None = option(None, "a built-in offline task (then kind and data are implied)")
+    kind: Literal["perplexity", "multiple_choice", "generation", "vqa"] | None = option(
+        None, "perplexity | multiple_choice | generation | vqa (a vision-language model)")
     data: str | None = option(None, "items: jsonl file; for perplexity also a text file or a shards directory")
     field: str = option("text", "perplexity over jsonl: the field holding each document")
     split: str = option("val", "perplexity over a shards directory: the split to score")
@@ -78,8 +81,8 @@ class TaskConfig:
     @property
     def task_kind(self) -> str:
         if self.builtin:
-            return {"arithmetic": "generation", "story-questions": "generation",
-                    "stories-ppl": "perplexity"}.get(self.builtin, "multiple_choice")
+            return {"arithmetic": "generation", "story-questions": "generation", "stories-ppl": "perplexity",
+                    "shapes-vqa": "vqa"}.get(self.builtin, "multiple_choice")
         return self.kind
 
     @property

@@ -1,6 +1,7 @@
 """Visual question answering: a VLM's greedy answers to questions about images, scored per question type with
 chance beside each, the hallucination rate (saying "yes" to an object the image does not hold), and accuracy on
-scenes with colour–kind pairs training never showed. align-vision scores its held-out shapes questions here."""
+scenes with colour–kind pairs training never showed. align-vision scores its held-out shapes questions here, and
+`mmctl eval --task shapes-vqa` (or `--task vqa --data FILE.jsonl`) does the same for any VLM checkpoint."""
 
 from __future__ import annotations
 
@@ -23,26 +24,54 @@ def answers(model, tok, pixels: list, questions: list[str], batch_size: int = 64
     return out
 
 
-def evaluate(model, tok, held_out: dict) -> dict:
-    """Accuracy per question type with chance beside it, the hallucination rate, and composition accuracy."""
+def evaluate(model, tok, examples: list, composition: list = (), batch_size: int = 64) -> tuple[dict, list[dict]]:
+    """(scores, samples): accuracy overall and per question type with chance beside it (types without a known
+    chance are scored too), the hallucination rate on "no" questions of the `exists` type, the accuracy on
+    `composition` examples; one sample per example (question, answer, prediction, right)."""
     from mmctl.data.shapes import CHANCE
     from mmctl.evals.extract import normalize
 
     model.eval()
     scores: dict = {"per_type": {}}
-    for part, examples in held_out.items():
-        if not examples:
+    samples: list[dict] = []
+    for part, items in (("per_type", examples), ("composition", list(composition))):
+        if not items:
             continue
-        said = answers(model, tok, [e.pixels for e in examples], [e.question for e in examples])
-        right = [normalize(a).lower() == normalize(e.answer).lower() for a, e in zip(said, examples, strict=True)]
+        said = answers(model, tok, [e.pixels for e in items], [e.question for e in items], batch_size)
+        right = [normalize(a).lower() == normalize(e.answer).lower() for a, e in zip(said, items, strict=True)]
+        samples += [{"question": e.question, "type": e.type, "answer": e.answer, "prediction": a, "correct": r,
+                     **({"composition": True} if part == "composition" else {})}
+                    for e, a, r in zip(items, said, right, strict=True)]
         if part == "composition":
             scores["composition_accuracy"] = sum(right) / len(right)
             continue
-        for kind in CHANCE:
-            mine = [r for r, e in zip(right, examples, strict=True) if e.type == kind]
+        for kind in dict.fromkeys([*CHANCE, *(e.type for e in items)]):  # the shapes types first, in order
+            mine = [r for r, e in zip(right, items, strict=True) if e.type == kind]
             if mine:
-                scores["per_type"][kind] = {"accuracy": sum(mine) / len(mine), "chance": CHANCE[kind], "n": len(mine)}
-        absent = [a for a, e in zip(said, examples, strict=True) if e.type == "exists" and e.answer == "no"]
-        scores["hallucination_rate"] = sum(a.lower() == "yes" for a in absent) / max(len(absent), 1)
+                scores["per_type"][kind] = {"accuracy": sum(mine) / len(mine), "chance": CHANCE.get(kind),
+                                            "n": len(mine)}
+        absent = [a for a, e in zip(said, items, strict=True) if e.type == "exists" and e.answer == "no"]
+        if absent:
+            scores["hallucination_rate"] = sum(normalize(a).lower() == "yes" for a in absent) / len(absent)
         scores["accuracy"] = sum(right) / len(right)
-    return scores
+    return scores, samples
+
+
+def metrics(scores: dict) -> dict:
+    """`evaluate`'s scores as eval's flat metrics: accuracy, then `<type>` with `<type>_chance`, the rest."""
+    out = {"accuracy": scores["accuracy"]}
+    for kind, s in scores["per_type"].items():
+        out[kind] = s["accuracy"]
+        if s["chance"] is not None:
+            out[f"{kind}_chance"] = s["chance"]
+    return out | {k: scores[k] for k in ("hallucination_rate", "composition_accuracy") if k in scores}
+
+
+def summary(scores: dict) -> str:
+    """One line: overall accuracy, the hallucination rate, composition accuracy (those measured)."""
+    parts = [f"all: {scores['accuracy']:.2f}"]
+    if "hallucination_rate" in scores:
+        parts.append(f"hallucination (yes to an absent object): {scores['hallucination_rate']:.2f}")
+    if "composition_accuracy" in scores:
+        parts.append(f"unseen colour–kind pairs: {scores['composition_accuracy']:.2f}")
+    return "; ".join(parts)

@@ -410,13 +410,18 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     return model.eval()
 
 
-def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu"):
+def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu", vision: bool = False):
     """(model, tokenizer) of a checkpoint dir, checked together — what generate, eval and the lm-eval adapter
-    load, so one broken file fails every command the same way."""
-    from mmctl.models import hf
+    load, so one broken file fails every command the same way. `vision`: a VLM dir loads as its VLM
+    (mmctl/models/vlm.py; it decodes text like its language model)."""
+    from mmctl.models import hf, vlm
     from mmctl.tokenizer import bpe
 
-    model, tok = load_checkpoint(path, device=device), bpe.load(path)
+    if vlm.is_vlm(path) and not vision:
+        raise DataError(f"{path}: a vision-language model; this command takes a language model (its "
+                        "language_model part is not saved on its own)")
+    model = vlm.load_vlm(path, device=device) if vlm.is_vlm(path) else load_checkpoint(path, device=device)
+    tok = bpe.load(path)
     if tok.vocab_size > model.cfg.vocab_size:
         raise DataError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                         f"({model.cfg.vocab_size})")

@@ -22,11 +22,13 @@ embedding interpolation for other image sizes, dropout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmctl.errors import DataError
 from mmctl.recipe import option
 
 MEAN = STD = (0.5, 0.5, 0.5)  # SigLIP's input normalisation: pixels / 255 → (x − 0.5) / 0.5, in [−1, 1]
@@ -170,3 +172,40 @@ def init_weights(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def load_pretrained(path: str | Path) -> ViT:
+    """A local SigLIP checkpoint dir — SiglipVisionModel's, or SiglipModel's (its vision half; the text tower and
+    the pooling head are left out) — as a ViT with its weights and its config."""
+    from safetensors import SafetensorError, safe_open
+
+    from mmctl.models import hf
+
+    path = Path(path)
+    config = hf.read_json(path / "config.json")
+    vision = config.get("vision_config", {}) if config.get("model_type") == "siglip" else config
+    if vision.get("model_type", config.get("model_type")) not in ("siglip_vision_model", "siglip"):
+        raise DataError(f"{path / 'config.json'}: not a SigLIP checkpoint (model_type {config.get('model_type')!r})")
+    try:
+        model = ViT(ViTConfig.from_hf(vision))
+    except KeyError as e:
+        raise DataError(f"{path / 'config.json'}: the vision config lacks {e}") from None
+    wanted = model.state_dict()
+    found = {}
+    for file, names in hf.weight_files(path).items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in names or f.keys():
+                    ours = name.removeprefix("vision_model.")
+                    if ours in wanted:
+                        found[ours] = f.get_tensor(name).float()
+        except (SafetensorError, OSError) as e:
+            raise DataError(f"{file}: cannot read safetensors: {e}") from None
+    for name, t in wanted.items():
+        if name not in found:
+            raise DataError(f"{path}: tensor {name} (or vision_model.{name}) is missing")
+        if found[name].shape != t.shape:
+            raise DataError(f"{path}: tensor {name} has shape {list(found[name].shape)}, config.json implies "
+                            f"{list(t.shape)}")
+    model.load_state_dict(found)
+    return model

@@ -22,7 +22,7 @@ mmctl's own layout).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from mmctl.errors import DataError
 from mmctl.models.config import ModelConfig
 from mmctl.models.projector import Projector, ProjectorConfig
 from mmctl.models.transformer import Rotary, Transformer
-from mmctl.models.vit import ViT, ViTConfig, init_weights
+from mmctl.models.vit import ViT, ViTConfig, init_weights, load_pretrained
 from mmctl.recipe import option
 
 IGNORE = -100  # a label that the loss skips (PyTorch's cross_entropy ignore_index)
@@ -46,14 +46,33 @@ class VisionSection:
     projector: ProjectorConfig = option(ProjectorConfig, "the projector (mmctl/models/projector.py)")
     feature_layer: int = option(-1, "which ViT block's output the projector reads (−1 the last, −2 the one "
                                     "before, as LLaVA's vision_feature_layer)")
+    pretrained: str | None = option(None, "a local SigLIP checkpoint dir (SiglipVisionModel or SiglipModel): the ViT "
+                                          "starts from its weights and takes its config (encoder is then ignored)")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.pretrained:  # the encoder is the checkpoint's, checked when it loads
+            return []
+        side, layers = self.encoder.image_size // self.encoder.patch_size, self.encoder.num_layers
+        problems = []
+        if self.projector.kind == "pixel_shuffle" and side % self.projector.scale_factor:
+            problems.append(("projector.scale_factor", f"{self.projector.scale_factor} does not divide the "
+                                                       f"{side} × {side} patch grid"))
+        if not -(layers + 1) <= self.feature_layer <= layers:
+            problems.append(("feature_layer", f"{self.feature_layer}: the ViT has hidden states 0..{layers} "
+                                              f"(or −1..−{layers + 1})"))
+        return problems
 
 
 class VLM(nn.Module):
     def __init__(self, vision: VisionSection, language_model: Transformer, image_token_id: int):
         super().__init__()
+        if vision.pretrained:  # the encoder's shape is the checkpoint's
+            self.vision_tower = load_pretrained(vision.pretrained)
+            vision = replace(vision, encoder=self.vision_tower.cfg, pretrained=None)
+        else:
+            self.vision_tower = ViT(vision.encoder)
         self.vision = vision
         self.image_token_id = image_token_id
-        self.vision_tower = ViT(vision.encoder)
         self.multi_modal_projector = Projector(vision.projector, vision.encoder.hidden_size,
                                                language_model.cfg.hidden_size)
         init_weights(self.multi_modal_projector)

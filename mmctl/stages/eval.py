@@ -74,10 +74,16 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     from mmctl.runtime import pick_device
 
     out = Path(cfg.run.out)
+    from mmctl.models.vlm import is_vlm
+
     for ckpt in cfg.checkpoints:  # all of them before scoring any
         if not (Path(ckpt) / "config.json").is_file():
             raise DataError(f"{ckpt}: not a checkpoint directory (no config.json); `mmctl pretrain` writes "
                             "<out>/model and <out>/checkpoints/step-N")
+        vqa = [t.label for t in cfg.tasks if t.task_kind == "vqa"]
+        if vqa and not is_vlm(ckpt):
+            raise UsageError(f"{ckpt}: not a vision-language model, and task {vqa[0]} asks about images (score "
+                             "an `mmctl align-vision` output)")
     run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
     if not options.force and run_dir.up_to_date():
         return StageResult(out, run_dir.results(), up_to_date=True)
@@ -86,7 +92,7 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     results: dict = {"checkpoints": {}}
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
-        model, tok = transformer.load_with_tokenizer(ckpt, device=device)
+        model, tok = transformer.load_with_tokenizer(ckpt, device=device, vision=True)
         chat = cfg.eval.chat if cfg.eval.chat is not None else transformer.is_chat_model(ckpt)
         entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:
@@ -109,6 +115,8 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict, chat: bool
     from mmctl.evals.tasks import items_of
 
     kind = task.task_kind
+    if kind == "vqa":
+        return _vqa(model, tok, task, cfg)
     if kind == "perplexity" and task.data and Path(task.data).is_dir():
         items = [{"text": doc} for doc in perplexity.shard_documents(task.data, task.split, tok)]
     else:
@@ -124,11 +132,30 @@ def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict, chat: bool
                            **extra)
 
 
+def _vqa(model, tok, task: TaskConfig, cfg: EvalConfig) -> tuple[dict, list[dict]]:
+    """Questions about images: the built-in shapes set at the model's image size (fresh scenes, and scenes with
+    colour–kind pairs training never shows), or a jsonl of {image, question, answer, type}."""
+    from mmctl.data import vqa
+    from mmctl.evals import vqa as vqa_eval
+    from mmctl.evals.tasks import BUILTIN_SEED
+
+    size = model.vision.encoder.image_size
+    if task.builtin:
+        examples = vqa.shapes(task.items, BUILTIN_SEED, "train", size)
+        composition = vqa.shapes(max(task.items // 5, 1), BUILTIN_SEED, "test", size)
+    else:
+        examples, composition = vqa.read_jsonl(task.data, size, cfg.eval.limit), []
+    if cfg.eval.limit:
+        examples, composition = examples[:cfg.eval.limit], composition[:cfg.eval.limit]
+    scores, samples = vqa_eval.evaluate(model, tok, examples, composition, cfg.eval.batch_size)
+    return vqa_eval.metrics(scores), samples
+
+
 def task_from_flag(name: str, data: str | None) -> dict:
     """`--task` → a task mapping: a built-in, ppl/mc/gen over --data, or the fields of a task YAML file."""
     from mmctl.evals.tasks import BUILTINS
 
-    kinds = {"ppl": "perplexity", "mc": "multiple_choice", "gen": "generation"}
+    kinds = {"ppl": "perplexity", "mc": "multiple_choice", "gen": "generation", "vqa": "vqa"}
     if name in BUILTINS:
         return {"builtin": name}
     if name in kinds:
@@ -139,7 +166,7 @@ def task_from_flag(name: str, data: str | None) -> dict:
         data, source = recipe.parse(recipe.read(name), name)
         recipe.build(TaskConfig, data, source)
         return data
-    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, or a task .yaml file")
+    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, vqa, or a task .yaml file")
 
 
 def throughput(stats: dict) -> dict:
@@ -166,7 +193,7 @@ def render(result: StageResult) -> None:
     first = results["checkpoints"][ckpts[0]]["tasks"]
     for task, metrics in first.items():
         for metric, value in metrics.items():
-            if not isinstance(value, float) or metric.endswith("stderr") or metric == "chance" or "@" in metric:
+            if not isinstance(value, float) or metric.endswith(("stderr", "chance")) or "@" in metric:
                 continue
             table.add_row(task, metric, *[_cell(results["checkpoints"][c]["tasks"][task], metric) for c in ckpts])
         if "chance" in metrics:
@@ -190,5 +217,6 @@ def render(result: StageResult) -> None:
 
 
 def _cell(metrics: dict, metric: str) -> str:
-    err = metrics.get(f"{metric}_stderr")
-    return f"{metrics[metric]:.4g}" + (f" ± {err:.2g}" if err == err and err is not None else "")
+    err, chance = metrics.get(f"{metric}_stderr"), metrics.get(f"{metric}_chance")  # chance: a vqa question type's
+    return (f"{metrics[metric]:.4g}" + (f" ± {err:.2g}" if err == err and err is not None else "")
+            + (f" (chance {chance:.2f})" if chance is not None else ""))

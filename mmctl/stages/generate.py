@@ -2,7 +2,8 @@
 
 Prompts come from `--prompt` or a file (`--prompts`, one per line, or jsonl with a "prompt" field); many prompts
 are decoded together as one left-padded batch. `--chat` wraps each prompt as a user turn through the
-checkpoint's chat template. Decoding itself lives in `mmctl/generate.py`, shared with eval and RL.
+checkpoint's chat template. `--image PATH` asks a vision-language model (an align-vision output) each prompt
+about the image, through its chat template. Decoding itself lives in `mmctl/generate.py`, shared with eval and RL.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmctl.console import console
-from mmctl.errors import DataError
+from mmctl.errors import DataError, UsageError
 from mmctl.generate import SamplingConfig
 from mmctl.recipe import option
 from mmctl.stages import Options, StageResult
@@ -24,6 +25,7 @@ class GenerateConfig:
     checkpoint: str = option(None, "the checkpoint directory", required=True)
     prompts: list[str] = option(list, "the prompts")
     chat: bool = option(False, "wrap each prompt as a user turn with the checkpoint's chat template")
+    image: str | None = option(None, "an image file each prompt asks about (a vision-language model; implies chat)")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: cuda, then mps, then cpu")
     sampling: SamplingConfig = option(SamplingConfig, "how tokens are picked (mmctl/generate.py)")
 
@@ -54,15 +56,19 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     from mmctl.models import hf, transformer
     from mmctl.runtime import pick_device
 
-    model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device))
-    if cfg.chat:
+    model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device), vision=True)
+    pixels = None
+    if cfg.image is not None:
+        pixels, ids = _image_prompts(model, tok, cfg)
+    elif cfg.chat:
         ids = [prompt_ids([{"role": "user", "content": p}], tok) for p in cfg.prompts]
     else:
         ids = [tok.encode(p) for p in cfg.prompts]
-    stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | set(stop_ids(tok) if cfg.chat else [tok.eos_id]))
+    chat = cfg.chat or cfg.image is not None
+    stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | set(stop_ids(tok) if chat else [tok.eos_id]))
     printer = _Streamer(tok, cfg.prompts[0]) if not options.json and len(ids) == 1 else None
     out = generate(model, ids, cfg.sampling, stop_token_ids=stops, decode=tok.decode,
-                   on_tokens=printer.add if printer else None)
+                   on_tokens=printer.add if printer else None, pixels=pixels)
     if printer:
         printer.finish()
     completions = [{"prompt": p, "completion": tok.decode(c.ids, skip_special_tokens=True), "tokens": len(c.ids),
@@ -70,6 +76,21 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
                    for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
     return StageResult(None, {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
                               "decode_tokens_per_s": out.decode_tokens_per_s}, detail={"streamed": printer is not None})
+
+
+def _image_prompts(model, tok, cfg: GenerateConfig):
+    """(pixels, ids): the image preprocessed for the model, once per prompt, and each prompt asked about it."""
+    import torch
+
+    from mmctl.data import images, vqa
+    from mmctl.models.vlm import VLM
+
+    if not isinstance(model, VLM):
+        raise UsageError(f"--image: {cfg.checkpoint} is a language model; images go to a vision-language model "
+                         "(an `mmctl align-vision` output)")
+    pixels = images.pixels(images.load(cfg.image), model.vision.encoder.image_size)
+    ids = [vqa.prompt(p, tok, model.image_token_id, model.tokens_per_image) for p in cfg.prompts]
+    return torch.stack([pixels] * len(ids)), ids
 
 
 class _Streamer:

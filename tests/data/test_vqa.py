@@ -49,3 +49,29 @@ def test_jsonl_examples_and_their_errors(tmp_path):
         path.write_text(json.dumps(line) + "\n")
         with pytest.raises(DataError, match=message):
             vqa.read_jsonl(path, 16)
+
+
+def test_a_datasets_dir_of_captions_and_vqa_questions(tmp_path):
+    """COCO-style captions (a list: the first) and VQAv2-style answers (the most common) from a save_to_disk dir
+    with decoded images; a row whose image bytes are broken is named."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    rows = {"image": [red, blue], "captions": [["a red square", "red"], ["a blue square"]]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(str(tmp_path / "coco"))
+    got = vqa.read_dataset(str(tmp_path / "coco"), "train", 4)
+    assert [(e.question, e.answer, e.type) for e in got] == [(vqa.CAPTION_PROMPT, "a red square", "caption"),
+                                                             (vqa.CAPTION_PROMPT, "a blue square", "caption")]
+    assert got[0].pixels.shape == (3, 4, 4) and got[0].pixels[0].min() > 0.9 and got[0].pixels[2].max() < -0.9
+    rows = {"picture": [red], "question": ["What colour?"], "answers": [[{"answer": "red"}, {"answer": "pink"},
+                                                                         {"answer": "red"}]]}
+    datasets.Dataset.from_dict(rows).cast_column("picture", datasets.Image()).save_to_disk(str(tmp_path / "vqa"))
+    got = vqa.read_dataset(str(tmp_path / "vqa"), "train", 4, image_column="picture")
+    assert (got[0].question, got[0].answer, got[0].type) == ("What colour?", "red", "vqa")
+    broken = datasets.Dataset.from_dict({"image": [{"bytes": b"\x89PNG broken", "path": None}], "caption": ["x"]})
+    broken.save_to_disk(str(tmp_path / "broken"))
+    with pytest.raises(DataError, match=r"broken\[train\]\[0\]: field 'image': not a readable image"):
+        vqa.read_dataset(str(tmp_path / "broken"), "train", 4)
+    with pytest.raises(DataError, match="no column|missing field 'image'"):
+        vqa.read_dataset(str(tmp_path / "vqa"), "train", 4)

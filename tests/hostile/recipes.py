@@ -123,6 +123,28 @@ BAD_VALUES = {
         "eval.batch_size": ["0", ".inf"],
         "eval.limit": ["0", "-1"],
     },
+    "align-vision": {
+        "base": ["null", "[a]"],
+        "vision.encoder": ["{image_size: 48, patch_size: 7}", "{image_size: 0}", "{num_heads: 5}",
+                           "{hidden_size: -1}", "{image_size: 1e9}"],
+        "vision.projector": ["{kind: qformer}", "{kind: pixel_shuffle, scale_factor: 0}",
+                             "{kind: pixel_shuffle, scale_factor: 3}", "mlp"],
+        "vision.feature_layer": ["9", "-9", "'last'"],
+        "phases": ["[]", "[{name: a}]", "[{sources: [{kind: shapes, items: 10}]}]",
+                   "[{name: a, sources: [{kind: shapes}]}]", "[{name: a, sources: [{kind: jsonl}]}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10, path: x}]}]",
+                   "[{name: a, sources: [{kind: coco, items: 10}]}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], trainable: {}}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], trainable: {vit: 1.0}}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], trainable: {language_model: -1}}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], trainable: {language_model: true}}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], objective: siglip}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], objective: dino}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], val_fraction: 1}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}]}, {name: a, sources: [{kind: shapes, items: 10}]}]",
+                   "[{name: a, sources: [{kind: shapes, items: 10}], train: {steps: 0}}]"],
+        "eval.items": ["0", "-1"],
+    },
     "account": {
         "model.preset": ["llama-7", "[llama-7b]"],
         "model.hf": ["[1, 2]", "'llama'"],
@@ -142,6 +164,7 @@ VALID = {  # a minimal valid recipe per stage (values as YAML text), before the 
     "eval": {"checkpoints": "[ckpt]", "tasks": "[{builtin: arithmetic}]"},
     "sft": {"base": "ckpt", "data": {"sources": "[{kind: arithmetic, conversations: 10}]"}},
     "account": {"model": {"preset": "gpt2"}},
+    "align-vision": {"base": "ckpt", "phases": "[{name: a, sources: [{kind: shapes, items: 10}]}]"},
 }
 
 

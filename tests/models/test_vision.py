@@ -191,3 +191,43 @@ def test_the_text_tower_pools_only_the_captions_tokens():
         assert text.shape == (2, 32) and not torch.allclose(text[0], text[1])
         logits = pair(torch.randn(3, 3, 16, 16), ids[:1].expand(3, -1), valid[:1].expand(3, -1))
     assert logits.shape == (3, 3)
+
+
+def test_a_pretrained_siglip_dir_loads_as_the_vit(tmp_path):
+    """SiglipVisionModel's and SiglipModel's save_pretrained dirs both load (the text tower and pooling head left
+    out) to the same features as transformers; a VLM built on one takes its config."""
+    transformers = pytest.importorskip("transformers")
+    from mmctl.errors import DataError
+    from mmctl.models.projector import ProjectorConfig
+    from mmctl.models.transformer import ModelConfig, Transformer
+    from mmctl.models.vit import load_pretrained
+    from mmctl.models.vlm import VLM, VisionSection
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
+    vision = {k: v for k, v in cfg.to_hf().items() if k not in ("model_type", "vision_use_head")}
+    torch.manual_seed(0)
+    whole = transformers.SiglipModel(transformers.SiglipConfig(
+        vision_config=vision, text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                           "num_attention_heads": 2, "vocab_size": 50})).eval()
+    whole.save_pretrained(tmp_path / "siglip")
+    tower = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision)).eval()
+    tower.save_pretrained(tmp_path / "tower")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for theirs, where in ((whole.vision_model, "siglip"), (tower, "tower")):
+            ours = load_pretrained(tmp_path / where).eval()
+            assert ours.cfg == cfg
+            out = theirs(pixel_values=images, output_hidden_states=True)
+            torch.testing.assert_close(ours.features(images, -1), out.hidden_states[-1], atol=1e-5, rtol=1e-5)
+    lm = Transformer(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                                 num_kv_heads=2, max_position_embeddings=64))
+    model = VLM(VisionSection(projector=ProjectorConfig("mlp"), pretrained=str(tmp_path / "tower")), lm, 5)
+    assert model.vision.encoder == cfg and model.tokens_per_image == 16
+    with pytest.raises(DataError, match="not a SigLIP checkpoint"):
+        load_pretrained(_llama_dir(tmp_path))
+
+
+def _llama_dir(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    return tmp_path / "llama"
