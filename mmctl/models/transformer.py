@@ -355,7 +355,9 @@ def checkpoint_files(model: Transformer, tokenizer=None, chat: bool = False) -> 
     """config.json and generation_config.json for `model` (with the tokenizer's bos/eos/pad ids; `chat` marks a
     model tuned to answer through its chat template, which is how `mmctl eval` then asks it questions)."""
     special = tokenizer.special_token_ids() if tokenizer is not None else {}
-    return {"config.json": {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch.")},
+    quantized = getattr(model, "quantization", None)  # set by mmctl/quant/linear.py's quantize_model
+    return {"config.json": {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch."),
+                            **({"quantization_config": quantized} if quantized else {})},
             "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})}}
 
 
@@ -390,24 +392,56 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
         raise DataError(f"{path}: checkpoint dir not found")
     cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
     held = sum(math.prod(shape) for shape in hf.tensor_shapes(path).values())
-    if cfg.num_parameters() > 2 * held:  # refused before even an empty model of that size is built
+    quantized = _quantization(path)
+    if cfg.num_parameters() > (16 if quantized else 2) * held:  # refused before even an empty model is built
         raise DataError(f"{path / 'config.json'}: describes {cfg.num_parameters():,} parameters, more than twice "
                         f"what the weight files hold ({held:,})")
     with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
         model = Transformer(cfg)
+        if quantized:
+            from mmctl.quant.linear import swap
+
+            swap(model, quantized)
+            model.quantization = quantized
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    integers = {name for name, t in model.state_dict().items() if not t.is_floating_point()}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
     skip = ["lm_head.weight"] if cfg.tie_embeddings else []  # a tied head some checkpoints store anyway
     tensors = hf.read_tensors(path, expected, dtype=dtype, device=device, skip=skip)
-    integer = next((name for name, t in tensors.items() if not t.is_floating_point()), None)
-    if integer is not None:  # a quantized checkpoint has its own loader; this one holds floating weights only
-        raise DataError(f"{path}: tensor {integer} is {tensors[integer].dtype}, a floating-point tensor is expected")
+    for name, t in tensors.items():  # integer tensors only where quantized layers keep their codes
+        if (name in integers) == t.is_floating_point():
+            raise DataError(f"{path}: tensor {name} is {t.dtype}, " + ("an integer" if name in integers else
+                                                                         "a floating-point") + " tensor is expected")
+        if name in integers and t.dtype != model.state_dict()[name].dtype:
+            raise DataError(f"{path}: tensor {name} is {t.dtype}, {model.state_dict()[name].dtype} is expected")
     model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer, not in the file: computed here
     return model.eval()
+
+
+def _quantization(path: Path) -> dict | None:
+    """config.json's `quantization_config` when mmctl wrote it (codes, scales, zero points as safetensors), checked;
+    None for a dense checkpoint. Other methods' quantized checkpoints (bitsandbytes, AWQ, …) are transformers'."""
+    from mmctl.models import hf
+
+    where = path / "config.json"
+    config = hf.read_json(where).get("quantization_config")
+    if config is None:
+        return None
+    if not isinstance(config, dict) or config.get("quant_method") != "mmctl":
+        method = config.get("quant_method") if isinstance(config, dict) else config
+        raise DataError(f"{where}: quantization_config {method!r} is not mmctl's; load this checkpoint with "
+                        "transformers")
+    bits, group = config.get("bits"), config.get("group_size")
+    if bits not in (2, 3, 4, 8) or (bits != 8 and (not isinstance(group, int) or group < 1)):
+        raise DataError(f"{where}: quantization_config needs bits 2, 3, 4 or 8 and, under 8 bits, a group_size")
+    skip = config.get("modules_to_not_convert", ["lm_head"])
+    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+        raise DataError(f"{where}: quantization_config.modules_to_not_convert must be a list of module names")
+    return config
 
 
 def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu", vision: bool = False):

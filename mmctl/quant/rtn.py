@@ -64,16 +64,3 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     if g_idx is None:
         g_idx = torch.arange(n, device=codes.device) // (n // scale.shape[1])
     return (codes.float() - zero[:, g_idx]) * scale[:, g_idx]
-
-
-def pack4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes in [0, 15] (…, n even) → (…, n / 2) bytes: code 2i in the low nibble, 2i + 1 in the high."""
-    if codes.shape[-1] % 2:
-        raise ValueError("pack4 needs an even number of codes per row")
-    c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of `pack4`."""
-    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)

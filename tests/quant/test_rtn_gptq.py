@@ -36,14 +36,38 @@ def test_groups_round_to_within_half_a_step_and_keep_zero(bits, group):
     assert torch.equal(back[0, :group], torch.zeros(group))
 
 
-def test_pack4_round_trips_exactly():
-    codes = torch.randint(0, 16, (5, 64), dtype=torch.uint8)
-    packed = rtn.pack4(codes)
-    assert packed.shape == (5, 32) and packed.dtype == torch.uint8
-    assert torch.equal(rtn.unpack4(packed), codes)
-    assert int(rtn.pack4(torch.tensor([[1, 2]], dtype=torch.uint8))) == 0x21
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_round_trips_exactly(bits):
+    from mmctl.quant.linear import pack, unpack
+
+    codes = torch.randint(0, 2**bits, (5, 64), dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.shape == (5, 64 * bits // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpack(packed, bits), codes)
+    if bits == 4:  # two codes per byte, the first in the low nibble
+        assert pack(torch.tensor([[1, 2, 0, 0, 0, 0, 0, 15]], dtype=torch.uint8), 4).tolist() == [[0x21, 0, 0, 0xF0]]
     with pytest.raises(ValueError):
-        rtn.pack4(torch.zeros(3, dtype=torch.uint8))
+        pack(torch.zeros(1, 12, dtype=torch.uint8), 3)
+
+
+def test_a_quantized_linear_computes_with_its_dequantized_weight():
+    from mmctl.quant.linear import QuantLinear
+
+    torch.manual_seed(6)
+    dense = torch.nn.Linear(64, 32)
+    x = torch.randn(3, 64)
+    q8, s8 = rtn.int8_rows(dense.weight.detach())
+    layer = QuantLinear.from_codes(q8, s8, None, 8, None, dense.bias.detach())
+    torch.testing.assert_close(layer(x), x @ (q8.float() * s8).T + dense.bias.detach())
+    for bits, group in ((4, 32), (3, 16)):
+        codes, scale, zero = rtn.groups(dense.weight.detach(), bits, group)
+        layer = QuantLinear.from_codes(codes, scale, zero, bits, group)
+        torch.testing.assert_close(layer.weight(), rtn.dequantize_groups(codes, scale, zero))
+        # codes, a float32 scale and a uint8 zero point per group, an int32 group index per input
+        assert layer.bits_per_parameter() == pytest.approx(bits + 32 / group + 8 / group + 32 / 32)
+    result = gptq.gptq(dense.weight.detach(), gptq.hessian(torch.randn(200, 64)), bits=4, group=16, act_order=True)
+    layer = QuantLinear.from_codes(result.codes, result.scale, result.zero, 4, 16, g_idx=result.g_idx)
+    torch.testing.assert_close(layer.weight(), result.weight())
 
 
 def correlated_inputs(n: int, dim: int, seed: int) -> torch.Tensor:

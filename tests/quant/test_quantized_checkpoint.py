@@ -1,0 +1,57 @@
+"""A whole model quantized (round-to-nearest int8 and int4, GPTQ 3-bit with act-order): the linears become
+QuantLinears holding integer codes, the lm_head stays dense, and the checkpoint dir reloads to identical logits
+(integer tensors in their own dtypes, `quantization_config` in config.json)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mmctl.errors import DataError  # noqa: E402
+from mmctl.models import transformer  # noqa: E402
+from mmctl.quant import linear  # noqa: E402
+
+
+@pytest.mark.parametrize("method, bits, group, act_order", [("rtn", 8, None, False), ("rtn", 4, 32, False),
+                                                            ("gptq", 4, 32, False), ("gptq", 3, 32, True)])
+def test_a_quantized_checkpoint_reloads_to_identical_logits(checkpoint, tmp_path, method, bits, group, act_order):
+    model = transformer.load_checkpoint(checkpoint)
+    dense = transformer.load_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (4, 32))
+    hessians = linear.calibration_hessians(model, [ids[:2], ids[2:]]) if method == "gptq" else None
+    model.quantization = linear.quantize_model(model, method, bits, group, hessians=hessians, act_order=act_order)
+    layers = [m for m in model.modules() if isinstance(m, linear.QuantLinear)]
+    assert len(layers) == 2 * 7 and isinstance(model.lm_head, torch.nn.Linear)  # 7 linears per block, 2 blocks
+    out = transformer.save_checkpoint(model, tmp_path / "q", None)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["method"], config["bits"], config["desc_act"]) == (method, bits, act_order)
+    back = transformer.load_checkpoint(out)
+    with torch.no_grad():
+        ours, again, reference = model(ids), back(ids), dense(ids)
+    assert torch.equal(ours, again)
+    assert 0 < float((ours - reference).abs().max()) < 1.0  # quantized, and close
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as f:
+        q = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+    assert q.dtype == (torch.int8 if bits == 8 else torch.uint8) and q.shape[1] == 128 * bits // 8
+
+
+def test_quantized_checkpoint_mistakes_are_named(checkpoint, tmp_path):
+    model = transformer.load_checkpoint(checkpoint)
+    model.quantization = linear.quantize_model(model, "rtn", 4, 32)
+    out = transformer.save_checkpoint(model, tmp_path / "q", None)
+    config = json.loads((out / "config.json").read_text())
+    for change, message in (({"quant_method": "awq"}, "not mmctl's"), ({"bits": 5}, "bits 2, 3, 4 or 8"),
+                            ({"group_size": None}, "group_size"), ({"group_size": 64}, "shape")):
+        (out / "config.json").write_text(json.dumps({**config, "quantization_config": {
+            **config["quantization_config"], **change}}))
+        with pytest.raises(DataError, match=message):
+            transformer.load_checkpoint(out)
+    (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
+    with pytest.raises(DataError, match="unexpected tensor"):  # a dense config over quantized tensors
+        transformer.load_checkpoint(out)
