@@ -35,6 +35,7 @@ STAGES = {
     "sft": ("mmctl.stages.sft", "SFTConfig"),
     "rl": ("mmctl.stages.rl", "RLConfig"),
     "align-vision": ("mmctl.stages.align_vision", "AlignVisionConfig"),
+    "quantize": ("mmctl.stages.quantize", "QuantizeConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
 }
 COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
@@ -255,6 +256,16 @@ def align_vision(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run:
     data; per-question-type accuracy on held-out images; resumes."""
     _run_stage("align-vision", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
                json=as_json, fresh=fresh, force_resume=force_resume)
+
+
+@app.command()
+@reports_errors
+def quantize(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
+             as_json: bool = JSON, device: str | None = DEVICE) -> None:
+    """Post-training quantization (round-to-nearest, GPTQ) by several methods at once: one checkpoint each, and a
+    table of size, perplexity, task scores and decode speed against the unquantized model."""
+    _run_stage("quantize", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
+               json=as_json)
 
 
 @app.command("eval")

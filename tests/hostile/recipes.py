@@ -145,6 +145,18 @@ BAD_VALUES = {
                    "[{name: a, sources: [{kind: shapes, items: 10}], train: {steps: 0}}]"],
         "eval.items": ["0", "-1"],
     },
+    "quantize": {
+        "base": ["null", "[a]"],
+        "methods": ["[]", "[{method: awq}]", "[{bits: 4}]", "[{method: rtn, bits: 5}]", "[{method: rtn, bits: 1}]",
+                    "[{method: gptq, bits: 8}]", "[{method: rtn, bits: 4, group: 0}]", "[{method: rtn, bits: 4.5}]",
+                    "[{method: gptq, damp: 0}]", "[{method: gptq, damp: 2}]", "[{method: rtn}, {method: rtn}]",
+                    "[{method: rtn, bits: '4'}]", "{method: rtn}"],
+        "calibration.sequences": ["0", "1e9"],
+        "calibration.seq_len": ["0"],
+        "evaluation.tokens": ["0"],
+        "evaluation.tasks": ["[{builtin: trivia}]"],
+        "skip": ["lm_head"],
+    },
     "account": {
         "model.preset": ["llama-7", "[llama-7b]"],
         "model.hf": ["[1, 2]", "'llama'"],
@@ -165,6 +177,7 @@ VALID = {  # a minimal valid recipe per stage (values as YAML text), before the 
     "sft": {"base": "ckpt", "data": {"sources": "[{kind: arithmetic, conversations: 10}]"}},
     "account": {"model": {"preset": "gpt2"}},
     "align-vision": {"base": "ckpt", "phases": "[{name: a, sources: [{kind: shapes, items: 10}]}]"},
+    "quantize": {"base": "ckpt", "methods": "[{method: rtn, bits: 8}]", "evaluation": {"data": "shards"}},
 }
 
 
