@@ -398,23 +398,45 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
                         f"what the weight files hold ({held:,})")
     with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
         model = Transformer(cfg)
-        if quantized:
+        if quantized and quantized["quant_method"] == "mmctl":
             from mmctl.quant.linear import swap
 
             swap(model, quantized)
-            model.quantization = quantized
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    integers = {name for name, t in model.state_dict().items() if not t.is_floating_point()}
+    declared = {name: t.dtype for name, t in model.state_dict().items() if not t.is_floating_point()}
+    integers, free = set(declared), set()
+    bnb_linears = []
+    if quantized and quantized["quant_method"] == "bitsandbytes":  # packed codes and their state, as stored
+        from mmctl.quant.linear import linears
+
+        stored = hf.tensor_shapes(path)
+        bnb_linears = list(linears(model, tuple(quantized.get("llm_int8_skip_modules") or ["lm_head"])))
+        for name in bnb_linears:
+            del expected[f"{name}.weight"]
+            state = {k: s for k, s in stored.items() if k == f"{name}.weight" or k.startswith(f"{name}.weight.")}
+            expected |= state
+            declared[f"{name}.weight"] = torch.uint8  # the packed codes; the state's dtypes are bitsandbytes' to check
+            integers.add(f"{name}.weight")
+            free |= set(state) - {f"{name}.weight"}
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
     skip = ["lm_head.weight"] if cfg.tie_embeddings else []  # a tied head some checkpoints store anyway
     tensors = hf.read_tensors(path, expected, dtype=dtype, device=device, skip=skip)
     for name, t in tensors.items():  # integer tensors only where quantized layers keep their codes
-        if (name in integers) == t.is_floating_point():
+        if name not in free and (name in integers) == t.is_floating_point():
             raise DataError(f"{path}: tensor {name} is {t.dtype}, " + ("an integer" if name in integers else
                                                                          "a floating-point") + " tensor is expected")
-        if name in integers and t.dtype != model.state_dict()[name].dtype:
-            raise DataError(f"{path}: tensor {name} is {t.dtype}, {model.state_dict()[name].dtype} is expected")
+        if name in declared and t.dtype != declared[name]:
+            raise DataError(f"{path}: tensor {name} is {t.dtype}, {declared[name]} is expected")
+    if bnb_linears:
+        from mmctl.quant import bnb
+
+        try:
+            bnb.from_prequantized(model, tensors, bnb_linears, dtype)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise DataError(f"{path}: a 4-bit layer's quantization state is incomplete or malformed ({e})") from None
+    if quantized:
+        model.quantization = quantized
     model.load_state_dict(tensors, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -424,17 +446,22 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
 
 def _quantization(path: Path) -> dict | None:
     """config.json's `quantization_config` when mmctl wrote it (codes, scales, zero points as safetensors), checked;
-    None for a dense checkpoint. Other methods' quantized checkpoints (bitsandbytes, AWQ, …) are transformers'."""
+    bitsandbytes' 4-bit serialization; None for a dense checkpoint. Other methods' (AWQ, …) are transformers'."""
     from mmctl.models import hf
 
     where = path / "config.json"
     config = hf.read_json(where).get("quantization_config")
     if config is None:
         return None
+    if isinstance(config, dict) and config.get("quant_method") == "bitsandbytes" and config.get("load_in_4bit"):
+        skip = config.get("llm_int8_skip_modules") or []
+        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
+            raise DataError(f"{where}: quantization_config.llm_int8_skip_modules must be a list of module names")
+        return config  # bitsandbytes' 4-bit serialization (NF4 / FP4), as transformers writes it
     if not isinstance(config, dict) or config.get("quant_method") != "mmctl":
         method = config.get("quant_method") if isinstance(config, dict) else config
-        raise DataError(f"{where}: quantization_config {method!r} is not mmctl's; load this checkpoint with "
-                        "transformers")
+        raise DataError(f"{where}: quantization_config {method!r} is not one mmctl reads (its own, or "
+                        "bitsandbytes 4-bit); load this checkpoint with transformers")
     bits, group = config.get("bits"), config.get("group_size")
     if bits not in (2, 3, 4, 8) or (bits != 8 and (not isinstance(group, int) or group < 1)):
         raise DataError(f"{where}: quantization_config needs bits 2, 3, 4 or 8 and, under 8 bits, a group_size")

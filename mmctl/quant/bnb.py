@@ -102,3 +102,33 @@ def to_dense(model: nn.Module) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, dense)
     return model
+
+
+def checkpoint_config(cfg: QLoRAConfig, skip: tuple[str, ...]) -> dict:
+    """config.json's `quantization_config` for a model whose linears `to_4bit` swapped, as transformers'
+    BitsAndBytesConfig writes it, so `AutoModelForCausalLM.from_pretrained` loads the dir (with bitsandbytes)."""
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
+            "_load_in_8bit": False, "bnb_4bit_quant_type": cfg.quant_type,
+            "bnb_4bit_use_double_quant": cfg.double_quant, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(skip), "llm_int8_threshold": 6.0,
+            "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype) -> None:
+    """Replace the linears `names` of `model` by 4-bit layers built from a checkpoint's tensors — the packed codes
+    at `<name>.weight` and the quantization state at `<name>.weight.<key>` (absmax, quant_map, …), as
+    bitsandbytes serializes them — popping those tensors from `tensors`; they compute in `dtype`."""
+    bnb = require()
+    for name in names:
+        module = model.get_submodule(name)
+        prefix = f"{name}.weight."
+        stats = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=dtype, device="meta")
+        layer.weight = bnb.nn.Params4bit.from_prequantized(tensors.pop(f"{name}.weight"), stats, requires_grad=False,
+                                                           device="cpu")
+        if module.bias is not None:
+            layer.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
+        layer.support_avx512bf16_for_cpu = False  # the exact dequantize-then-multiply path (see to_4bit)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)

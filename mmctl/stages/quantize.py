@@ -5,7 +5,9 @@ Methods (`methods:`, each a checkpoint dir `<out>/<name>/` that `mmctl eval` and
 - `rtn`: round-to-nearest (`mmctl/quant/rtn.py`) — 8 bits symmetric per output row, or 2–4 bits in groups of
   `group` inputs with zero points;
 - `gptq`: GPTQ (`mmctl/quant/gptq.py`) on Hessians of every linear's inputs over calibration windows from the
-  token shards (measured once, on the unquantized model, and shared by every gptq method).
+  token shards (measured once, on the unquantized model, and shared by every gptq method);
+- `nf4`: bitsandbytes' 4-bit normal-float blocks of 64 with double quantization (`mmctl/quant/bnb.py`), saved in
+  transformers' bitsandbytes serialization: `AutoModelForCausalLM.from_pretrained(dir)` loads it too.
 The embeddings and `skip` (the lm_head by default) stay in floating point. For each row of the report: bytes on
 disk, stored bits per quantized weight (scales, zero points and group indices included), perplexity and bits
 per byte on held-out shard text with the change against the unquantized model, the scores of `evaluation.tasks`
@@ -37,7 +39,8 @@ class QuantizeRun(RunConfig):
 
 @dataclass
 class Method:
-    method: Literal["rtn", "gptq"] = option(None, "rtn (round-to-nearest) | gptq", required=True)
+    method: Literal["rtn", "gptq", "nf4"] = option(None, "rtn (round-to-nearest) | gptq | nf4 (bitsandbytes; "
+                                                        "bits and group do not apply)", required=True)
     bits: int = option(4, "bits per weight: 8 (rtn: symmetric per row), or 2, 3, 4 (in groups)", ge=2, le=8)
     group: int = option(64, "inputs per group sharing a scale and zero point (under 8 bits)", ge=8)
     act_order: bool = option(False, "gptq: quantize the most active inputs first (desc_act)")
@@ -53,6 +56,8 @@ class Method:
 
     @property
     def label(self) -> str:
+        if self.method == "nf4":
+            return self.name or "nf4"
         return self.name or (f"{self.method}-8bit" if self.bits == 8 else f"{self.method}-{self.bits}bit-g{self.group}"
                              + ("-act" if self.act_order else ""))
 
@@ -115,11 +120,12 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
     chat = transformer.is_chat_model(cfg.base)
     for m in cfg.methods:
         bad = [name for name, layer in linear.linears(base, tuple(cfg.skip)).items()
-               if m.bits != 8 and layer.in_features % m.group]
+               if m.method != "nf4" and m.bits != 8 and layer.in_features % m.group]
         if bad:
             raise UsageError(f"methods: {m.label}: group {m.group} does not divide the inputs of {bad[0]} "
                              f"({base.get_submodule(bad[0]).in_features})")
     run_dir.start()
+    names = list(linear.linears(base, tuple(cfg.skip)))
     measure = _measurer(cfg, tok, shards, chat, device)
     rows = [{"name": "unquantized", "method": "none", "bits": _float_bits(base), "quantize_s": 0.0,
              "bytes": _bytes(Path(cfg.base)), **measure(base)}]
@@ -129,12 +135,18 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
         start = time.perf_counter()
         if m.method == "gptq" and hessians is None:
             hessians = _calibrate(model, cfg, tok, device)
-        model.quantization = linear.quantize_model(model, m.method, m.bits, m.group, hessians=hessians,
-                                                   damp=m.damp, act_order=m.act_order, skip=tuple(cfg.skip))
+        if m.method == "nf4":
+            from mmctl.quant import bnb
+
+            nf4 = bnb.QLoRAConfig("nf4", double_quant=True)
+            bnb.to_4bit(model, nf4, tuple(cfg.skip))
+            model.quantization = bnb.checkpoint_config(nf4, tuple(cfg.skip))
+        else:
+            model.quantization = linear.quantize_model(model, m.method, m.bits, m.group, hessians=hessians,
+                                                       damp=m.damp, act_order=m.act_order, skip=tuple(cfg.skip))
         seconds = time.perf_counter() - start
         out = transformer.save_checkpoint(model, run_dir.out / m.label, tok, chat=chat)
-        quantized = [q for q in model.modules() if isinstance(q, linear.QuantLinear)]
-        rows.append({"name": m.label, "method": m.method, "bits": _stored_bits(quantized), "quantize_s": seconds,
+        rows.append({"name": m.label, "method": m.method, "bits": _stored_bits(model, names), "quantize_s": seconds,
                      "bytes": _bytes(out), **measure(model)})
         console.print(f"{m.label}: {_summary(rows[-1], rows[0])}")
         del model
@@ -198,10 +210,15 @@ def _float_bits(model) -> float:
     return next(model.parameters()).element_size() * 8.0
 
 
-def _stored_bits(layers) -> float:
-    """Bits stored per quantized weight over all quantized layers, scales, zeros and group indices included."""
-    weights = sum(q.in_features * q.out_features for q in layers)
-    return sum(q.bits_per_parameter() * q.in_features * q.out_features for q in layers) / weights
+def _stored_bits(model, names: list[str]) -> float:
+    """Bits stored per weight of the quantized layers `names`, everything but their biases included (codes,
+    scales, zero points, group indices; bitsandbytes' absmax and code tables)."""
+    stored = weights = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        stored += sum(t.numel() * t.element_size() * 8 for key, t in layer.state_dict().items() if key != "bias")
+        weights += layer.in_features * layer.out_features
+    return stored / weights
 
 
 def _summary(row: dict, reference: dict) -> str:

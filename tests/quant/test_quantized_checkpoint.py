@@ -46,7 +46,7 @@ def test_quantized_checkpoint_mistakes_are_named(checkpoint, tmp_path):
     model.quantization = linear.quantize_model(model, "rtn", 4, 32)
     out = transformer.save_checkpoint(model, tmp_path / "q", None)
     config = json.loads((out / "config.json").read_text())
-    for change, message in (({"quant_method": "awq"}, "not mmctl's"), ({"bits": 5}, "bits 2, 3, 4 or 8"),
+    for change, message in (({"quant_method": "awq"}, "not one mmctl reads"), ({"bits": 5}, "bits 2, 3, 4 or 8"),
                             ({"group_size": None}, "group_size"), ({"group_size": 64}, "shape")):
         (out / "config.json").write_text(json.dumps({**config, "quantization_config": {
             **config["quantization_config"], **change}}))
@@ -55,3 +55,26 @@ def test_quantized_checkpoint_mistakes_are_named(checkpoint, tmp_path):
     (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
     with pytest.raises(DataError, match="unexpected tensor"):  # a dense config over quantized tensors
         transformer.load_checkpoint(out)
+
+
+def test_an_nf4_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(checkpoint, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from mmctl.quant import bnb
+
+    model = transformer.load_checkpoint(checkpoint)
+    nf4 = bnb.QLoRAConfig("nf4", double_quant=True)
+    bnb.to_4bit(model, nf4)
+    model.quantization = bnb.checkpoint_config(nf4, ("lm_head",))
+    out = transformer.save_checkpoint(model, tmp_path / "nf4", None)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    back = transformer.load_checkpoint(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    for m in theirs.modules():  # transformers' layers take the same exact path as mmctl's (see quant/bnb.py)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    assert type(theirs.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(back(ids), ours, atol=0, rtol=0)
+        torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=1e-5)
