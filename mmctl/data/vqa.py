@@ -54,6 +54,15 @@ def shapes(n: int, seed: int, split: str, size: int, captions: bool = False) -> 
     return out
 
 
+def builtin(items: int, composition_items: int, size: int) -> tuple[list[Example], list[Example]]:
+    """The held-out shapes questions `mmctl eval --task shapes-vqa` and align-vision's final evaluation ask:
+    fresh scenes (a seed no training source uses), and scenes holding a colour–kind pair training never shows."""
+    from mmctl.evals.tasks import BUILTIN_SEED
+
+    return (shapes(items, BUILTIN_SEED, "train", size),
+            shapes(composition_items, BUILTIN_SEED, "test", size) if composition_items else [])
+
+
 def read_jsonl(path: str | Path, size: int, limit: int | None = None) -> list[Example]:
     """Examples of a JSONL file (see the module docstring), at most `limit`."""
     from mmctl.data import jsonl
@@ -68,7 +77,10 @@ def read_dataset(path: str, split: str, size: int, limit: int | None = None, ima
     `answers`: the most common of them)."""
     from mmctl.data.sources import dataset_records
 
-    return _read(dataset_records(path, split), Path(path), size, limit, path, image_column)
+    try:
+        return _read(dataset_records(path, split), Path(path), size, limit, path, image_column)
+    except (OSError, ValueError, SyntaxError) as e:  # an image `datasets` itself failed to decode
+        raise DataError(f"{path}: a row's image cannot be decoded ({e})") from None
 
 
 def _read(records, base: Path, size: int, limit: int | None, name, image_column: str = "image") -> list[Example]:
@@ -103,7 +115,9 @@ def _text(record: dict, where: str) -> tuple[str, str, str]:
         return CAPTION_PROMPT, captions[0], "caption"
     question = jsonl.field(record, "question", str, where)
     if "answer" not in record and isinstance(record.get("answers"), list) and record["answers"]:
-        said = [a["answer"] if isinstance(a, dict) else a for a in record["answers"]]
+        said = [a.get("answer") if isinstance(a, dict) else a for a in record["answers"]]
+        if not all(isinstance(a, str | int | float) and not isinstance(a, bool) for a in said):
+            raise DataError(f"{where}: answers must be strings or numbers (or {{\"answer\": …}} mappings)")
         answer = Counter(map(str, said)).most_common(1)[0][0]
     else:
         answer = str(jsonl.field(record, "answer", (str, int, float), where))

@@ -57,7 +57,7 @@ class MmctlLM(TemplateLM):
         if not pretrained:
             raise UsageError("model_args: pretrained=CKPT (an mmctl or local HF checkpoint dir) is required")
         self._device = pick_device(device)
-        self.model, self.tok = transformer.load_with_tokenizer(pretrained, device=self._device)
+        self.model, self.tok = transformer.load_with_tokenizer(pretrained, device=self._device, quantized=True)
         self.batch_size = to_int(batch_size, "batch_size")
         if self.batch_size < 1:
             raise UsageError(f"model_args: batch_size must be at least 1, got {self.batch_size}")

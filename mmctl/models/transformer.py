@@ -393,9 +393,10 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
     held = sum(math.prod(shape) for shape in hf.tensor_shapes(path).values())
     quantized = _quantization(path)
-    if cfg.num_parameters() > (16 if quantized else 2) * held:  # refused before even an empty model is built
-        raise DataError(f"{path / 'config.json'}: describes {cfg.num_parameters():,} parameters, more than twice "
-                        f"what the weight files hold ({held:,})")
+    factor = 16 if quantized else 2  # (a quantized file holds fewer, packed elements)
+    if cfg.num_parameters() > factor * held:  # refused before even an empty model of that size is built
+        raise DataError(f"{path / 'config.json'}: describes {cfg.num_parameters():,} parameters, more than "
+                        f"{'twice' if factor == 2 else f'{factor} times'} what the weight files hold ({held:,})")
     with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
         model = Transformer(cfg)
         if quantized and quantized["quant_method"] == "mmctl":
@@ -432,12 +433,17 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
         from mmctl.quant import bnb
 
         try:
-            bnb.from_prequantized(model, tensors, bnb_linears, dtype)
+            bnb.from_prequantized(model, tensors, bnb_linears, dtype, device)
         except (KeyError, ValueError, RuntimeError) as e:
             raise DataError(f"{path}: a 4-bit layer's quantization state is incomplete or malformed ({e})") from None
-    if quantized:
-        model.quantization = quantized
     model.load_state_dict(tensors, strict=False, assign=True)
+    if quantized:
+        from mmctl.quant.linear import QuantLinear
+
+        model.quantization = quantized
+        for name, m in model.named_modules():
+            if isinstance(m, QuantLinear):
+                m.check(f"{path}: {name}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer, not in the file: computed here
@@ -471,10 +477,12 @@ def _quantization(path: Path) -> dict | None:
     return config
 
 
-def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu", vision: bool = False):
+def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu", vision: bool = False,
+                        quantized: bool = False):
     """(model, tokenizer) of a checkpoint dir, checked together — what generate, eval and the lm-eval adapter
     load, so one broken file fails every command the same way. `vision`: a VLM dir loads as its VLM
-    (mmctl/models/vlm.py; it decodes text like its language model)."""
+    (mmctl/models/vlm.py; it decodes text like its language model). `quantized`: a quantized checkpoint loads
+    (to be scored or sampled); commands that train refuse one."""
     from mmctl.models import hf, vlm
     from mmctl.tokenizer import bpe
 
@@ -482,6 +490,8 @@ def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu",
         raise DataError(f"{path}: a vision-language model; this command takes a language model (its "
                         "language_model part is not saved on its own)")
     model = vlm.load_vlm(path, device=device) if vlm.is_vlm(path) else load_checkpoint(path, device=device)
+    if getattr(model, "quantization", None) and not quantized:
+        raise DataError(f"{path}: a quantized checkpoint; this command trains or quantizes a floating-point one")
     tok = bpe.load(path)
     if tok.vocab_size > model.cfg.vocab_size:
         raise DataError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "

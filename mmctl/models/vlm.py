@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmctl.errors import DataError
+from mmctl.errors import DataError, UsageError
 from mmctl.models.config import ModelConfig
 from mmctl.models.projector import Projector, ProjectorConfig
 from mmctl.models.transformer import Rotary, Transformer
@@ -66,9 +66,14 @@ class VisionSection:
 class VLM(nn.Module):
     def __init__(self, vision: VisionSection, language_model: Transformer, image_token_id: int):
         super().__init__()
-        if vision.pretrained:  # the encoder's shape is the checkpoint's
-            self.vision_tower = load_pretrained(vision.pretrained)
+        if vision.pretrained:  # the encoder's shape is the checkpoint's: checked against the rest now
+            source = vision.pretrained
+            self.vision_tower = load_pretrained(source)
             vision = replace(vision, encoder=self.vision_tower.cfg, pretrained=None)
+            problems = vision.check()
+            if problems:
+                raise UsageError(*[f"vision.{field}: {message} (with the ViT of {source})"
+                                  for field, message in problems])
         else:
             self.vision_tower = ViT(vision.encoder)
         self.vision = vision

@@ -27,8 +27,8 @@ class QLoRAConfig:
     double_quant: bool = option(True, "store the block scales in 8 bits too (QLoRA's double quantization)")
 
 
-def require():
-    """The bitsandbytes module, or a one-line error saying how to install it."""
+def require(why: str = "method: qlora"):
+    """The bitsandbytes module, or a one-line error saying how to install it and what (`why`) needs it."""
     import logging
 
     # On import, bitsandbytes warns that an optional fused CPU kernel (the `kernels` package) is missing; mmctl
@@ -39,7 +39,7 @@ def require():
     try:
         import bitsandbytes
     except ImportError:
-        raise UsageError("method: qlora needs bitsandbytes, which is not installed: pip install 'mmctl[quant]' "
+        raise UsageError(f"{why} needs bitsandbytes, which is not installed: pip install 'mmctl[quant]' "
                          "(or pip install bitsandbytes)") from None
     finally:
         cpu_ops.setLevel(level)
@@ -53,14 +53,11 @@ def is_4bit(layer: nn.Module) -> bool:
 def to_4bit(model: nn.Module, cfg: QLoRAConfig, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
     """Replace every nn.Linear of `model` (but those named in `skip`, and any sharing its weight with another
     module) by a frozen bitsandbytes 4-bit layer, in place; returns their names."""
+    from mmctl.quant.linear import linears, replace
+
     bnb = require()
-    shared = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        shared[id(p)] = shared.get(id(p), 0) + 1
     swapped = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or name.rsplit(".", 1)[-1] in skip or shared[id(module.weight)] > 1:
-            continue
+    for name, module in linears(model, skip).items():
         weight = module.weight.detach()
         layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                   compute_dtype=weight.dtype, compress_statistics=cfg.double_quant,
@@ -74,8 +71,7 @@ def to_4bit(model: nn.Module, cfg: QLoRAConfig, skip: tuple[str, ...] = ("lm_hea
         # differently, and a resumed run would not be bit-exact) and fails unless both dimensions are multiples
         # of 32. The generic path — dequantize, then multiply — is exact and takes any shape.
         layer.support_avx512bf16_for_cpu = False
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer.to(weight.device))  # .to() quantizes
+        replace(model, name, layer.to(weight.device))  # .to() quantizes
         swapped.append(name)
     return swapped
 
@@ -90,6 +86,8 @@ def to_dense(model: nn.Module) -> nn.Module:
     """Replace every 4-bit layer by an nn.Linear holding its dequantized weight, in place."""
     import torch
 
+    from mmctl.quant.linear import replace
+
     for name, module in list(model.named_modules()):
         if is_4bit(module) and name:
             weight = dequantized(module)
@@ -99,8 +97,7 @@ def to_dense(model: nn.Module) -> nn.Module:
                 dense.weight.copy_(weight)
                 if module.bias is not None:
                     dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
+            replace(model, name, dense)
     return model
 
 
@@ -114,11 +111,13 @@ def checkpoint_config(cfg: QLoRAConfig, skip: tuple[str, ...]) -> dict:
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
-def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype) -> None:
+def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype, device) -> None:
     """Replace the linears `names` of `model` by 4-bit layers built from a checkpoint's tensors — the packed codes
     at `<name>.weight` and the quantization state at `<name>.weight.<key>` (absmax, quant_map, …), as
     bitsandbytes serializes them — popping those tensors from `tensors`; they compute in `dtype`."""
-    bnb = require()
+    from mmctl.quant.linear import replace
+
+    bnb = require("a bitsandbytes 4-bit checkpoint")
     for name in names:
         module = model.get_submodule(name)
         prefix = f"{name}.weight."
@@ -126,9 +125,8 @@ def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype) 
         layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                   compute_dtype=dtype, device="meta")
         layer.weight = bnb.nn.Params4bit.from_prequantized(tensors.pop(f"{name}.weight"), stats, requires_grad=False,
-                                                           device="cpu")
+                                                           device=device)
         if module.bias is not None:
             layer.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
         layer.support_avx512bf16_for_cpu = False  # the exact dequantize-then-multiply path (see to_4bit)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
+        replace(model, name, layer)

@@ -49,9 +49,9 @@ def prepare(w: torch.Tensor, h: torch.Tensor, damp: float, act_order: bool):
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(len(h))
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(len(h), device=h.device)
     w, h = w[:, order], h[order][:, order]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     return w, u, order
 
@@ -61,16 +61,15 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group: int = 128, damp
     """Quantize W (out, in) against Hessian H (in, in) to `bits` in groups of `group` inputs (`group` = in: one
     group per row), with lazy batched updates `block` columns at a time."""
     out, n = w.shape
-    if n % group or block % group and group % block:
-        raise ValueError(f"in_features {n} must be a multiple of group {group}, and block {block} of group or "
-                         "group of block")
-    block = max(block, group)  # a group never straddles two blocks: its scale sees every update before it
+    if n % group:
+        raise ValueError(f"in_features {n} is not a multiple of the group size {group}")
+    block = group * max(1, block // group)  # whole groups: a group's scale sees every update before it
     w, u, order = prepare(w, h, damp, act_order)
-    codes = torch.zeros(out, n, dtype=torch.uint8)
+    codes = torch.zeros(out, n, dtype=torch.uint8, device=w.device)
     scales, zeros = [], []
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        w1, err = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, dtype=w.dtype)
+        w1, err = w[:, b0:b1].clone(), torch.zeros(out, b1 - b0, dtype=w.dtype, device=w.device)
         u1 = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             if (b0 + i) % group == 0:
@@ -85,20 +84,5 @@ def gptq(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group: int = 128, damp
         w[:, b1:] -= err @ u[b0:b1, b1:]  # the block's updates to every later column, at once
     scale, zero = torch.cat(scales, dim=1).float(), torch.cat(zeros, dim=1).float()
     inverse = torch.argsort(order)
-    g_idx = (torch.arange(n) // group)[inverse] if act_order else None
+    g_idx = (torch.arange(n, device=w.device) // group)[inverse].to(torch.int32) if act_order else None
     return GPTQResult(codes[:, inverse], scale, zero, g_idx)
-
-
-def gptq_by_column(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group: int = 128, damp: float = 0.01,
-                   act_order: bool = False) -> torch.Tensor:
-    """The paper's update applied directly, column by column, to every later column at once (no blocks, no lazy
-    batching): Ŵ in the original column order. The reference `gptq` is tested against."""
-    w, u, order = prepare(w, h, damp, act_order)
-    q = torch.zeros_like(w)
-    for i in range(w.shape[1]):
-        if i % group == 0:
-            scale, zero = rtn.grid(w[:, i:i + group], bits)
-        q[:, i:i + 1] = rtn.dequantize(rtn.quantize(w[:, i:i + 1], scale, zero, bits), scale, zero)
-        e = (w[:, i:i + 1] - q[:, i:i + 1]) / u[i, i]
-        w[:, i:] -= e @ u[i:i + 1, i:]
-    return q[:, torch.argsort(order)].float()

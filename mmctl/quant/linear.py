@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmctl.errors import DataError
+
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes < 2^bits (…, n) → bytes (…, n · bits / 8): each run of 8 codes becomes `bits` bytes, code k at
@@ -29,8 +31,9 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if n % 8:
         raise ValueError(f"packing needs a multiple of 8 codes per row, got {n}")
     runs = codes.to(torch.int64).view(*codes.shape[:-1], n // 8, 8)
-    word = (runs << (torch.arange(8) * bits)).sum(-1)  # (…, n / 8) integers of 8 · bits bits
-    out = (word.unsqueeze(-1) >> (torch.arange(bits) * 8)) & 0xFF
+    at = codes.device
+    word = (runs << (torch.arange(8, device=at) * bits)).sum(-1)  # (…, n / 8) integers of 8 · bits bits
+    out = (word.unsqueeze(-1) >> (torch.arange(bits, device=at) * 8)) & 0xFF
     return out.flatten(-2).to(torch.uint8)
 
 
@@ -39,8 +42,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     runs = packed.to(torch.int64).view(*packed.shape[:-1], -1, bits)
-    word = (runs << (torch.arange(bits) * 8)).sum(-1)
-    codes = (word.unsqueeze(-1) >> (torch.arange(8) * bits)) & (2**bits - 1)
+    at = packed.device
+    word = (runs << (torch.arange(bits, device=at) * 8)).sum(-1)
+    codes = (word.unsqueeze(-1) >> (torch.arange(8, device=at) * bits)) & (2**bits - 1)
     return codes.flatten(-2).to(torch.uint8)
 
 
@@ -82,9 +86,10 @@ class QuantLinear(nn.Module):
         """ŵ (out, in) in `dtype`."""
         if self.bits == 8:
             return (self.qweight.float() * self.scales).to(dtype)
-        g = self.g_idx.long()
-        codes = unpack(self.qweight, self.bits).float()
-        return ((codes - self.zeros[:, g].float()) * self.scales[:, g]).to(dtype)
+        from mmctl.quant.rtn import dequantize_groups
+
+        return dequantize_groups(unpack(self.qweight, self.bits), self.scales, self.zeros.float(),
+                                 self.g_idx.long()).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -92,10 +97,11 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bits={self.bits}, group={self.group}"
 
-    def bits_per_parameter(self) -> float:
-        """Stored bits per weight, scales, zero points and group indices included."""
-        stored = sum(t.numel() * t.element_size() * 8 for name, t in self.named_buffers() if name != "bias")
-        return stored / (self.in_features * self.out_features)
+    def check(self, where: str) -> None:
+        """A loaded layer's group indices must name its groups (a crafted file could point anywhere)."""
+        if self.bits != 8 and len(self.g_idx) and not 0 <= int(self.g_idx.min()) <= int(self.g_idx.max()) < \
+                self.scales.shape[1]:
+            raise DataError(f"{where}: g_idx names a group this layer does not have")
 
 
 # --- a whole model -------------------------------------------------------------------------------------------
@@ -103,10 +109,31 @@ class QuantLinear(nn.Module):
 SKIP = ("lm_head",)  # kept in floating point by default, as the embeddings (which are not nn.Linear) are
 
 
+def skipped(name: str, skip: tuple[str, ...]) -> bool:
+    """Whether module `name` is kept in floating point: `skip` names it, a module above it, or its last part
+    (`lm_head`, `down_proj`)."""
+    return any(name == s or name.startswith(s + ".") or name.rsplit(".", 1)[-1] == s for s in skip)
+
+
 def linears(model: nn.Module, skip: tuple[str, ...] = SKIP) -> dict[str, nn.Linear]:
-    """The model's dense linear layers by name, except those named in `skip` (or below them)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
-            and not any(name == s or name.startswith(s + ".") for s in skip)}
+    """The model's dense linear layers by name, except those `skip` names and those whose weight another module
+    shares (a tied lm_head is the embedding)."""
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and not skipped(name, skip)
+            and uses.get(id(m.weight), 0) <= 1}
+
+
+def stored_bits(model: nn.Module, names: list[str]) -> float:
+    """Bits stored per weight of the quantized layers `names`, everything but their biases included (codes,
+    scales, zero points, group indices; bitsandbytes' block absmax and code tables)."""
+    stored = weights = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        stored += sum(t.numel() * t.element_size() * 8 for key, t in layer.state_dict().items() if key != "bias")
+        weights += layer.in_features * layer.out_features
+    return stored / weights
 
 
 def replace(model: nn.Module, name: str, module: nn.Module) -> None:

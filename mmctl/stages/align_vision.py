@@ -332,13 +332,9 @@ def _evaluation(model, tok, val, held_out: dict, cfg, device, precision: str) ->
 
 
 def _heldout(cfg, size: int) -> dict:
-    """Fresh shapes questions (a seed no phase uses) and composition questions (held-out colour–kind pairs), at
-    the ViT's image size."""
-    from mmctl.evals.tasks import BUILTIN_SEED  # the scenes `mmctl eval --task shapes-vqa` asks about
-
-    return {"per_type": vqa.shapes(cfg.eval.items, BUILTIN_SEED, "train", size),
-            "composition": vqa.shapes(cfg.eval.composition_items, BUILTIN_SEED, "test", size)
-            if cfg.eval.composition_items else []}
+    """Fresh shapes questions and composition questions (held-out colour–kind pairs), at the ViT's image size."""
+    per_type, composition = vqa.builtin(cfg.eval.items, cfg.eval.composition_items, size)
+    return {"per_type": per_type, "composition": composition}
 
 
 def _module_table(model, cfg) -> None:

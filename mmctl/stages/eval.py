@@ -92,7 +92,7 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     results: dict = {"checkpoints": {}}
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
-        model, tok = transformer.load_with_tokenizer(ckpt, device=device, vision=True)
+        model, tok = transformer.load_with_tokenizer(ckpt, device=device, vision=True, quantized=True)
         chat = cfg.eval.chat if cfg.eval.chat is not None else transformer.is_chat_model(ckpt)
         entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:
@@ -137,12 +137,10 @@ def _vqa(model, tok, task: TaskConfig, cfg: EvalConfig) -> tuple[dict, list[dict
     colour–kind pairs training never shows), or a jsonl of {image, question, answer, type}."""
     from mmctl.data import vqa
     from mmctl.evals import vqa as vqa_eval
-    from mmctl.evals.tasks import BUILTIN_SEED
 
     size = model.vision.encoder.image_size
     if task.builtin:
-        examples = vqa.shapes(task.items, BUILTIN_SEED, "train", size)
-        composition = vqa.shapes(max(task.items // 5, 1), BUILTIN_SEED, "test", size)
+        examples, composition = vqa.builtin(task.items, max(task.items // 5, 1), size)
     else:
         examples, composition = vqa.read_jsonl(task.data, size, cfg.eval.limit), []
     if cfg.eval.limit:

@@ -56,7 +56,8 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     from mmctl.models import hf, transformer
     from mmctl.runtime import pick_device
 
-    model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device), vision=True)
+    model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device), vision=True,
+                                                 quantized=True)
     pixels = None
     if cfg.image is not None:
         pixels, ids = _image_prompts(model, tok, cfg)

@@ -97,6 +97,9 @@ class QuantizeConfig:
             problems.append(("methods", "two methods share a name; give one a `name`"))
         if any(m.method == "gptq" for m in self.methods) and not self.calibration.data:
             problems.append(("calibration.data", "missing required value: gptq needs calibration shards"))
+        if any(t.task_kind == "vqa" for t in self.evaluation.tasks):
+            problems.append(("evaluation.tasks", "a vqa task asks a vision-language model; quantize takes a "
+                                                 "language model"))
         if not (self.evaluation.data or self.calibration.data):
             problems.append(("evaluation.data", "missing required value: shards for the held-out perplexity"))
         return problems
@@ -111,12 +114,19 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
 
     shards = cfg.evaluation.data or cfg.calibration.data
     inputs = {"base": Path(cfg.base), "evaluation": Path(shards) / "manifest.json",
-              **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {})}
+              **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {}),
+              **{f"task:{t.label}:{p}": Path(p) for t in cfg.evaluation.tasks for p in (t.data, t.fewshot_data) if p}}
     run_dir = Run(Path(cfg.run.out), STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed)
     if not options.force and run_dir.up_to_date():
         return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
     device = pick_device(cfg.run.device)
-    base, tok = transformer.load_with_tokenizer(cfg.base, device=device)
+    base, tok = transformer.load_with_tokenizer(cfg.base, device=device, quantized=True)
+    if getattr(base, "quantization", None):
+        raise UsageError(f"base: {cfg.base} is quantized already; quantize the floating-point checkpoint")
+    if any(m.method == "nf4" for m in cfg.methods):
+        from mmctl.quant import bnb
+
+        bnb.require("method nf4")
     chat = transformer.is_chat_model(cfg.base)
     for m in cfg.methods:
         bad = [name for name, layer in linear.linears(base, tuple(cfg.skip)).items()
@@ -129,12 +139,14 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
     measure = _measurer(cfg, tok, shards, chat, device)
     rows = [{"name": "unquantized", "method": "none", "bits": _float_bits(base), "quantize_s": 0.0,
              "bytes": _bytes(Path(cfg.base)), **measure(base)}]
-    hessians = None
+    hessians, calibration_s = None, None
     for m in cfg.methods:
         model = transformer.load_checkpoint(cfg.base, device=device)
-        start = time.perf_counter()
-        if m.method == "gptq" and hessians is None:
+        if m.method == "gptq" and hessians is None:  # once, shared by every gptq row (timed on its own)
+            start = time.perf_counter()
             hessians = _calibrate(model, cfg, tok, device)
+            calibration_s = time.perf_counter() - start
+        start = time.perf_counter()
         if m.method == "nf4":
             from mmctl.quant import bnb
 
@@ -146,12 +158,13 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
                                                        damp=m.damp, act_order=m.act_order, skip=tuple(cfg.skip))
         seconds = time.perf_counter() - start
         out = transformer.save_checkpoint(model, run_dir.out / m.label, tok, chat=chat)
-        rows.append({"name": m.label, "method": m.method, "bits": _stored_bits(model, names), "quantize_s": seconds,
-                     "bytes": _bytes(out), **measure(model)})
+        rows.append({"name": m.label, "method": m.method, "bits": linear.stored_bits(model, names),
+                     "quantize_s": seconds, "bytes": _bytes(out), **measure(model)})
         console.print(f"{m.label}: {_summary(rows[-1], rows[0])}")
         del model
     results = {"rows": rows, "skip": cfg.skip, "calibration": {"sequences": cfg.calibration.sequences,
-                                                               "seq_len": cfg.calibration.seq_len}}
+                                                               "seq_len": cfg.calibration.seq_len,
+                                                               "seconds": calibration_s}}
     run_dir.finish(results, device=device)
     return StageResult(run_dir.out, results)
 
@@ -208,17 +221,6 @@ def _bytes(directory: Path) -> int:
 
 def _float_bits(model) -> float:
     return next(model.parameters()).element_size() * 8.0
-
-
-def _stored_bits(model, names: list[str]) -> float:
-    """Bits stored per weight of the quantized layers `names`, everything but their biases included (codes,
-    scales, zero points, group indices; bitsandbytes' absmax and code tables)."""
-    stored = weights = 0
-    for name in names:
-        layer = model.get_submodule(name)
-        stored += sum(t.numel() * t.element_size() * 8 for key, t in layer.state_dict().items() if key != "bias")
-        weights += layer.in_features * layer.out_features
-    return stored / weights
 
 
 def _summary(row: dict, reference: dict) -> str:

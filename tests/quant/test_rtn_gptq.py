@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mmctl.quant import gptq, rtn  # noqa: E402
+from mmctl.quant import gptq, linear, rtn  # noqa: E402
 
 
 def test_int8_rows_round_to_within_half_a_step():
@@ -64,7 +64,10 @@ def test_a_quantized_linear_computes_with_its_dequantized_weight():
         layer = QuantLinear.from_codes(codes, scale, zero, bits, group)
         torch.testing.assert_close(layer.weight(), rtn.dequantize_groups(codes, scale, zero))
         # codes, a float32 scale and a uint8 zero point per group, an int32 group index per input
-        assert layer.bits_per_parameter() == pytest.approx(bits + 32 / group + 8 / group + 32 / 32)
+        holder = torch.nn.Module()
+        holder.layer = layer
+        assert linear.stored_bits(holder, ["layer"]) == \
+            pytest.approx(bits + 32 / group + 8 / group + 32 / 32)
     result = gptq.gptq(dense.weight.detach(), gptq.hessian(torch.randn(200, 64)), bits=4, group=16, act_order=True)
     layer = QuantLinear.from_codes(result.codes, result.scale, result.zero, 4, 16, g_idx=result.g_idx)
     torch.testing.assert_close(layer.weight(), result.weight())
@@ -78,14 +81,28 @@ def correlated_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
     return latent @ torch.randn(8, dim, generator=g) + 0.1 * torch.randn(n, dim, generator=g)
 
 
+def gptq_by_column(w, h, bits, group, damp=0.01, act_order=False):
+    """The paper's update applied directly, column by column, to every later column at once (no blocks, no lazy
+    batching): Ŵ in the original column order."""
+    w, u, order = gptq.prepare(w, h, damp, act_order)
+    q = torch.zeros_like(w)
+    for i in range(w.shape[1]):
+        if i % group == 0:
+            scale, zero = rtn.grid(w[:, i:i + group], bits)
+        q[:, i:i + 1] = rtn.dequantize(rtn.quantize(w[:, i:i + 1], scale, zero, bits), scale, zero)
+        e = (w[:, i:i + 1] - q[:, i:i + 1]) / u[i, i]
+        w[:, i:] -= e @ u[i:i + 1, i:]
+    return q[:, torch.argsort(order)].float()
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits, group", [(4, 32), (3, 64), (4, 128)])
 def test_blocked_gptq_equals_the_column_by_column_update(bits, group, act_order):
     torch.manual_seed(2)
     w = torch.randn(24, 128)
     h = gptq.hessian(correlated_inputs(512, 128, 3))
-    fast = gptq.gptq(w, h, bits=bits, group=group, act_order=act_order, block=32 if group == 32 else 64)
-    slow = gptq.gptq_by_column(w, h, bits=bits, group=group, act_order=act_order)
+    fast = gptq.gptq(w, h, bits=bits, group=group, act_order=act_order, block=48)  # blocks of whole groups
+    slow = gptq_by_column(w, h, bits=bits, group=group, act_order=act_order)
     torch.testing.assert_close(fast.weight(), slow, atol=1e-5, rtol=1e-5)
     assert (fast.g_idx is not None) == act_order
     if act_order:  # each group holds `group` inputs, in decreasing order of activity
@@ -113,5 +130,5 @@ def test_unseen_inputs_are_zeroed_and_shapes_are_checked():
     x[:, 5] = 0
     out = gptq.gptq(w, gptq.hessian(x), bits=4, group=32)
     assert float(out.weight()[:, 5].abs().max()) == 0
-    with pytest.raises(ValueError, match="multiple of group"):
+    with pytest.raises(ValueError, match="multiple of the group size"):
         gptq.gptq(w, gptq.hessian(x), group=48)
