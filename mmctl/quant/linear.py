@@ -41,6 +41,8 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `pack`: uint8 codes (…, n)."""
     if bits == 8:
         return packed
+    if bits == 4:  # the common case, in byte arithmetic: two nibbles per byte, the first in the low one
+        return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
     runs = packed.to(torch.int64).view(*packed.shape[:-1], -1, bits)
     at = packed.device
     word = (runs << (torch.arange(bits, device=at) * 8)).sum(-1)
@@ -88,8 +90,21 @@ class QuantLinear(nn.Module):
             return (self.qweight.float() * self.scales).to(dtype)
         from mmctl.quant.rtn import dequantize_groups
 
-        return dequantize_groups(unpack(self.qweight, self.bits), self.scales, self.zeros.float(),
-                                 self.g_idx.long()).to(dtype)
+        codes = unpack(self.qweight, self.bits)
+        if self._in_order():  # groups of consecutive inputs: a broadcast, no gather
+            out, n = codes.shape
+            blocks = codes.view(out, -1, self.group).float()
+            return ((blocks - self.zeros.float().unsqueeze(-1)) * self.scales.unsqueeze(-1)).view(out, n).to(dtype)
+        return dequantize_groups(codes, self.scales, self.zeros.float(), self.g_idx.long()).to(dtype)
+
+    def _in_order(self) -> bool:
+        """Whether every input's group is input // group (no act-order permutation); remembered per g_idx."""
+        key = (self.g_idx.data_ptr(), self.g_idx.device)
+        if getattr(self, "_order_key", None) != key:
+            self._order_key = key
+            self._order = bool(torch.equal(self.g_idx.long(), torch.arange(self.in_features, device=self.g_idx.device)
+                                           // self.group))
+        return self._order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
