@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
 SIGLIP = ('[{name: siglip, objective: siglip, sources: [{kind: shapes, items: 6000, captions: true}], '
           'trainable: {vision_tower: 1.0}, optim: {lr: 1.0e-3, min_lr: 1.0e-4, warmup_steps: 30, weight_decay: 0.0}, '
-          'train: {steps: 300, batch_size: 64, seq_len: 40, precision: bf16, log_every: 50, eval_every: 300, '
+          'train: {steps: 300, batch_size: 64, seq_len: 64, precision: bf16, log_every: 50, eval_every: 300, '
           'checkpoint_every: 300}}, {QUESTIONS}]')
 VARIANTS = {
     "baseline": [],
@@ -81,17 +81,17 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    rows = [run(name, args.steps, args.threads) for name in args.only]
     types = ("count", "colour", "shape", "position", "relation", "exists")
     print(f"| variant ({args.steps} steps) | tokens / image | " + " | ".join(types)
           + " | hallucination | unseen pairs | wall s |")
-    print("|---|---|" + "---|" * (len(types) + 3))
-    for r in rows:
+    print("|---|---|" + "---|" * (len(types) + 3), flush=True)
+    for name in args.only:  # each row as it is measured
+        r = run(name, args.steps, args.threads)
         e = r["evaluation"]
         print(f"| {r['name']} | {r['tokens_per_image']} | "
               + " | ".join(f"{e['per_type'][t]['accuracy']:.2f}" for t in types)
               + f" | {e.get('hallucination_rate', float('nan')):.2f}"
-              f" | {e.get('composition_accuracy', float('nan')):.2f} | {r['seconds']:.0f} |")
+              f" | {e.get('composition_accuracy', float('nan')):.2f} | {r['seconds']:.0f} |", flush=True)
     print("| chance | | " + " | ".join(f"{e['per_type'][t]['chance']:.2f}" for t in types) + " | | | |")
 
 

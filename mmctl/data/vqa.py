@@ -57,7 +57,7 @@ def shapes(n: int, seed: int, split: str, size: int, captions: bool = False) -> 
 def builtin(items: int, composition_items: int, size: int) -> tuple[list[Example], list[Example]]:
     """The held-out shapes questions `mmctl eval --task shapes-vqa` and align-vision's final evaluation ask:
     fresh scenes (a seed no training source uses), and scenes holding a colour–kind pair training never shows."""
-    from mmctl.evals.tasks import BUILTIN_SEED
+    from mmctl.data.synthetic import BUILTIN_SEED
 
     return (shapes(items, BUILTIN_SEED, "train", size),
             shapes(composition_items, BUILTIN_SEED, "test", size) if composition_items else [])

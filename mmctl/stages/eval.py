@@ -15,6 +15,8 @@ from mmctl import recipe
 from mmctl.artifacts import Run, atomic_write_json, atomic_write_text
 from mmctl.console import console
 from mmctl.errors import DataError, UsageError
+from mmctl.evals import run as run_task
+from mmctl.evals.run import EvalSection
 from mmctl.evals.tasks import TaskConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
@@ -26,18 +28,6 @@ STAGE = "eval"
 @dataclass
 class EvalRun(RunConfig):
     out: str = option("out/eval", "output directory: results.json, samples.jsonl, manifest.json")
-
-
-@dataclass
-class EvalSection:
-    batch_size: int = option(8, "sequences per forward pass (scores do not depend on it)", ge=1)
-    limit: int | None = option(None, "score at most this many items per task", ge=1)
-    chat: bool | None = option(None, "ask generation and multiple-choice tasks through the chat template; unset: "
-                                     "for chat models (those `mmctl sft` writes)")
-    samples: int = option(0, "generation tasks: answers sampled per item beside the greedy one, scored as pass@k "
-                             "and maj@k for k = 1, 2, 4, …, samples (test-time compute); 0: greedy only",
-                          ge=0, le=1024)
-    temperature: float = option(1.0, "the sampling temperature of those answers", gt=0)
 
 
 @dataclass
@@ -97,7 +87,7 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
         entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
-            metrics, task_samples = score(model, tok, task, cfg, stats, chat)
+            metrics, task_samples = run_task.score(model, tok, task, cfg.eval, cfg.run.seed, stats, chat)
             metrics["throughput"] = throughput(stats)
             entry["tasks"][task.label] = metrics
             samples += [{"checkpoint": ckpt, "task": task.label, **s} for s in task_samples]
@@ -108,45 +98,6 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     run_dir.finish(results, device=device)
     return StageResult(out, results)
-
-
-def score(model, tok, task: TaskConfig, cfg: EvalConfig, stats: dict, chat: bool = False) -> tuple[dict, list[dict]]:
-    from mmctl.evals import generation, multiple_choice, perplexity
-    from mmctl.evals.tasks import items_of
-
-    kind = task.task_kind
-    if kind == "vqa":
-        return _vqa(model, tok, task, cfg)
-    if kind == "perplexity" and task.data and Path(task.data).is_dir():
-        items = [{"text": doc} for doc in perplexity.shard_documents(task.data, task.split, tok)]
-    else:
-        items = items_of(task)
-    items = items[: cfg.eval.limit] if cfg.eval.limit else items
-    module = {"perplexity": perplexity, "multiple_choice": multiple_choice, "generation": generation}[kind]
-    if kind == "perplexity":
-        items = [item["text"] for item in items]
-    extra = {"chat": chat} if kind != "perplexity" else {}
-    if kind == "generation":
-        extra |= {"samples": cfg.eval.samples, "temperature": cfg.eval.temperature}
-    return module.evaluate(model, tok, task, items, batch_size=cfg.eval.batch_size, seed=cfg.run.seed, stats=stats,
-                           **extra)
-
-
-def _vqa(model, tok, task: TaskConfig, cfg: EvalConfig) -> tuple[dict, list[dict]]:
-    """Questions about images: the built-in shapes set at the model's image size (fresh scenes, and scenes with
-    colour–kind pairs training never shows), or a jsonl of {image, question, answer, type}."""
-    from mmctl.data import vqa
-    from mmctl.evals import vqa as vqa_eval
-
-    size = model.vision.encoder.image_size
-    if task.builtin:
-        examples, composition = vqa.builtin(task.items, max(task.items // 5, 1), size)
-    else:
-        examples, composition = vqa.read_jsonl(task.data, size, cfg.eval.limit), []
-    if cfg.eval.limit:
-        examples, composition = examples[:cfg.eval.limit], composition[:cfg.eval.limit]
-    scores, samples = vqa_eval.evaluate(model, tok, examples, composition, cfg.eval.batch_size)
-    return vqa_eval.metrics(scores), samples
 
 
 def task_from_flag(name: str, data: str | None) -> dict:

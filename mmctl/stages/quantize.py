@@ -191,13 +191,12 @@ def _calibrate(model, cfg: QuantizeConfig, tok, device) -> dict:
 def _measurer(cfg: QuantizeConfig, tok, shards: str, chat: bool, device):
     """model → the report's measurements: held-out perplexity and bits per byte, the tasks, decode speed."""
     from mmctl.evals import perplexity
+    from mmctl.evals import run as run_task
     from mmctl.generate import SamplingConfig, generate
-    from mmctl.stages import eval as eval_stage
 
     e = cfg.evaluation
     documents = perplexity.shard_documents(shards, e.split, tok, e.tokens)
-    scoring = eval_stage.EvalConfig()
-    scoring.eval.batch_size = e.batch_size
+    scoring = run_task.EvalSection(batch_size=e.batch_size)
     prompt = tok.encode("Once upon a time")
 
     def measure(model) -> dict:
@@ -206,7 +205,7 @@ def _measurer(cfg: QuantizeConfig, tok, shards: str, chat: bool, device):
                                   batch_size=e.batch_size)
         tasks = {}
         for task in e.tasks:
-            metrics, _ = eval_stage.score(model, tok, task, scoring, {}, chat)
+            metrics, _ = run_task.score(model, tok, task, scoring, cfg.run.seed, {}, chat)
             tasks[task.label] = {k: v for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
         speed = generate(model, [prompt], SamplingConfig(max_new_tokens=e.decode_tokens)).decode_tokens_per_s
         return {"perplexity": ppl["token_perplexity"], "bits_per_byte": ppl["bits_per_byte"], "tasks": tasks,
