@@ -15,7 +15,7 @@ Each variant is the tiny recipe with one change (`--set` overrides), trained for
   no-vit-mixing     the projector reads hidden state 0: each patch's own embedding, before any attention
 Run from the repository root after `make -C recipes/tiny out/sft/manifest.json`: `python
 benchmarks/vision_ablation.py [--steps N] [--only NAME ...] [--threads T]`; prints a markdown table (accuracy per
-question type, tokens per image, seconds per step). Each variant writes recipes/tiny/out/ablation/<name>/.
+question type, tokens per image, seconds per step). Each variant writes recipes/tiny/out/ablation/<steps>-steps/<name>/.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def questions_phase(steps: int) -> str:
 
 
 def run(name: str, steps: int, threads: int) -> dict:
-    out = TINY / "out" / "ablation" / name
+    out = TINY / "out" / "ablation" / f"{steps}-steps" / name
     sets = [f"run.out={out}", f"phases[0].train.steps={steps}", f"phases[0].train.eval_every={steps}",
             f"phases[0].train.checkpoint_every={steps}"]
     for change in VARIANTS[name]:
