@@ -5,7 +5,8 @@ projector made fresh from the recipe's `vision:` section. Training runs in `phas
 steps and learning rate, and its own set of trained modules with their learning-rate scales — LLaVA's stage 1
 trains the projector alone on captions (the LM and the encoder frozen: align the image tokens to what the LM
 already reads), stage 2 the projector and the LM on questions (visual instruction tuning). A ViT made from
-scratch here has to learn too, so the tiny recipe trains it in both. Each phase's checkpoints live in
+scratch can be trained in any phase, but through one-token answers it collapses (recipes/tiny/align-vision.yaml
+says how and keeps it frozen; `objective: siglip` trains it on its own). Each phase's checkpoints live in
 `<out>/phases/<name>/`; an interrupted run resumes in the phase where it stopped (finished phases restore their
 trained weights from their last checkpoint). The loss is on the answer's tokens only, never on an image slot.
 
