@@ -171,6 +171,9 @@ def run(cfg: AccountConfig, options: Options = Options(), verify: bool = False) 
                         zero=t.zero, num_gpus=h.num_gpus, activation_checkpointing=t.activation_checkpointing,
                         attention=t.attention)
     sections = account(arch, workload, h.gpu, presets.load_hardware(h.gpu), h.mfu)
+    stored = on_disk(source)
+    if stored:
+        sections["Inference memory"].insert(0, stored)
     results = to_json(sections, arch, cfg)
     checks = None
     if verify:
@@ -189,6 +192,27 @@ def run(cfg: AccountConfig, options: Options = Options(), verify: bool = False) 
                             "params.active": results["params"]["active"]})
     return StageResult(Path(cfg.run.out) if cfg.run.out else None, results, up_to_date,
                        detail={"sections": sections, "arch": arch, "checks": checks})
+
+
+def on_disk(config: Path | None) -> Line | None:
+    """The weights a checkpoint dir actually stores (its *.safetensors files), with how they are stored — its
+    `quantization_config` (mmctl's packed codes, bitsandbytes' NF4) or its dtype — or None for a lone config."""
+    if config is None or config.name != "config.json" or not any(config.parent.glob("*.safetensors")):
+        return None
+    try:
+        fields = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    q = fields.get("quantization_config") if isinstance(fields, dict) else None
+    if isinstance(q, dict) and q.get("quant_method") == "mmctl":
+        how = f"{q.get('method')} {q.get('bits')}-bit" + (f" g{q['group_size']}" if q.get("group_size") else "")
+    elif isinstance(q, dict) and q.get("quant_method") == "bitsandbytes":
+        how = "bitsandbytes " + ("int8" if q.get("load_in_8bit") else str(q.get("bnb_4bit_quant_type", "4-bit")))
+    else:
+        how = str(fields.get("torch_dtype", "as stored")) if isinstance(fields, dict) else "as stored"
+    size = sum(f.stat().st_size for f in config.parent.glob("*.safetensors"))
+    return Line("memory.inference.weights.on_disk", f"weights on disk ({how})", size, "bytes",
+                "the checkpoint's *.safetensors files (headers included)", str(config.parent))
 
 
 def disagrees(result: StageResult) -> bool:
