@@ -386,95 +386,47 @@ def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, dev
     Transformer in eval mode. Weight names and shapes are checked against config.json before any memory is
     allocated for the model."""
     from mmctl.models import hf
+    from mmctl.quant import checkpoint as qcheckpoint
 
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: checkpoint dir not found")
     cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
     held = sum(math.prod(shape) for shape in hf.tensor_shapes(path).values())
-    quantized = _quantization(path)
+    quantized = qcheckpoint.read_config(path)
     factor = 16 if quantized else 2  # (a quantized file holds fewer, packed elements)
     if cfg.num_parameters() > factor * held:  # refused before even an empty model of that size is built
         raise DataError(f"{path / 'config.json'}: describes {cfg.num_parameters():,} parameters, more than "
                         f"{'twice' if factor == 2 else f'{factor} times'} what the weight files hold ({held:,})")
     with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
         model = Transformer(cfg)
-        if quantized and quantized["quant_method"] == "mmctl":
-            from mmctl.quant.linear import swap
-
-            swap(model, quantized)
+        layout = qcheckpoint.layout(model, quantized, hf.tensor_shapes(path)) if quantized else None
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     declared = {name: t.dtype for name, t in model.state_dict().items() if not t.is_floating_point()}
-    integers, free = set(declared), set()
-    bnb_linears = []
-    if quantized and quantized["quant_method"] == "bitsandbytes":  # packed codes and their state, as stored
-        from mmctl.quant.linear import linears
-
-        stored = hf.tensor_shapes(path)
-        bnb_linears = list(linears(model, tuple(quantized.get("llm_int8_skip_modules") or ["lm_head"])))
-        for name in bnb_linears:
-            del expected[f"{name}.weight"]
-            state = {k: s for k, s in stored.items() if k == f"{name}.weight" or k.startswith(f"{name}.weight.")}
-            expected |= state
-            declared[f"{name}.weight"] = torch.uint8  # the packed codes; the state's dtypes are bitsandbytes' to check
-            integers.add(f"{name}.weight")
-            free |= set(state) - {f"{name}.weight"}
+    if layout:  # bitsandbytes' layers are swapped in after reading: their tensors are as stored
+        expected = {k: v for k, v in expected.items() if k not in layout.replaced} | layout.stored
+        declared |= layout.integers
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight")
     skip = ["lm_head.weight"] if cfg.tie_embeddings else []  # a tied head some checkpoints store anyway
     tensors = hf.read_tensors(path, expected, dtype=dtype, device=device, skip=skip)
+    free = layout.free if layout else set()
     for name, t in tensors.items():  # integer tensors only where quantized layers keep their codes
-        if name not in free and (name in integers) == t.is_floating_point():
-            raise DataError(f"{path}: tensor {name} is {t.dtype}, " + ("an integer" if name in integers else
+        if name not in free and (name in declared) == t.is_floating_point():
+            raise DataError(f"{path}: tensor {name} is {t.dtype}, " + ("an integer" if name in declared else
                                                                          "a floating-point") + " tensor is expected")
         if name in declared and t.dtype != declared[name]:
             raise DataError(f"{path}: tensor {name} is {t.dtype}, {declared[name]} is expected")
-    if bnb_linears:
-        from mmctl.quant import bnb
-
-        try:
-            bnb.from_prequantized(model, tensors, bnb_linears, dtype, device)
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise DataError(f"{path}: a 4-bit layer's quantization state is incomplete or malformed ({e})") from None
+    if layout:
+        qcheckpoint.attach(model, layout, tensors, dtype, device, path)
     model.load_state_dict(tensors, strict=False, assign=True)
-    if quantized:
-        from mmctl.quant.linear import QuantLinear
-
+    if layout:
+        qcheckpoint.check(model, path)
         model.quantization = quantized
-        for name, m in model.named_modules():
-            if isinstance(m, QuantLinear):
-                m.check(f"{path}: {name}")
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer, not in the file: computed here
     return model.eval()
-
-
-def _quantization(path: Path) -> dict | None:
-    """config.json's `quantization_config` when mmctl wrote it (codes, scales, zero points as safetensors), checked;
-    bitsandbytes' 4-bit serialization; None for a dense checkpoint. Other methods' (AWQ, …) are transformers'."""
-    from mmctl.models import hf
-
-    where = path / "config.json"
-    config = hf.read_json(where).get("quantization_config")
-    if config is None:
-        return None
-    if isinstance(config, dict) and config.get("quant_method") == "bitsandbytes" and config.get("load_in_4bit"):
-        skip = config.get("llm_int8_skip_modules") or []
-        if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-            raise DataError(f"{where}: quantization_config.llm_int8_skip_modules must be a list of module names")
-        return config  # bitsandbytes' 4-bit serialization (NF4 / FP4), as transformers writes it
-    if not isinstance(config, dict) or config.get("quant_method") != "mmctl":
-        method = config.get("quant_method") if isinstance(config, dict) else config
-        raise DataError(f"{where}: quantization_config {method!r} is not one mmctl reads (its own, or "
-                        "bitsandbytes 4-bit); load this checkpoint with transformers")
-    bits, group = config.get("bits"), config.get("group_size")
-    if bits not in (2, 3, 4, 8) or (bits != 8 and (not isinstance(group, int) or group < 1)):
-        raise DataError(f"{where}: quantization_config needs bits 2, 3, 4 or 8 and, under 8 bits, a group_size")
-    skip = config.get("modules_to_not_convert", ["lm_head"])
-    if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
-        raise DataError(f"{where}: quantization_config.modules_to_not_convert must be a list of module names")
-    return config
 
 
 def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu", vision: bool = False,

@@ -128,14 +128,13 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
 
         bnb.require("method nf4")
     chat = transformer.is_chat_model(cfg.base)
+    names = list(linear.linears(base, tuple(cfg.skip)))  # the linears every method quantizes
     for m in cfg.methods:
-        bad = [name for name, layer in linear.linears(base, tuple(cfg.skip)).items()
-               if m.method != "nf4" and m.bits != 8 and layer.in_features % m.group]
+        bad = [n for n in names if m.method != "nf4" and m.bits != 8 and base.get_submodule(n).in_features % m.group]
         if bad:
             raise UsageError(f"methods: {m.label}: group {m.group} does not divide the inputs of {bad[0]} "
                              f"({base.get_submodule(bad[0]).in_features})")
     run_dir.start()
-    names = list(linear.linears(base, tuple(cfg.skip)))
     measure = _measurer(cfg, tok, shards, chat, device)
     rows = [{"name": "unquantized", "method": "none", "bits": _float_bits(base), "quantize_s": 0.0,
              "bytes": _bytes(Path(cfg.base)), **measure(base)}]
