@@ -62,6 +62,9 @@ def variants(base: Transformer, names: list[str]):
     model = copy.deepcopy(base)
     bnb.to_4bit(model, bnb.QLoRAConfig("nf4", True))
     yield "bitsandbytes nf4", model
+    model = copy.deepcopy(base)
+    bnb.to_int8(model)
+    yield "bitsandbytes LLM.int8()", model
 
 
 def main() -> None:

@@ -1,11 +1,17 @@
-"""bitsandbytes' 4-bit linear layers (NF4 and FP4; Dettmers et al. 2023, "QLoRA"): swap a model's linear layers
-for them, and turn them back into ordinary dense layers.
+"""bitsandbytes' 4-bit linear layers (NF4 and FP4; Dettmers et al. 2023, "QLoRA") and 8-bit ones (LLM.int8();
+Dettmers et al. 2022): swap a model's linear layers for them, save and read them as transformers does, and turn
+4-bit ones back into ordinary dense layers.
 
 A 4-bit layer stores its weight in blocks of 64 values, each block as 4-bit codes plus one scale (absmax); NF4's
 16 codes are the quantiles of a normal distribution, which is how trained weights are spread. Double
 quantization stores the scales themselves in 8 bits (about 0.4 bits per parameter saved). The matrix product
 dequantizes the weight to the compute dtype and multiplies: the base's bytes never change, and a gradient
 still flows to the layer's input, which is all QLoRA needs (the adapters on top are ordinary 32/16-bit tensors).
+
+An 8-bit layer stores each weight row as int8 codes with its absmax scale. Its product quantizes the activations
+too, row by row, and multiplies in integers — except the input columns holding a value above the outlier
+threshold (6 by default), which multiply in 16-bit: LLM.int8()'s mixed-precision decomposition, which kept
+175B-parameter models at full quality where plain int8 activations did not.
 
 bitsandbytes is imported here only, and only when a recipe asks for it.
 """
@@ -43,6 +49,8 @@ def require(why: str = "method: qlora"):
                          "(or pip install bitsandbytes)") from None
     finally:
         cpu_ops.setLevel(level)
+    # An 8-bit layer logs on every product that float32 inputs are cast to float16 — by design (see above).
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     return bitsandbytes
 
 
@@ -76,6 +84,27 @@ def to_4bit(model: nn.Module, cfg: QLoRAConfig, skip: tuple[str, ...] = ("lm_hea
     return swapped
 
 
+def to_int8(model: nn.Module, threshold: float = 6.0, skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Replace every nn.Linear of `model` (but `skip`, and any sharing its weight) by a frozen bitsandbytes 8-bit
+    layer (LLM.int8(); activation columns above `threshold` multiply in 16-bit, 0 turns that off), in place;
+    returns their names."""
+    from mmctl.quant.linear import linears, replace
+
+    bnb = require("method int8-bnb")
+    swapped = []
+    for name, module in linears(model, skip).items():
+        weight = module.weight.detach()
+        layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                    has_fp16_weights=False, threshold=threshold, device="meta")
+        layer.weight = bnb.nn.Int8Params(weight.to("cpu", copy=True), requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        # (its mode matters: in training mode the outlier columns multiply differently)
+        replace(model, name, layer.train(module.training).to(weight.device))  # .to() quantizes (from the CPU copy)
+        swapped.append(name)
+    return swapped
+
+
 def dequantized(layer: nn.Module):
     """The dense weight a 4-bit layer stands for, in the dtype it was quantized from."""
     bnb = require()
@@ -101,25 +130,41 @@ def to_dense(model: nn.Module) -> nn.Module:
     return model
 
 
-def checkpoint_config(cfg: QLoRAConfig, skip: tuple[str, ...]) -> dict:
-    """config.json's `quantization_config` for a model whose linears `to_4bit` swapped, as transformers'
-    BitsAndBytesConfig writes it, so `AutoModelForCausalLM.from_pretrained` loads the dir (with bitsandbytes)."""
-    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "_load_in_4bit": True,
-            "_load_in_8bit": False, "bnb_4bit_quant_type": cfg.quant_type,
-            "bnb_4bit_use_double_quant": cfg.double_quant, "bnb_4bit_compute_dtype": "float32",
-            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(skip), "llm_int8_threshold": 6.0,
+def checkpoint_config(cfg: QLoRAConfig | None, skip: tuple[str, ...], threshold: float = 6.0) -> dict:
+    """config.json's `quantization_config` for a model whose linears `to_4bit` (cfg) or `to_int8` (cfg None,
+    `threshold`) swapped, as transformers' BitsAndBytesConfig writes it, so `AutoModelForCausalLM.from_pretrained`
+    loads the dir (with bitsandbytes)."""
+    four = cfg is not None
+    return {"quant_method": "bitsandbytes", "load_in_4bit": four, "load_in_8bit": not four, "_load_in_4bit": four,
+            "_load_in_8bit": not four, "bnb_4bit_quant_type": cfg.quant_type if four else "fp4",
+            "bnb_4bit_use_double_quant": four and cfg.double_quant, "bnb_4bit_compute_dtype": "float32",
+            "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": list(skip), "llm_int8_threshold": threshold,
             "llm_int8_has_fp16_weight": False, "llm_int8_enable_fp32_cpu_offload": False}
 
 
-def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype, device) -> None:
-    """Replace the linears `names` of `model` by 4-bit layers built from a checkpoint's tensors — the packed codes
-    at `<name>.weight` and the quantization state at `<name>.weight.<key>` (absmax, quant_map, …), as
-    bitsandbytes serializes them — popping those tensors from `tensors`; they compute in `dtype`."""
+def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype, device, config: dict) -> None:
+    """Replace the linears `names` of `model` by bitsandbytes layers built from a checkpoint's tensors, popping
+    them from `tensors`: for 4 bits the packed codes at `<name>.weight` and the quantization state at
+    `<name>.weight.<key>` (absmax, quant_map, …), computing in `dtype`; for 8 bits (`config`'s load_in_8bit) the
+    int8 rows at `<name>.weight`, their scales at `<name>.SCB` and `<name>.weight_format` (0: row-major)."""
     from mmctl.quant.linear import replace
 
-    bnb = require("a bitsandbytes 4-bit checkpoint")
+    bnb = require("a bitsandbytes checkpoint")
     for name in names:
         module = model.get_submodule(name)
+        if config.get("load_in_8bit"):
+            codes, scales = tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.SCB")
+            if int(tensors.pop(f"{name}.weight_format", 0)) != 0:
+                raise ValueError(f"{name}.weight_format: only row-major (0) 8-bit weights are read")
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False, threshold=float(config.get("llm_int8_threshold", 6.0)),
+                                        device="meta")
+            layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes,
+                                             SCB=scales.float())
+            if module.bias is not None:
+                layer.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
+            replace(model, name, layer)
+            continue
         prefix = f"{name}.weight."
         stats = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
         layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,

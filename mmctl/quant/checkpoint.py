@@ -1,7 +1,7 @@
 """What a quantized checkpoint dir holds, and how the loader reads it: mmctl's own format (QuantLinear codes,
-scales, zero points, g_idx; `quantization_config.quant_method: mmctl`) and bitsandbytes' 4-bit serialization as
-transformers writes it. `mmctl/models/transformer.py`'s `load_checkpoint` calls these in order: `read_config`,
-`layout` (on the meta model), `attach` (before the state dict loads), `check` (after)."""
+scales, zero points, g_idx; `quantization_config.quant_method: mmctl`) and bitsandbytes' 4-bit and 8-bit
+serializations as transformers writes them. `mmctl/models/transformer.py`'s `load_checkpoint` calls these in
+order: `read_config`, `layout` (on the meta model), `attach` (before the state dict loads), `check` (after)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,27 @@ from mmctl.errors import DataError
 
 def read_config(path: Path) -> dict | None:
     """config.json's `quantization_config` when mmctl wrote it (codes, scales, zero points as safetensors), checked;
-    bitsandbytes' 4-bit serialization; None for a dense checkpoint. Other methods' (AWQ, …) are transformers'."""
+    bitsandbytes' 4-bit or 8-bit serialization; None for a dense checkpoint. Other methods' (AWQ, …) are
+    transformers'."""
     from mmctl.models import hf
 
     where = path / "config.json"
     config = hf.read_json(where).get("quantization_config")
     if config is None:
         return None
-    if isinstance(config, dict) and config.get("quant_method") == "bitsandbytes" and config.get("load_in_4bit"):
+    if isinstance(config, dict) and config.get("quant_method") == "bitsandbytes" and (
+            config.get("load_in_4bit") or config.get("load_in_8bit")):
         skip = config.get("llm_int8_skip_modules") or []
         if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
             raise DataError(f"{where}: quantization_config.llm_int8_skip_modules must be a list of module names")
-        return config  # bitsandbytes' 4-bit serialization (NF4 / FP4), as transformers writes it
+        threshold = config.get("llm_int8_threshold", 6.0)
+        if not isinstance(threshold, (int, float)) or threshold < 0:
+            raise DataError(f"{where}: quantization_config.llm_int8_threshold must be a number ≥ 0")
+        return config  # bitsandbytes' serialization (NF4 / FP4 / LLM.int8()), as transformers writes it
     if not isinstance(config, dict) or config.get("quant_method") != "mmctl":
         method = config.get("quant_method") if isinstance(config, dict) else config
         raise DataError(f"{where}: quantization_config {method!r} is not one mmctl reads (its own, or "
-                        "bitsandbytes 4-bit); load this checkpoint with transformers")
+                        "bitsandbytes 4-bit or 8-bit); load this checkpoint with transformers")
     bits, group = config.get("bits"), config.get("group_size")
     if bits not in (2, 3, 4, 8) or (bits != 8 and (not isinstance(group, int) or group < 1)):
         raise DataError(f"{where}: quantization_config needs bits 2, 3, 4 or 8 and, under 8 bits, a group_size")
@@ -44,6 +49,7 @@ def read_config(path: Path) -> dict | None:
 class Layout:
     """How a quantized checkpoint's tensors differ from the dense model's."""
 
+    config: dict = field(default_factory=dict)  # the quantization_config
     bnb_linears: list[str] = field(default_factory=list)  # linears bitsandbytes' layers replace after reading
     replaced: set[str] = field(default_factory=set)  # dense tensor names the file does not hold
     stored: dict[str, tuple] = field(default_factory=dict)  # the names and shapes it holds instead
@@ -58,27 +64,29 @@ def layout(model, config: dict, stored: dict[str, tuple]) -> Layout:
     if config["quant_method"] == "mmctl":
         swap(model, config)
         return Layout()
-    out = Layout(bnb_linears=list(linears(model, tuple(config.get("llm_int8_skip_modules") or ["lm_head"]))))
+    out = Layout(config, bnb_linears=list(linears(model, tuple(config.get("llm_int8_skip_modules") or ["lm_head"]))))
+    eight = bool(config.get("load_in_8bit"))
     for name in out.bnb_linears:
         codes = f"{name}.weight"
-        state = {k: s for k, s in stored.items() if k == codes or k.startswith(codes + ".")}
+        extra = (f"{name}.SCB", f"{name}.weight_format") if eight else ()  # 8-bit: row scales, layout flag
+        state = {k: s for k, s in stored.items() if k == codes or k.startswith(codes + ".") or k in extra}
         out.replaced.add(codes)
         out.stored |= state
-        out.integers[codes] = torch.uint8  # the packed codes
+        out.integers[codes] = torch.int8 if eight else torch.uint8  # the codes (4-bit: two per byte)
         out.free |= set(state) - {codes}
     return out
 
 
 def attach(model, layout: Layout, tensors: dict, dtype, device, path: Path) -> None:
-    """bitsandbytes' 4-bit layers built from their tensors (popped from `tensors`)."""
+    """bitsandbytes' layers built from their tensors (popped from `tensors`)."""
     if not layout.bnb_linears:
         return
     from mmctl.quant import bnb
 
     try:
-        bnb.from_prequantized(model, tensors, layout.bnb_linears, dtype, device)
+        bnb.from_prequantized(model, tensors, layout.bnb_linears, dtype, device, layout.config)
     except (KeyError, ValueError, RuntimeError) as e:
-        raise DataError(f"{path}: a 4-bit layer's quantization state is incomplete or malformed ({e})") from None
+        raise DataError(f"{path}: a bitsandbytes layer's quantization state is incomplete or malformed ({e})") from None
 
 
 def check(model, path: Path) -> None:

@@ -6,8 +6,9 @@ Methods (`methods:`, each a checkpoint dir `<out>/<name>/` that `mmctl eval` and
   `group` inputs with zero points;
 - `gptq`: GPTQ (`mmctl/quant/gptq.py`) on Hessians of every linear's inputs over calibration windows from the
   token shards (measured once, on the unquantized model, and shared by every gptq method);
-- `nf4`: bitsandbytes' 4-bit normal-float blocks of 64 with double quantization (`mmctl/quant/bnb.py`), saved in
-  transformers' bitsandbytes serialization: `AutoModelForCausalLM.from_pretrained(dir)` loads it too.
+- `nf4`: bitsandbytes' 4-bit normal-float blocks of 64 with double quantization (`mmctl/quant/bnb.py`), and
+- `int8-bnb`: bitsandbytes' LLM.int8() (int8 rows; activation columns above `outlier_threshold` in 16-bit), both
+  saved in transformers' bitsandbytes serialization: `AutoModelForCausalLM.from_pretrained(dir)` loads them too.
 The embeddings and `skip` (the lm_head by default) stay in floating point. For each row of the report: bytes on
 disk, stored bits per quantized weight (scales, zero points and group indices included), perplexity and bits
 per byte on held-out shard text with the change against the unquantized model, the scores of `evaluation.tasks`
@@ -30,6 +31,7 @@ from mmctl.runtime import RunConfig
 from mmctl.stages import Options, StageResult
 
 STAGE = "quantize"
+BNB = ("nf4", "int8-bnb")  # the methods bitsandbytes does
 
 
 @dataclass
@@ -39,12 +41,15 @@ class QuantizeRun(RunConfig):
 
 @dataclass
 class Method:
-    method: Literal["rtn", "gptq", "nf4"] = option(None, "rtn (round-to-nearest) | gptq | nf4 (bitsandbytes; "
-                                                        "bits and group do not apply)", required=True)
+    method: Literal["rtn", "gptq", "nf4", "int8-bnb"] = option(
+        None, "rtn (round-to-nearest) | gptq | nf4 | int8-bnb (the last two: bitsandbytes; bits and group do not "
+              "apply)", required=True)
     bits: int = option(4, "bits per weight: 8 (rtn: symmetric per row), or 2, 3, 4 (in groups)", ge=2, le=8)
     group: int = option(64, "inputs per group sharing a scale and zero point (under 8 bits)", ge=8)
     act_order: bool = option(False, "gptq: quantize the most active inputs first (desc_act)")
     damp: float = option(0.01, "gptq: dampening added to the Hessian's diagonal, × its mean", gt=0, lt=1)
+    outlier_threshold: float = option(6.0, "int8-bnb: activation columns with a value above this multiply in "
+                                           "16-bit (LLM.int8()); 0: every column in int8", ge=0)
     name: str | None = option(None, "the output dir and row label; default e.g. gptq-4bit-g64")
 
     def check(self) -> list[tuple[str, str]]:
@@ -56,8 +61,8 @@ class Method:
 
     @property
     def label(self) -> str:
-        if self.method == "nf4":
-            return self.name or "nf4"
+        if self.method in BNB:
+            return self.name or self.method
         return self.name or (f"{self.method}-8bit" if self.bits == 8 else f"{self.method}-{self.bits}bit-g{self.group}"
                              + ("-act" if self.act_order else ""))
 
@@ -123,14 +128,15 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
     base, tok = transformer.load_with_tokenizer(cfg.base, device=device, quantized=True)
     if getattr(base, "quantization", None):
         raise UsageError(f"base: {cfg.base} is quantized already; quantize the floating-point checkpoint")
-    if any(m.method == "nf4" for m in cfg.methods):
-        from mmctl.quant import bnb
+    for m in cfg.methods:
+        if m.method in BNB:
+            from mmctl.quant import bnb
 
-        bnb.require("method nf4")
+            bnb.require(f"method {m.method}")
     chat = transformer.is_chat_model(cfg.base)
     names = list(linear.linears(base, tuple(cfg.skip)))  # the linears every method quantizes
     for m in cfg.methods:
-        bad = [n for n in names if m.method != "nf4" and m.bits != 8 and base.get_submodule(n).in_features % m.group]
+        bad = [n for n in names if m.method not in BNB and m.bits != 8 and base.get_submodule(n).in_features % m.group]
         if bad:
             raise UsageError(f"methods: {m.label}: group {m.group} does not divide the inputs of {bad[0]} "
                              f"({base.get_submodule(bad[0]).in_features})")
@@ -146,12 +152,15 @@ def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
             hessians = _calibrate(model, cfg, tok, device)
             calibration_s = time.perf_counter() - start
         start = time.perf_counter()
-        if m.method == "nf4":
+        if m.method in BNB:
             from mmctl.quant import bnb
 
-            nf4 = bnb.QLoRAConfig("nf4", double_quant=True)
-            bnb.to_4bit(model, nf4, tuple(cfg.skip))
-            model.quantization = bnb.checkpoint_config(nf4, tuple(cfg.skip))
+            nf4 = bnb.QLoRAConfig("nf4", double_quant=True) if m.method == "nf4" else None
+            if nf4:
+                bnb.to_4bit(model, nf4, tuple(cfg.skip))
+            else:
+                bnb.to_int8(model, m.outlier_threshold, tuple(cfg.skip))
+            model.quantization = bnb.checkpoint_config(nf4, tuple(cfg.skip), m.outlier_threshold)
         else:
             model.quantization = linear.quantize_model(model, m.method, m.bits, m.group, hessians=hessians,
                                                        damp=m.damp, act_order=m.act_order, skip=tuple(cfg.skip))

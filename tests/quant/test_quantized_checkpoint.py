@@ -78,3 +78,29 @@ def test_an_nf4_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(ch
         ours = model(ids)
         torch.testing.assert_close(back(ids), ours, atol=0, rtol=0)
         torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_an_int8_bnb_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(checkpoint, tmp_path, threshold):
+    pytest.importorskip("bitsandbytes")
+    transformers = pytest.importorskip("transformers")
+    from mmctl.quant import bnb
+
+    model = transformer.load_checkpoint(checkpoint)
+    dense = transformer.load_checkpoint(checkpoint)
+    bnb.to_int8(model, threshold)
+    model.quantization = bnb.checkpoint_config(None, ("lm_head",), threshold)
+    out = transformer.save_checkpoint(model, tmp_path / "int8", None)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    back = transformer.load_checkpoint(out)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(theirs.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+    assert type(back.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
+    assert back.model.layers[0].mlp.down_proj.state.threshold == threshold
+    with torch.no_grad():
+        ours = model(ids)
+        torch.testing.assert_close(back(ids), ours, atol=0, rtol=0)
+        torch.testing.assert_close(theirs(ids).logits, ours, atol=1e-5, rtol=1e-5)
+        # int8 rows with absmax scales: close to the dense model, not equal to it
+        error = (ours - dense(ids)).abs().max().item()
+        assert 0 < error < 0.05 * dense(ids).abs().max().item()

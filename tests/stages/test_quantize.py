@@ -28,7 +28,8 @@ def base(shards, tmp_path_factory):  # noqa: F811
 def config(base, shards, out, **changes):  # noqa: F811
     data = {"run": {"out": str(out), "device": "cpu"}, "base": str(base),
             "methods": [{"method": "rtn", "bits": 8}, {"method": "rtn", "bits": 4, "group": 16},
-                        {"method": "gptq", "bits": 4, "group": 16, "act_order": True}, {"method": "nf4"}],
+                        {"method": "gptq", "bits": 4, "group": 16, "act_order": True}, {"method": "nf4"},
+                        {"method": "int8-bnb"}],
             "calibration": {"data": str(shards / "shards"), "sequences": 8, "seq_len": 32},
             "evaluation": {"tokens": 300, "decode_tokens": 4,
                            "tasks": [{"builtin": "arithmetic-mc", "items": 8}]}, **changes}
@@ -38,8 +39,10 @@ def config(base, shards, out, **changes):  # noqa: F811
 def test_a_row_per_method_and_each_checkpoint_is_what_its_row_measured(base, shards, tmp_path):  # noqa: F811
     result = quantize.run(config(base, shards, tmp_path / "q"))
     rows = {r["name"]: r for r in result.results["rows"]}
-    assert list(rows) == ["unquantized", "rtn-8bit", "rtn-4bit-g16", "gptq-4bit-g16-act", "nf4"]
+    assert list(rows) == ["unquantized", "rtn-8bit", "rtn-4bit-g16", "gptq-4bit-g16-act", "nf4", "int8-bnb"]
     assert rows["nf4"]["bits"] > 4 and rows["nf4"]["bytes"] < rows["unquantized"]["bytes"]  # (a code table per layer)
+    assert 8 < rows["int8-bnb"]["bits"] < 9 and abs(rows["int8-bnb"]["perplexity"] / rows["unquantized"]["perplexity"]
+                                                    - 1) < 0.01
     assert rows["unquantized"]["bits"] == 32 and 8 < rows["rtn-8bit"]["bits"] < 9  # + a float32 scale per row
     assert rows["rtn-4bit-g16"]["bytes"] < rows["rtn-8bit"]["bytes"] < rows["unquantized"]["bytes"]
     assert abs(rows["rtn-8bit"]["perplexity"] / rows["unquantized"]["perplexity"] - 1) < 0.01
@@ -49,8 +52,9 @@ def test_a_row_per_method_and_each_checkpoint_is_what_its_row_measured(base, sha
     assert out.returncode == 0, out.stderr
     config_json = json.loads((tmp_path / "q" / "gptq-4bit-g16-act" / "config.json").read_text())
     assert config_json["quantization_config"]["desc_act"] is True
-    out = mmctl("generate", str(tmp_path / "q" / "nf4"), "-p", "Once", "--max-new-tokens", "3", "--json")
-    assert out.returncode == 0 and json.loads(out.stdout)["completions"][0]["tokens"] == 3, out.stderr
+    for name in ("nf4", "int8-bnb"):
+        out = mmctl("generate", str(tmp_path / "q" / name), "-p", "Once", "--max-new-tokens", "3", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["completions"][0]["tokens"] == 3, out.stderr
     assert quantize.run(config(base, shards, tmp_path / "q")).up_to_date
 
 
