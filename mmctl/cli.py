@@ -334,6 +334,25 @@ def generate(
     _run_stage("generate", None, overrides, False, json=as_json)
 
 
+@app.command()
+@reports_errors
+def report(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Stage output dirs, or dirs holding them "
+                                                                          "(a recipes dir's out/)."),
+    out: Path = typer.Option(Path("report"), "--out", help="Where report.md and its figures go."),
+    floors: Path | None = typer.Option(None, "--floors", help="A floors file: numbers the runs must clear "
+                                                              "(exit 3 when one is missed)."),
+    attention: bool = typer.Option(True, "--attention/--no-attention", help="Draw the trained models' attention "
+                                                                             "(loads them; a few seconds)."),
+    as_json: bool = JSON,
+) -> None:
+    """Summarise a pipeline's runs from their files (nothing re-runs): report.md with figures, the evaluation side
+    by side, the VLM per question type, quantization, attention maps."""
+    from mmctl import report as stage
+
+    stage.run(run_dirs, out, floors, attention, as_json)
+
+
 def _load(stage: str, recipe_path: str | None, overrides: list[str]):
     """The stage's config from its recipe (or from flags alone), with the overrides applied and checked."""
     import importlib

@@ -1,7 +1,7 @@
 """DESIGN §2: imports point down only —
-cli → stages → {finetune, rl, evals} → {data, models, train, quant, generate, accounting} → {recipe, artifacts, runtime,
-tokenizer, presets} → {console, errors}; stages never import each other, models never import data or train, and
-train is model-agnostic."""
+cli → stages → {finetune, rl, evals, report} → {data, models, train, quant, generate, accounting} →
+{recipe, artifacts, runtime, tokenizer, presets} → {console, errors}; stages never import each other, models
+never import data or train, and train is model-agnostic."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mmctl"
-LAYERS = [{"cli", "__main__"}, {"stages"}, {"finetune", "rl", "evals"},
+LAYERS = [{"cli", "__main__"}, {"stages"}, {"finetune", "rl", "evals", "report"},
           {"data", "models", "train", "quant", "generate", "accounting"},
           {"recipe", "artifacts", "runtime", "tokenizer", "presets"}, {"console", "errors", "__init__"}]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -160,6 +160,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.K * self.D, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(C, self.K * self.D, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.H * self.D, C, bias=False)
+        self.record = False  # keep the attention weights of the next full forward in `.weights` (mmctl report)
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -184,7 +186,13 @@ class Attention(nn.Module):
         else:
             if K != H:  # each key/value head serves G consecutive query heads
                 k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            if self.record:  # what SDPA computes, written out, so the weights can be kept: (B, H, T, S)
+                allowed = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
+                self.weights = scores.softmax(-1)
+                y = self.weights @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
             y = y.transpose(1, 2)  # (B, T, H, D)
         return self.o_proj(y.reshape(B, T, H * D))
 

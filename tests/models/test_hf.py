@@ -271,3 +271,26 @@ def test_a_hub_cache_snapshot_loads(tmp_path):
     (snapshot / "model.safetensors").symlink_to(source / "model.safetensors")  # outside the repository
     with pytest.raises(UnsafeInputError, match="outside the checkpoint dir"):
         transformer.load_checkpoint(snapshot)
+
+
+def test_recorded_attention_weights_are_transformers_output_attentions(tmp_path):
+    """`Attention.record` (what `mmctl report` draws) keeps the softmax weights: transformers' eager attention's
+    `output_attentions`, layer by layer and head by head, with and without left padding; logits unchanged."""
+    ours = random_model(CONFIGS["llama-gqa-untied"])
+    transformer.save_checkpoint(ours, tmp_path / "model")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager").eval()
+    ids, mask = inputs()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = ours(ids, attention_mask=mask)
+        for layer in ours.model.layers:
+            layer.self_attn.record = True
+        recorded = ours(ids, attention_mask=mask)
+        expected = theirs(ids, attention_mask=mask, position_ids=positions, output_attentions=True).attentions
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)
+    for layer, want in zip(ours.model.layers, expected, strict=True):
+        got = layer.self_attn.weights
+        assert got.shape == (2, 4, 24, 24)
+        real = mask.bool()  # padding queries attend to themselves in mmctl; HF's rows there are arbitrary
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1][:, real[1]], want[1][:, real[1]], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,153 @@
+"""`mmctl report RUN_DIR…`: what a pipeline's runs did, in one place — read from the runs' files, never by re-running
+a stage (`runs.py`). A table of the stages (finished, running, unfinished, not run) with each one's headline
+number; the evaluation side by side (base → sft → rl → quantized); the VLM per question type; the quantization
+table; figures (`figures.py`); the attention maps of the trained models (`attention.py`); and floors a pipeline's
+numbers must clear (`floors.py`, for CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmctl.report.runs import CURRICULUM, StageRun, lookup
+
+
+def stage_summary(run: StageRun) -> dict:
+    """{stage, run, status, seconds, headline, metrics}: the number that says whether the stage worked."""
+    r, metrics = run.results, {}
+    final = r.get("final") or {}
+    if run.status != "finished":
+        last = run.training()[-1] if run.training() else {}
+        headline = (f"stopped at step {last['step']} (loss {last['loss']:.3f})" if last else "stopped before a step")
+        return _row(run, headline + (" — still running" if run.status == "running" else ""), metrics)
+    if run.stage == "account":
+        metrics = {"parameters": r.get("params.total")}
+    elif run.stage == "tokenize":
+        metrics = {"bytes_per_token": r.get("bytes_per_token"), "vocab_size": lookup(r, "tokenizer.vocab_size")}
+    elif run.stage in ("pretrain", "sft"):
+        metrics = {"val_loss": final.get("val_loss"), "val_bpb": final.get("val_bpb"), "sample": final.get("sample")}
+    elif run.stage == "rl":
+        keys = ("val_accuracy", "val_reward") if r.get("algorithm") == "grpo" else (
+            "val_rewards/accuracies", "val_rewards/margins")
+        metrics = {k: final.get(k) for k in keys} | {"sample": final.get("sample")}
+    elif run.stage == "align-vision":
+        e = r.get("evaluation") or {}
+        metrics = {"accuracy": e.get("accuracy"), "hallucination_rate": e.get("hallucination_rate"),
+                   "composition_accuracy": e.get("composition_accuracy")}
+    elif run.stage == "quantize":
+        base = next((row for row in r.get("rows", []) if row["method"] == "none"), None)
+        metrics = {row["name"]: row["perplexity"] / base["perplexity"] - 1 for row in r.get("rows", [])
+                   if base and row is not base}
+    elif run.stage == "eval":
+        metrics = {"checkpoints": len(r.get("checkpoints", {})),
+                   "tasks": len({t for c in r.get("checkpoints", {}).values() for t in c.get("tasks", {})})}
+    return _row(run, _headline(run.stage, metrics), metrics)
+
+
+def _row(run: StageRun, headline: str, metrics: dict) -> dict:
+    return {"stage": run.stage, "run": str(run.path), "status": run.status, "seconds": run.seconds,
+            "headline": headline, "metrics": metrics}
+
+
+def _headline(stage: str, m: dict) -> str:
+    def num(v):
+        if isinstance(v, str):
+            return repr(v if len(v) <= 60 else v[:57] + "…")
+        return f"{v:,}" if isinstance(v, int) else format(v, ".3f")
+
+    if stage == "quantize":
+        return ", ".join(f"{k} {v:+.2%}" for k, v in m.items()) + " perplexity vs unquantized"
+    if stage == "eval":
+        return f"{m['checkpoints']} checkpoints × {m['tasks']} tasks"
+    parts = [f"{k.replace('_', ' ')} {num(v)}" for k, v in m.items() if v is not None]
+    return ", ".join(parts)
+
+
+def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
+    """Every finished eval run's scores merged: {columns: [task], rows: [{checkpoint, label, stage, cells: {task:
+    (value, stderr, metric)}, samples}]}, the checkpoints in curriculum order (base → sft → rl → quantized)."""
+    made_by = {run.path.resolve(): run.stage for run in runs}
+    rows, columns = {}, []
+    for run in runs:
+        if run.stage != "eval" or run.status != "finished":
+            continue
+        samples = run.path / "samples.jsonl"
+        for checkpoint, scored in (run.results.get("checkpoints") or {}).items():
+            row = rows.setdefault(checkpoint, {"checkpoint": checkpoint, "label": _label(checkpoint),
+                                               "stage": _stage_of(checkpoint, run.path, made_by), "cells": {},
+                                               "samples": _relative(samples, relative_to) if samples.is_file()
+                                               else None})
+            for task, result in (scored.get("tasks") or {}).items():
+                metric = next((m for m in ("exact_match", "acc", "accuracy", "bits_per_byte") if m in result), None)
+                if metric is None:
+                    continue
+                row["cells"][task] = (result[metric], result.get(f"{metric}_stderr"), metric)
+                if task not in columns:
+                    columns.append(task)
+    order = {stage: i for i, stage in enumerate(CURRICULUM)}
+    ordered = sorted(rows.values(), key=lambda r: order.get(r["stage"], len(order)))
+    return {"columns": columns, "rows": ordered}
+
+
+def _label(checkpoint: str) -> str:
+    p = Path(checkpoint)
+    return p.parent.name if p.name == "model" else f"{p.parent.name}/{p.name}"
+
+
+def _stage_of(checkpoint: str, eval_dir: Path, made_by: dict) -> str:
+    """The stage that wrote a checkpoint: the run dir holding it (checkpoint paths are relative to where eval ran,
+    which is the run dirs' parent's parent in a recipes dir)."""
+    for base in (Path.cwd(), eval_dir.parent.parent, eval_dir.parent):
+        p = (base / checkpoint).resolve()
+        for candidate in (p.parent, p.parent.parent):
+            if candidate in made_by:
+                return made_by[candidate]
+    return "?"
+
+
+def _relative(path: Path, to: Path | None) -> str:
+    import os
+
+    return os.path.relpath(path, to) if to is not None else str(path)
+
+
+def build(found: list[StageRun], out: Path | None = None) -> dict:
+    """The report's data (JSON-ready) from the runs `runs.find` found: stages, what was not run, the eval table
+    (sample links relative to `out`), the VLM's scores per type, the quantization rows and every figure's series."""
+    from mmctl.report import figures
+
+    ran = {r.stage for r in found}
+    vision = {r.name: r.results.get("evaluation") for r in found
+              if r.stage == "align-vision" and r.status == "finished"}
+    quant = {r.name: r.results.get("rows") for r in found if r.stage == "quantize" and r.status == "finished"}
+    return {"stages": [stage_summary(r) for r in found], "not_run": [s for s in CURRICULUM if s not in ran],
+            "eval": eval_table(found, out), "vision": vision, "quantize": quant, "figures": figures.series(found)}
+
+
+def run(paths: list[str | Path], out: Path, floors_file: Path | None = None, attention: bool = True,
+        as_json: bool = False) -> dict:
+    """Find the runs, write `out/report.md` and its figures, print the summary (or the JSON), then check the floors
+    (every failed floor one line, exit 3) — the report is written either way, so a failure can be looked at."""
+    from mmctl.artifacts import atomic_write_text
+    from mmctl.console import console, emit_json
+    from mmctl.errors import DataError
+    from mmctl.report import figures, floors, runs, write
+
+    checks = floors.read(floors_file) if floors_file else []  # a bad floors file fails before any work
+    found = runs.find(paths)
+    out.mkdir(parents=True, exist_ok=True)
+    data = build(found, out)
+    maps, notes = write.attention_maps(found) if attention else ({}, [])
+    drawn = figures.draw(data["figures"], maps, out)
+    data["floors"] = floors.check(checks, found)
+    atomic_write_text(out / "report.md", write.markdown(data, drawn, notes, [str(p) for p in paths]))
+    if as_json:
+        emit_json(data)
+    else:
+        write.terminal(data, out / "report.md")
+        for result in data["floors"]:
+            console.print(("[green]floor ok[/green]: " if result["ok"] else "[red]floor missed[/red]: ")
+                          + floors.describe(result), soft_wrap=True, highlight=False)
+    missed = [floors.describe(r) for r in data["floors"] if not r["ok"]]
+    if missed:
+        raise DataError(*[f"floor missed: {m}" for m in missed])
+    return data

@@ -1,0 +1,83 @@
+"""Attention, seen: where a trained model looks. A language model's attention weights per layer and head on its
+own sample prompt and greedy continuation, and a VLM's attention from its answer tokens to the image's patches.
+
+The weights are what the model computes: each attention layer is asked to keep them (`Attention.record` in
+`mmctl/models/transformer.py`, tested equal to transformers' `output_attentions`) for one forward pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CONTINUATION = 12  # greedy tokens after the prompt, so the pattern shows the model reading its own words
+
+
+def _recording(model, on: bool) -> None:
+    lm = getattr(model, "language_model", model)
+    for layer in lm.model.layers:
+        layer.self_attn.record = on
+        if not on:
+            layer.self_attn.weights = None
+
+
+def _weights(model) -> torch.Tensor:
+    """(layers, heads, T, T) of the last forward's first row."""
+    lm = getattr(model, "language_model", model)
+    return torch.stack([layer.self_attn.weights[0] for layer in lm.model.layers]).float()
+
+
+def language_model(path: Path, prompt: str) -> dict:
+    """{tokens, weights (layers, heads, T, T)} of a checkpoint dir on `prompt` and its greedy continuation (a chat
+    model is asked `prompt` as a user turn)."""
+    from mmctl.data.chat import prompt_ids, stop_ids
+    from mmctl.generate import SamplingConfig, generate
+    from mmctl.models import transformer
+
+    model, tok = transformer.load_with_tokenizer(path)
+    chat = transformer.is_chat_model(path)
+    ids = prompt_ids([{"role": "user", "content": prompt}], tok) if chat else tok.encode(prompt)
+    done = generate(model, [ids], SamplingConfig(max_new_tokens=CONTINUATION),
+                    stop_token_ids=stop_ids(tok) if chat else [tok.eos_id])
+    ids = (ids + done.completions[0].ids)[-model.cfg.max_position_embeddings:]
+    _recording(model, True)
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    weights = _weights(model)
+    _recording(model, False)
+    return {"tokens": [tok.decode([i]) for i in ids], "weights": weights}
+
+
+def vision_language_model(path: Path, examples: int = 3) -> list[dict]:
+    """For `examples` held-out shapes questions: {image (PIL), question, answer (the model's), grid (layers, rows,
+    cols)}: each layer's attention from the answer's tokens to the image's tokens, averaged over heads and answer
+    tokens, laid out as the image's patch grid."""
+    from mmctl.data import images, vqa
+    from mmctl.data import shapes as generator
+    from mmctl.data.synthetic import BUILTIN_SEED
+    from mmctl.evals.vqa import answers
+    from mmctl.models import transformer
+
+    model, tok = transformer.load_with_tokenizer(path, vision=True)
+    size = model.vision.encoder.image_size
+    out = []
+    for item in generator.items(examples, BUILTIN_SEED, "train", size):
+        pixels = images.pixels(item["image"], size)
+        answer = answers(model, tok, [pixels], [item["question"]])[0]
+        prompt = vqa.prompt(item["question"], tok, model.image_token_id, model.tokens_per_image)
+        reply = tok.encode(answer) or [tok.eos_id]
+        ids = torch.tensor([prompt + reply])
+        _recording(model, True)
+        with torch.no_grad():
+            model(ids, pixels[None])
+        weights = _weights(model)  # (L, H, T, T)
+        _recording(model, False)
+        image = (ids[0] == model.image_token_id).nonzero().flatten()
+        answer_rows = torch.arange(len(prompt), ids.shape[1])
+        to_image = weights[:, :, answer_rows][:, :, :, image].mean(dim=(1, 2))  # (L, image tokens)
+        side = round(len(image) ** 0.5)
+        grid = to_image.view(len(to_image), side, side) if side * side == len(image) else to_image[:, None, :]
+        out.append({"image": item["image"], "question": item["question"], "answer": answer, "expected": item["answer"],
+                    "grid": grid, "share": float(to_image.sum(-1).mean())})
+    return out

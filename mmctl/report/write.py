@@ -1,0 +1,130 @@
+"""The report's outputs: `report.md` with its figures beside it, and the terminal summary (rich tables on a
+terminal, plain lines elsewhere)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mmctl.report.runs import StageRun
+
+
+def attention_maps(found: list[StageRun]) -> tuple[dict, list[str]]:
+    """({language: {run: maps}, vision: {run: examples}}, notes): the pretrained model's and the first sft
+    model's attention on their sample prompts, and the first VLM's on held-out shapes questions. A model that
+    does not load is a note, not a failure: the report is still written."""
+    from mmctl.errors import MmctlError
+    from mmctl.report import attention
+
+    maps, notes = {"language": {}, "vision": {}}, []
+    picks = [next((r for r in found if r.stage == s and r.status == "finished" and (r.path / "model").is_dir()), None)
+             for s in ("pretrain", "sft", "align-vision")]
+    for run in filter(None, picks):
+        try:
+            if run.stage == "align-vision":
+                maps["vision"][run.name] = attention.vision_language_model(run.path / "model")
+            else:
+                prompt = (run.recipe.get("eval") or {}).get("sample_prompt") or "Once upon a time"
+                maps["language"][run.name] = attention.language_model(run.path / "model", prompt)
+        except (MmctlError, OSError, ValueError, RuntimeError) as e:
+            notes.append(f"attention of {run.name} not drawn: {e}")
+    return maps, notes
+
+
+def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sources: list[str]) -> str:
+    lines = ["# mmctl report", "",
+             f"From {', '.join(f'`{s}`' for s in sources)}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
+             "Read from the runs' manifest.json and metrics.jsonl; nothing was re-run.", "",
+             "## Stages", "", "| stage | run | status | time | headline |", "|---|---|---|---|---|"]
+    for s in data["stages"]:
+        lines.append(f"| {s['stage']} | `{s['run']}` | {s['status']} | {_duration(s['seconds'])} | "
+                     f"{_cell(s['headline'])} |")
+    lines += [f"| {stage} | | not run | | |" for stage in data["not_run"]]
+    table = data["eval"]
+    if table["rows"]:
+        lines += ["", "## Evaluation, side by side", "",
+                  "Each cell: the task's headline metric (exact match, multiple-choice accuracy, or bits per byte "
+                  "for perplexity tasks — lower is better) ± its standard error.", "",
+                  "| checkpoint | stage | " + " | ".join(table["columns"]) + " | samples |",
+                  "|---|---|" + "---|" * len(table["columns"]) + "---|"]
+        for row in table["rows"]:
+            cells = [_score(row["cells"].get(task)) for task in table["columns"]]
+            link = f"[samples]({row['samples']})" if row["samples"] else ""
+            lines.append(f"| {row['label']} | {row['stage']} | " + " | ".join(cells) + f" | {link} |")
+    for run, e in data["vision"].items():
+        if not e:
+            continue
+        lines += ["", f"## The VLM per question type ({run})", "", "| type | accuracy | chance |", "|---|---|---|"]
+        lines += [f"| {t} | {v['accuracy']:.2f} | {_num(v.get('chance'), '.2f')} |" for t, v in e["per_type"].items()]
+        lines += ["", "Hallucination rate (\"yes\" to an object that is not there): "
+                  f"{_num(e.get('hallucination_rate'), '.2f')}; accuracy on unseen colour–kind pairs: "
+                  f"{_num(e.get('composition_accuracy'), '.2f')}."]
+    for run, rows in data["quantize"].items():
+        if not rows:
+            continue
+        base = rows[0]["perplexity"]
+        lines += ["", f"## Quantization ({run})", "", "| method | MiB on disk | bits / weight | perplexity | Δ | "
+                  "decode tok/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['bytes'] / 2**20:.2f} | {r['bits']:.2f} | {r['perplexity']:.4f} | "
+                  f"{'' if r['method'] == 'none' else format(r['perplexity'] / base - 1, '+.2%')} | "
+                  f"{_num(r.get('decode_tokens_per_s'), '.0f')} |" for r in rows]
+    if figures:
+        lines += ["", "## Figures"]
+        for title, name in figures:
+            lines += ["", f"### {title}", "", f"![{title}]({name})"]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def terminal(data: dict, report: Path | None) -> None:
+    """The stages and the evaluation on stderr: rich tables on a terminal, plain lines off one (logs, CI)."""
+    from rich.table import Table
+
+    from mmctl.console import console
+
+    table = data["eval"]
+    if console.is_terminal:
+        stages = Table("stage", "run", "status", "time", "headline", title="mmctl report")
+        for s in data["stages"]:
+            stages.add_row(s["stage"], s["run"], s["status"], _duration(s["seconds"]), s["headline"])
+        for stage in data["not_run"]:
+            stages.add_row(stage, "", "not run", "", "")
+        console.print(stages)
+        if table["rows"]:
+            scores = Table("checkpoint", "stage", *table["columns"], title="evaluation")
+            for row in table["rows"]:
+                scores.add_row(row["label"], row["stage"], *[_score(row["cells"].get(t)) for t in table["columns"]])
+            console.print(scores)
+    else:
+        for s in data["stages"]:
+            console.print(f"{s['stage']:<13} {s['status']:<10} {_duration(s['seconds']):>7}  {s['run']}: "
+                          f"{s['headline']}", soft_wrap=True, highlight=False)
+        for stage in data["not_run"]:
+            console.print(f"{stage:<13} not run", highlight=False)
+        for row in table["rows"]:
+            console.print(f"eval {row['label']}: " + ", ".join(f"{t} {_score(c)}" for t, c in row["cells"].items()),
+                          soft_wrap=True, highlight=False)
+    if report is not None:
+        console.print(f"wrote: {report}")
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _num(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _score(cell) -> str:
+    if cell is None:
+        return ""
+    value, stderr, _ = cell
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else "")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
