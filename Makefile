@@ -1,6 +1,6 @@
 # The README's two commands. Each makes a virtual environment in .venv (Python ≥ 3.11 and pip, no GPU, no
 # network but the package registry) and installs what it needs:
-#   make demo    install mmctl (with bitsandbytes, for QLoRA) and run the tiny end-to-end pipeline
+#   make demo    install mmctl (with bitsandbytes, for QLoRA) and run the tiny end-to-end pipeline and its report
 #   make test    install mmctl with its test extras and run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,6 +10,7 @@ export HF_DATASETS_OFFLINE = 1
 
 demo: $(BIN)/mmctl
 	$(MAKE) -C recipes/tiny MMCTL=$(abspath $(BIN))/mmctl
+	@echo "the report: recipes/tiny/out/report/report.md"
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest

@@ -139,12 +139,16 @@ def _locked(lock: Path) -> bool:
 
 
 def lookup(data, path: str):
-    """The value at a dotted `path` into nested dicts; a key holding dots or slashes goes in brackets:
-    `checkpoints[out/sft/model].tasks.arithmetic.exact_match`. None when any step is missing."""
+    """The value at a dotted `path` into nested dicts (and lists, by index); a key holding dots or slashes goes in
+    brackets: `checkpoints[out/sft/model].tasks.arithmetic.exact_match`, `rows.1.perplexity`. None when any step
+    is missing."""
     for key in _split(path):
-        if not isinstance(data, dict) or key not in data:
+        if isinstance(data, list) and key.isdigit() and int(key) < len(data):
+            data = data[int(key)]
+        elif isinstance(data, dict) and key in data:
+            data = data[key]
+        else:
             return None
-        data = data[key]
     return data
 
 

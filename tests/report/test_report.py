@@ -108,9 +108,10 @@ def test_floors_pass_fail_and_name_what_is_missing(out, tmp_path):
         {"run": "align-vision", "value": "evaluation.per_type.colour.accuracy", "min": 0.8},
         {"run": "sft", "value": "final.val_loss", "max": 3.0},
         {"run": "rl-dpo", "value": "final.val_loss", "max": 1.0},
-        {"run": "eval", "value": "checkpoints[out/pretrain/model].tasks.arithmetic.exact_match", "min": 0.01}]))
+        {"run": "eval", "value": "checkpoints[out/pretrain/model].tasks.arithmetic.exact_match", "min": 0.01},
+        {"run": "quantize", "value": "rows.1.perplexity", "max": 2.1}]))
     results = floors.check(floors.read(path), runs.find([out]))
-    assert [r["ok"] for r in results] == [True, False, False, False, True]
+    assert [r["ok"] for r in results] == [True, False, False, False, True, True]
     assert [r["problem"] for r in results[1:4]] == ["", "the run is unfinished", "no run dir of that name"]
     assert floors.describe(results[1]) == "align-vision evaluation.per_type.colour.accuracy = 0.7, floor ≥ 0.8"
 
