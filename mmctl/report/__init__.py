@@ -144,9 +144,11 @@ def run(paths: list[str | Path], out: Path, floors_file: Path | None = None, att
         emit_json(data)
     else:
         write.terminal(data, out / "report.md")
-        for result in data["floors"]:
+        from rich.markup import escape
+
+        for result in data["floors"]:  # (escaped: a path like checkpoints[out/sft/model] is not markup)
             console.print(("[green]floor ok[/green]: " if result["ok"] else "[red]floor missed[/red]: ")
-                          + floors.describe(result), soft_wrap=True, highlight=False)
+                          + escape(floors.describe(result)), soft_wrap=True, highlight=False)
     missed = [floors.describe(r) for r in data["floors"] if not r["ok"]]
     if missed:
         raise DataError(*[f"floor missed: {m}" for m in missed])
