@@ -8,6 +8,7 @@ seconds.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -22,9 +23,19 @@ console = Console(stderr=True, highlight=False,
 
 
 def emit_json(obj: Any) -> None:
-    """Print one machine-readable JSON object on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    """Print one machine-readable JSON object on stdout (strict JSON: a NaN or infinity is null, as jq expects)."""
+    sys.stdout.write(json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def format_duration(seconds: float) -> str:

@@ -14,11 +14,15 @@ from mmctl.report.runs import CURRICULUM, StageRun, lookup
 def stage_summary(run: StageRun) -> dict:
     """{stage, run, status, seconds, headline, metrics}: the number that says whether the stage worked."""
     r, metrics = run.results, {}
-    final = r.get("final") or {}
+    final = r.get("final") if isinstance(r.get("final"), dict) else {}
+    if run.status == "unreadable":
+        return _row(run, run.problem, metrics)
     if run.status != "finished":
-        last = run.training()[-1] if run.training() else {}
-        headline = (f"stopped at step {last['step']} (loss {last['loss']:.3f})" if last else "stopped before a step")
-        return _row(run, headline + (" — still running" if run.status == "running" else ""), metrics)
+        last = run.training()[-1] if run.training() else None
+        at = f"step {last['step']} (loss {_num(last['loss'])})" if last else None
+        headline = ((f"at {at}" if at else "started") if run.status == "running" else
+                    f"stopped at {at}" if at else "stopped before logging a step")
+        return _row(run, headline, metrics)
     if run.stage == "account":
         metrics = {"parameters": r.get("params.total")}
     elif run.stage == "tokenize":
@@ -34,13 +38,31 @@ def stage_summary(run: StageRun) -> dict:
         metrics = {"accuracy": e.get("accuracy"), "hallucination_rate": e.get("hallucination_rate"),
                    "composition_accuracy": e.get("composition_accuracy")}
     elif run.stage == "quantize":
-        base = next((row for row in r.get("rows", []) if row["method"] == "none"), None)
-        metrics = {row["name"]: row["perplexity"] / base["perplexity"] - 1 for row in r.get("rows", [])
-                   if base and row is not base}
+        rows, base = quantize_rows(r)
+        metrics = {row["name"]: change(row, base) for row in rows if row is not base}
     elif run.stage == "eval":
-        metrics = {"checkpoints": len(r.get("checkpoints", {})),
-                   "tasks": len({t for c in r.get("checkpoints", {}).values() for t in c.get("tasks", {})})}
+        checkpoints = r.get("checkpoints") if isinstance(r.get("checkpoints"), dict) else {}
+        metrics = {"checkpoints": len(checkpoints),
+                   "tasks": len({t for c in checkpoints.values() if isinstance(c, dict) for t in c.get("tasks") or {}})}
     return _row(run, _headline(run.stage, metrics), metrics)
+
+
+def quantize_rows(results: dict) -> tuple[list[dict], dict | None]:
+    """A quantize run's rows (those that are dicts) and its unquantized row (method none), if it has one."""
+    rows = [row for row in results.get("rows") or [] if isinstance(row, dict)]
+    return rows, next((row for row in rows if row.get("method") == "none"), None)
+
+
+def change(row: dict, base: dict | None) -> float | None:
+    """A quantized row's perplexity against the unquantized one's, as a fraction (+0.01 = 1% worse)."""
+    try:
+        return row["perplexity"] / base["perplexity"] - 1
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _num(v) -> str:
+    return "—" if not isinstance(v, int | float) else format(v, ".3f")
 
 
 def _row(run: StageRun, headline: str, metrics: dict) -> dict:
@@ -55,7 +77,8 @@ def _headline(stage: str, m: dict) -> str:
         return f"{v:,}" if isinstance(v, int) else format(v, ".3f")
 
     if stage == "quantize":
-        return ", ".join(f"{k} {v:+.2%}" for k, v in m.items()) + " perplexity vs unquantized"
+        return ", ".join(f"{k} {'—' if v is None else format(v, '+.2%')}" for k, v in m.items()) + \
+            " perplexity vs unquantized"
     if stage == "eval":
         return f"{m['checkpoints']} checkpoints × {m['tasks']} tasks"
     parts = [f"{k.replace('_', ' ')} {num(v)}" for k, v in m.items() if v is not None]
@@ -71,14 +94,15 @@ def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
         if run.stage != "eval" or run.status != "finished":
             continue
         samples = run.path / "samples.jsonl"
-        for checkpoint, scored in (run.results.get("checkpoints") or {}).items():
+        checkpoints = run.results.get("checkpoints")
+        for checkpoint, scored in (checkpoints if isinstance(checkpoints, dict) else {}).items():
             row = rows.setdefault(checkpoint, {"checkpoint": checkpoint, "label": _label(checkpoint),
                                                "stage": _stage_of(checkpoint, run.path, made_by), "cells": {},
                                                "samples": _relative(samples, relative_to) if samples.is_file()
                                                else None})
-            for task, result in (scored.get("tasks") or {}).items():
+            for task, result in ((scored or {}).get("tasks") or {}).items():
                 metric = next((m for m in ("exact_match", "acc", "accuracy", "bits_per_byte") if m in result), None)
-                if metric is None:
+                if metric is None or task in row["cells"]:  # a checkpoint two evals scored: the first run's cell
                     continue
                 row["cells"][task] = (result[metric], result.get(f"{metric}_stderr"), metric)
                 if task not in columns:
@@ -118,7 +142,7 @@ def build(found: list[StageRun], out: Path | None = None) -> dict:
     ran = {r.stage for r in found}
     vision = {r.name: r.results.get("evaluation") for r in found
               if r.stage == "align-vision" and r.status == "finished"}
-    quant = {r.name: r.results.get("rows") for r in found if r.stage == "quantize" and r.status == "finished"}
+    quant = {r.name: quantize_rows(r.results)[0] for r in found if r.stage == "quantize" and r.status == "finished"}
     return {"stages": [stage_summary(r) for r in found], "not_run": [s for s in CURRICULUM if s not in ran],
             "eval": eval_table(found, out), "vision": vision, "quantize": quant, "figures": figures.series(found)}
 

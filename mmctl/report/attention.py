@@ -50,34 +50,36 @@ def language_model(path: Path, prompt: str) -> dict:
 
 
 def vision_language_model(path: Path, examples: int = 3) -> list[dict]:
-    """For `examples` held-out shapes questions: {image (PIL), question, answer (the model's), grid (layers, rows,
-    cols)}: each layer's attention from the answer's tokens to the image's tokens, averaged over heads and answer
-    tokens, laid out as the image's patch grid."""
+    """For `examples` held-out shapes questions: {image (PIL), question, answer (the model's greedy one), expected,
+    grid (layers, rows, cols)}: each layer's attention, while the model says its answer, to the image's tokens —
+    averaged over heads and the answer's tokens, laid out as the image's patch grid."""
     from mmctl.data import images, vqa
     from mmctl.data import shapes as generator
+    from mmctl.data.chat import stop_ids
     from mmctl.data.synthetic import BUILTIN_SEED
-    from mmctl.evals.vqa import answers
+    from mmctl.generate import SamplingConfig, completion_text, generate
     from mmctl.models import transformer
 
     model, tok = transformer.load_with_tokenizer(path, vision=True)
     size = model.vision.encoder.image_size
+    side = round(model.tokens_per_image ** 0.5)
+    if side * side != model.tokens_per_image:
+        raise ValueError(f"its {model.tokens_per_image} image tokens are not a square grid")
     out = []
     for item in generator.items(examples, BUILTIN_SEED, "train", size):
         pixels = images.pixels(item["image"], size)
-        answer = answers(model, tok, [pixels], [item["question"]])[0]
         prompt = vqa.prompt(item["question"], tok, model.image_token_id, model.tokens_per_image)
-        reply = tok.encode(answer) or [tok.eos_id]
-        ids = torch.tensor([prompt + reply])
+        done = generate(model, [prompt], SamplingConfig(max_new_tokens=8), stop_token_ids=stop_ids(tok),
+                        pixels=pixels[None]).completions[0]
+        ids = torch.tensor([prompt + done.ids])
         _recording(model, True)
         with torch.no_grad():
             model(ids, pixels[None])
         weights = _weights(model)  # (L, H, T, T)
         _recording(model, False)
         image = (ids[0] == model.image_token_id).nonzero().flatten()
-        answer_rows = torch.arange(len(prompt), ids.shape[1])
-        to_image = weights[:, :, answer_rows][:, :, :, image].mean(dim=(1, 2))  # (L, image tokens)
-        side = round(len(image) ** 0.5)
-        grid = to_image.view(len(to_image), side, side) if side * side == len(image) else to_image[:, None, :]
-        out.append({"image": item["image"], "question": item["question"], "answer": answer, "expected": item["answer"],
-                    "grid": grid, "share": float(to_image.sum(-1).mean())})
+        saying = torch.arange(len(prompt) - 1, ids.shape[1] - 1)  # the positions whose next token is the answer's
+        to_image = weights[:, :, saying][:, :, :, image].mean(dim=(1, 2))  # (L, image tokens)
+        out.append({"image": item["image"], "question": item["question"], "expected": item["answer"],
+                    "answer": completion_text(tok, done).strip(), "grid": to_image.view(len(to_image), side, side)})
     return out

@@ -3,6 +3,7 @@ then the pictures (matplotlib, drawn off-screen into PNG files)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from mmctl.report.runs import StageRun
@@ -11,38 +12,50 @@ TRAINING = ("pretrain", "sft", "rl", "align-vision")
 
 
 def series(runs: list[StageRun]) -> dict:
-    """Every figure's data, by figure, then by run name (runs without the data are left out)."""
+    """Every figure's data, by figure, then by run name (runs without the data are left out; points whose values
+    are not finite numbers are skipped)."""
+    from mmctl.report import quantize_rows
+
     out = {"loss": {}, "optimizer": {}, "grpo": {}, "dpo": {}, "vision": {}, "quantize": {}, "account": {}}
     for run in runs:
         train = run.training()
         if run.stage in TRAINING and train:
             tokens_at = {r["step"]: r.get("tokens") for r in train}
-            out["loss"][run.name] = {
-                "train": [(r["tokens"], r["loss"]) for r in train if r.get("tokens") is not None],
-                "val": [(_tokens(tokens_at, r["step"]), r["val_loss"]) for r in run.validation()
-                        if _tokens(tokens_at, r["step"]) is not None]}
-            out["optimizer"][run.name] = {"lr": [(r["step"], r["lr"]) for r in train if "lr" in r],
-                                          "grad_norm": [(r["step"], r["grad_norm"]) for r in train
-                                                        if r.get("grad_norm") is not None]}
+            validation = [{**r, "tokens": _tokens(tokens_at, r["step"])} for r in run.validation()]
+            out["loss"][run.name] = {"train": _points(train, "tokens", "loss"),
+                                     "val": _points(validation, "tokens", "val_loss")}
+            out["optimizer"][run.name] = {"lr": _points(train, "step", "lr"),
+                                          "grad_norm": _points(train, "step", "grad_norm")}
         if run.stage == "rl" and any("reward" in r for r in train):
-            out["grpo"][run.name] = {key: [(r["step"], r[field]) for r in train if r.get(field) is not None]
-                                     for key, field in (("reward", "reward"), ("kl", "kl"),
-                                                        ("completion_length", "completions/mean_length"))}
+            out["grpo"][run.name] = {"reward": _points(train, "step", "reward"), "kl": _points(train, "step", "kl"),
+                                     "completion_length": _points(train, "step", "completions/mean_length")}
         if run.stage == "rl" and any("rewards/margins" in r for r in train):
-            out["dpo"][run.name] = {key: [(r["step"], r[field]) for r in train if r.get(field) is not None]
-                                    for key, field in (("margin", "rewards/margins"),
-                                                       ("accuracy", "rewards/accuracies"))}
-        per_type = (run.results.get("evaluation") or {}).get("per_type")
-        if run.stage == "align-vision" and per_type:
-            out["vision"][run.name] = {t: (v["accuracy"], v.get("chance")) for t, v in per_type.items()}
-        if run.stage == "quantize" and run.results.get("rows"):
-            out["quantize"][run.name] = [(r["name"], r["bytes"], r["perplexity"]) for r in run.results["rows"]]
-        throughput, memory = run.results.get("throughput") or {}, run.results.get("memory") or {}
-        if throughput.get("measured_tok_s") and throughput.get("tok_s_at_peak"):
+            out["dpo"][run.name] = {"margin": _points(train, "step", "rewards/margins"),
+                                    "accuracy": _points(train, "step", "rewards/accuracies")}
+        evaluation = run.results.get("evaluation")
+        per_type = evaluation.get("per_type") if isinstance(evaluation, dict) else None
+        if run.stage == "align-vision" and isinstance(per_type, dict):
+            out["vision"][run.name] = {t: (v.get("accuracy"), v.get("chance")) for t, v in per_type.items()
+                                       if isinstance(v, dict)}
+        rows = quantize_rows(run.results)[0] if run.stage == "quantize" else []
+        if rows:
+            out["quantize"][run.name] = [(r.get("name"), r["bytes"], r["perplexity"]) for r in rows
+                                         if _finite(r.get("bytes")) and _finite(r.get("perplexity"))]
+        throughput, memory = (run.results.get(k) if isinstance(run.results.get(k), dict) else {}
+                              for k in ("throughput", "memory"))
+        if _finite(throughput.get("measured_tok_s")) and _finite(throughput.get("tok_s_at_peak")):
             out["account"][run.name] = {
                 "tok_s": (throughput["tok_s_at_peak"], throughput["measured_tok_s"]),
                 "memory": (memory.get("predicted_peak_bytes"), memory.get("measured_peak_rss_bytes"))}
     return {name: data for name, data in out.items() if data}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _points(records: list[dict], x: str, y: str) -> list[tuple]:
+    return [(r[x], r[y]) for r in records if _finite(r.get(x)) and _finite(r.get(y))]
 
 
 def _tokens(tokens_at: dict, step: int):
@@ -102,7 +115,7 @@ def draw(data: dict, attention: dict, out: Path) -> list[tuple[str, str]]:
         fig, axes = _grid(plt, len(data["vision"]))
         for ax, (run, per_type) in zip(axes, data["vision"].items(), strict=False):
             names = list(per_type)
-            ax.bar(names, [per_type[n][0] for n in names], label="accuracy")
+            ax.bar(names, [per_type[n][0] if _finite(per_type[n][0]) else 0 for n in names], label="accuracy")
             ax.scatter(names, [per_type[n][1] if per_type[n][1] is not None else float("nan") for n in names],
                        color="black", marker="_", s=400, label="chance", zorder=3)
             ax.set(title=run, ylim=(0, 1), ylabel="accuracy")
@@ -123,11 +136,11 @@ def draw(data: dict, attention: dict, out: Path) -> list[tuple[str, str]]:
             predicted = [(data["account"][r][key][0] or 0) / scale for r in runs]
             measured = [(data["account"][r][key][1] or 0) / scale for r in runs]
             x = range(len(runs))
-            ax.bar([i - 0.2 for i in x], predicted, 0.4, label="predicted (account)")
+            ax.bar([i - 0.2 for i in x], predicted, 0.4, label="predicted (account's formulas)")
             ax.bar([i + 0.2 for i in x], measured, 0.4, label="measured")
             ax.set_xticks(list(x), runs)
-            ax.set(ylabel=unit, title="throughput (predicted: at the matmul peak)" if key == "tok_s" else
-                   "peak memory (measured: process RSS)")
+            ax.set(ylabel=unit, title="throughput (predicted: account's FLOPs per token at the measured matmul peak)"
+                   if key == "tok_s" else "peak memory (measured: process RSS)")
             ax.legend(fontsize=7)
         save(fig, "account.png", "mmctl account's predictions against what training measured")
     for run, maps in attention.get("language", {}).items():
@@ -149,9 +162,12 @@ def _grid(plt, n: int):
     return fig, list(axes.flat)
 
 
+MAX_PANELS = 8  # layers and heads drawn at most (the first ones): a 32 × 32 grid is not a picture anyone reads
+
+
 def _attention_grid(plt, maps: dict):
     weights, tokens = maps["weights"], [repr(t)[1:-1] for t in maps["tokens"]]
-    layers, heads = weights.shape[:2]
+    layers, heads = (min(n, MAX_PANELS) for n in weights.shape[:2])
     fig, axes = plt.subplots(layers, heads, figsize=(1.6 * heads + 1.5, 1.6 * layers + 1), squeeze=False)
     for i in range(layers):
         for j in range(heads):

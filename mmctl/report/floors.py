@@ -46,10 +46,11 @@ def check(checks: list[dict], found: list[StageRun]) -> list[dict]:
     for c in checks:
         run = by_name.get(c["run"])
         value = lookup(run.results, c["value"]) if run is not None and run.status == "finished" else None
-        ok = isinstance(value, int | float) and math.isfinite(value) and value >= c.get("min", -math.inf) \
-            and value <= c.get("max", math.inf)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        ok = number and math.isfinite(value) and c.get("min", -math.inf) <= value <= c.get("max", math.inf)
         why = ("no run dir of that name" if run is None else f"the run is {run.status}" if run.status != "finished"
-               else "no such value in its results" if value is None else "")
+               else "no such value in its results" if value is None
+               else f"not a number ({type(value).__name__})" if not number else "")
         out.append({**c, "found": value, "ok": bool(ok), "problem": why})
     return out
 

@@ -21,7 +21,8 @@ CURRICULUM = ("account", "tokenize", "pretrain", "sft", "rl", "align-vision", "q
 @dataclass
 class StageRun:
     """One stage's output dir. status: finished (manifest.json written) | running (its writer holds the lock) |
-    unfinished (started, never finished: stopped, killed or failed)."""
+    unfinished (started, never finished: stopped, killed or failed) | unreadable (a manifest.json that does not
+    parse: `problem` says why)."""
 
     path: Path
     stage: str
@@ -29,6 +30,7 @@ class StageRun:
     manifest: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     metrics: list[dict] = field(default_factory=list)
+    problem: str = ""
 
     @property
     def name(self) -> str:
@@ -36,7 +38,8 @@ class StageRun:
 
     @property
     def results(self) -> dict:
-        return self.manifest.get("results") or {}
+        results = self.manifest.get("results")
+        return results if isinstance(results, dict) else {}
 
     @property
     def seconds(self) -> float | None:
@@ -82,22 +85,22 @@ def _is_run(path: Path) -> bool:
 
 
 def read(path: Path) -> StageRun:
-    manifest = _json(path / MANIFEST) if (path / MANIFEST).is_file() else {}
-    recipe = manifest.get("recipe") or _yaml(path / "recipe.yaml")
+    manifest, problem = _json(path / MANIFEST) if (path / MANIFEST).is_file() else ({}, "")
+    recipe = manifest.get("recipe")
+    recipe = recipe if isinstance(recipe, dict) else _yaml(path / "recipe.yaml")
     stage = manifest.get("stage") or recipe.get("stage") or "?"
-    status = "finished" if manifest else ("running" if _locked(path / LOCK) else "unfinished")
-    return StageRun(path, str(stage), status, manifest, recipe if isinstance(recipe, dict) else {},
-                    _jsonl(path / "metrics.jsonl"))
+    status = ("unreadable" if problem else "finished" if manifest else
+              "running" if _locked(path / LOCK) else "unfinished")
+    return StageRun(path, str(stage), status, manifest, recipe, _jsonl(path / "metrics.jsonl"), problem)
 
 
-def _json(path: Path) -> dict:
+def _json(path: Path) -> tuple[dict, str]:
+    """(the object, "") or ({}, why not): one unreadable manifest is shown as such, not the end of the report."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return data
+        return {}, f"{path.name} is not readable JSON ({e})"
+    return (data, "") if isinstance(data, dict) else ({}, f"{path.name} is not a JSON object")
 
 
 def _yaml(path: Path) -> dict:
@@ -129,7 +132,7 @@ def _locked(lock: Path) -> bool:
 
     if not lock.is_file():
         return False
-    with open(lock, "a") as f:
+    with open(lock) as f:  # (read access is enough for flock: a read-only copy of the runs works)
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -139,12 +142,15 @@ def _locked(lock: Path) -> bool:
 
 
 def lookup(data, path: str):
-    """The value at a dotted `path` into nested dicts (and lists, by index); a key holding dots or slashes goes in
-    brackets: `checkpoints[out/sft/model].tasks.arithmetic.exact_match`, `rows.1.perplexity`. None when any step
-    is missing."""
+    """The value at a dotted `path` into nested dicts, and lists (an item by index, or the item whose `name` it is);
+    a key holding dots or slashes goes in brackets: `checkpoints[out/sft/model].tasks.arithmetic.exact_match`,
+    `rows[rtn-8bit].perplexity`. None when any step is missing."""
     for key in _split(path):
-        if isinstance(data, list) and key.isdigit() and int(key) < len(data):
-            data = data[int(key)]
+        if isinstance(data, list):
+            named = [d for d in data if isinstance(d, dict) and d.get("name") == key]
+            data = named[0] if named else data[int(key)] if key.isdigit() and int(key) < len(data) else None
+            if data is None:
+                return None
         elif isinstance(data, dict) and key in data:
             data = data[key]
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from mmctl.report import change, quantize_rows
 from mmctl.report.runs import StageRun
 
 
@@ -62,11 +63,12 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
     for run, rows in data["quantize"].items():
         if not rows:
             continue
-        base = rows[0]["perplexity"]
+        _, base = quantize_rows({"rows": rows})
         lines += ["", f"## Quantization ({run})", "", "| method | MiB on disk | bits / weight | perplexity | Δ | "
                   "decode tok/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['bytes'] / 2**20:.2f} | {r['bits']:.2f} | {r['perplexity']:.4f} | "
-                  f"{'' if r['method'] == 'none' else format(r['perplexity'] / base - 1, '+.2%')} | "
+        lines += [f"| {r.get('name')} | {_num((r.get('bytes') or 0) / 2**20, '.2f')} | {_num(r.get('bits'), '.2f')} | "
+                  f"{_num(r.get('perplexity'), '.4f')} | "
+                  f"{'' if r is base or change(r, base) is None else format(change(r, base), '+.2%')} | "
                   f"{_num(r.get('decode_tokens_per_s'), '.0f')} |" for r in rows]
     if figures:
         lines += ["", "## Figures"]
@@ -116,7 +118,7 @@ def _duration(seconds) -> str:
 
 
 def _num(value, fmt: str) -> str:
-    return "—" if value is None else format(value, fmt)
+    return format(value, fmt) if isinstance(value, int | float) else "—"
 
 
 def _score(cell) -> str:

@@ -109,10 +109,14 @@ def test_floors_pass_fail_and_name_what_is_missing(out, tmp_path):
         {"run": "sft", "value": "final.val_loss", "max": 3.0},
         {"run": "rl-dpo", "value": "final.val_loss", "max": 1.0},
         {"run": "eval", "value": "checkpoints[out/pretrain/model].tasks.arithmetic.exact_match", "min": 0.01},
-        {"run": "quantize", "value": "rows.1.perplexity", "max": 2.1}]))
+        {"run": "quantize", "value": "rows.1.perplexity", "max": 2.1},
+        {"run": "quantize", "value": "rows[rtn-8bit].perplexity", "max": 2.01},
+        {"run": "pretrain", "value": "final", "min": 0}]))
     results = floors.check(floors.read(path), runs.find([out]))
-    assert [r["ok"] for r in results] == [True, False, False, False, True, True]
+    assert [r["ok"] for r in results] == [True, False, False, False, True, True, False, False]
     assert [r["problem"] for r in results[1:4]] == ["", "the run is unfinished", "no run dir of that name"]
+    assert results[6]["found"] == 2.02 and results[7]["problem"] == "not a number (dict)"
+    assert floors.describe(results[7]) == "pretrain final = not a number (dict), floor ≥ 0"
     assert floors.describe(results[1]) == "align-vision evaluation.per_type.colour.accuracy = 0.7, floor ≥ 0.8"
 
 
@@ -162,3 +166,16 @@ def test_attention_of_a_checkpoint_on_its_prompt(checkpoint):
     assert w.shape[:2] == (2, 4) and w.shape[2] == w.shape[3] == len(maps["tokens"])
     torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:3]))  # each query's weights are a distribution
     assert torch.triu(w, diagonal=1).abs().max() == 0  # and never look ahead
+
+
+def test_an_unreadable_manifest_or_odd_values_are_shown_not_a_crash(out, tmp_path):
+    (out / "quantize" / "manifest.json").write_text('{"stage": "quantize", "resu')  # cut short
+    run_dir(out, "sft-nan", "sft", {"final": {"val_loss": float("nan")}, "rows": None, "checkpoints": None},
+            [{"step": 1, "loss": float("nan"), "lr": 1e-3, "tokens": 10}, {"step": 2, "loss": 1.0, "tokens": 20}])
+    result = mmctl("report", str(out), "--out", str(tmp_path / "r"), "--no-attention", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)  # strict JSON: NaN is null
+    by_run = {Path(s["run"]).name: s for s in data["stages"]}
+    assert by_run["quantize"]["status"] == "unreadable" and "not readable JSON" in by_run["quantize"]["headline"]
+    assert by_run["sft-nan"]["metrics"]["val_loss"] is None
+    assert data["figures"]["loss"]["sft-nan"]["train"] == [[20, 1.0]]  # the NaN point is left out

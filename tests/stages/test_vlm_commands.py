@@ -105,3 +105,14 @@ def test_generate_answers_about_an_image_as_eval_does(vlm_dir, tmp_path):
     for image, fragment in ((tmp_path / "none.png", "image not found"), (tmp_path, "not a readable image")):
         out = mmctl("generate", str(vlm_dir), "--image", str(image), "-p", "What is it?")
         assert out.returncode == 3 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_the_reports_vlm_attention_is_a_share_of_each_answer_token_over_the_patch_grid(vlm_dir):
+    from mmctl.report import attention
+
+    examples = attention.vision_language_model(vlm_dir, examples=2)
+    assert len(examples) == 2
+    for ex in examples:
+        assert ex["grid"].shape == (2, 4, 4)  # (layers, rows, cols): 16-px images, 4-px patches
+        assert (ex["grid"] >= 0).all() and (ex["grid"].sum(dim=(1, 2)) <= 1 + 1e-5).all()
+        assert ex["expected"] and isinstance(ex["answer"], str)
