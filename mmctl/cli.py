@@ -320,6 +320,11 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the checkpoint's chat template."),
     image: str | None = typer.Option(None, "--image", help="Ask each prompt about this image (a vision-language "
                                                            "model, from align-vision)."),
+    draft: str | None = typer.Option(None, "--draft", help="A small checkpoint with the same tokenizer: "
+                                                           "speculative decoding (greedy; the same tokens, fewer "
+                                                           "target forwards)."),
+    draft_tokens: int | None = typer.Option(None, "--draft-tokens", help="Tokens the draft guesses per check "
+                                                                         "(default 4)."),
     device: str | None = DEVICE, as_json: bool = JSON,
 ) -> None:
     """Sample from a checkpoint (KV cache; batched prompts are left-padded); output streams to the terminal."""
@@ -327,6 +332,7 @@ def generate(
 
     texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
     overrides = _flags({"checkpoint": checkpoint, "prompts": texts, "chat": chat, "image": image, "device": device,
+                        "draft": draft, "draft_tokens": draft_tokens,
                         "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature,
                         "sampling.top_k": top_k, "sampling.top_p": top_p,
                         "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed,

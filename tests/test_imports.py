@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mmctl"
 LAYERS = [{"cli", "__main__"}, {"stages"}, {"finetune", "rl", "evals", "report"},
-          {"data", "models", "train", "quant", "generate", "accounting"},
+          {"data", "models", "train", "quant", "generate", "speculative", "accounting"},
           {"recipe", "artifacts", "runtime", "tokenizer", "presets"}, {"console", "errors", "__init__"}]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
 

@@ -4,6 +4,9 @@ Prompts come from `--prompt` or a file (`--prompts`, one per line, or jsonl with
 are decoded together as one left-padded batch. `--chat` wraps each prompt as a user turn through the
 checkpoint's chat template. `--image PATH` asks a vision-language model (an align-vision output) each prompt
 about the image, through its chat template. Decoding itself lives in `mmctl/generate.py`, shared with eval and RL.
+`--draft DIR` decodes greedily with speculative decoding (`mmctl/speculative.py`): a small model with the same
+tokenizer guesses `--draft-tokens` tokens at a time and the checkpoint checks them — the same tokens, in fewer
+forwards of the large model; the acceptance rate is reported.
 """
 
 from __future__ import annotations
@@ -28,9 +31,16 @@ class GenerateConfig:
     image: str | None = option(None, "an image file each prompt asks about (a vision-language model; implies chat)")
     device: Literal["auto", "cpu", "cuda", "mps"] = option("auto", "auto: cuda, then mps, then cpu")
     sampling: SamplingConfig = option(SamplingConfig, "how tokens are picked (mmctl/generate.py)")
+    draft: str | None = option(None, "a small checkpoint with the same tokenizer: speculative decoding (greedy)")
+    draft_tokens: int = option(4, "speculative decoding: tokens the draft guesses per check", ge=1, le=64)
 
     def check(self) -> list[tuple[str, str]]:
-        return [] if self.prompts else [("prompts", "missing required value: --prompt TEXT or --prompts FILE")]
+        problems = [] if self.prompts else [("prompts", "missing required value: --prompt TEXT or --prompts FILE")]
+        s = self.sampling
+        if self.draft and (s.temperature or s.repetition_penalty != 1.0 or s.stop_strings or self.image):
+            problems.append(("draft", "speculative decoding here is greedy, on text: drop --temperature, "
+                                      "--repetition-penalty, --stop and --image (or --draft)"))
+        return problems
 
 
 def read_prompts(path: str) -> list[str]:
@@ -67,6 +77,8 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
         ids = [tok.encode(p) for p in cfg.prompts]
     chat = cfg.chat or cfg.image is not None
     stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | set(stop_ids(tok) if chat else [tok.eos_id]))
+    if cfg.draft:
+        return _speculative(cfg, model, tok, ids, stops)
     printer = _Streamer(tok, cfg.prompts[0]) if not options.json and len(ids) == 1 else None
     out = generate(model, ids, cfg.sampling, stop_token_ids=stops, decode=tok.decode,
                    on_tokens=printer.add if printer else None, pixels=pixels)
@@ -77,6 +89,38 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
                    for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
     return StageResult(None, {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
                               "decode_tokens_per_s": out.decode_tokens_per_s}, detail={"streamed": printer is not None})
+
+
+def _speculative(cfg: GenerateConfig, model, tok, ids: list[list[int]], stops: list[int]) -> StageResult:
+    """Each prompt on its own (batch 1), the draft guessing; the same tokens as plain greedy decoding."""
+    from mmctl import speculative
+    from mmctl.models import transformer
+    from mmctl.models.vlm import VLM
+
+    if isinstance(model, VLM):
+        raise UsageError(f"--draft: {cfg.checkpoint} is a vision-language model; speculative decoding takes a "
+                         "language model")
+    draft, draft_tok = transformer.load_with_tokenizer(cfg.draft, device=model.device, quantized=True)
+    if draft_tok.sha256 != tok.sha256:
+        raise UsageError(f"--draft: {cfg.draft} has another tokenizer than {cfg.checkpoint}; the draft's guesses "
+                         "must be the target's tokens")
+    runs = [speculative.generate(model, draft, i, cfg.sampling.max_new_tokens, cfg.draft_tokens, stops) for i in ids]
+    completions = [{"prompt": p, "completion": tok.decode(r.completion.ids, skip_special_tokens=True),
+                    "tokens": len(r.completion.ids), "prompt_tokens": len(i),
+                    "finish_reason": r.completion.finish_reason}
+                   for p, i, r in zip(cfg.prompts, ids, runs, strict=True)]
+    drafted, accepted = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
+    tokens, seconds = sum(len(r.completion.ids) for r in runs), sum(r.seconds for r in runs)
+    decoded = tokens - len(runs)  # after each prompt's first token, which the prefill gives (as plain decoding counts)
+    return StageResult(None, {"completions": completions, "time_to_first_token_s": None,
+                              "decode_tokens_per_s": decoded / seconds if seconds and decoded else None,
+                              "speculative": {"draft": cfg.draft, "draft_tokens": cfg.draft_tokens,
+                                              "drafted": drafted, "accepted": accepted,
+                                              "acceptance_rate": accepted / drafted if drafted else None,
+                                              "target_forwards": sum(r.target_forwards for r in runs),
+                                              "tokens_per_target_forward":
+                                                  tokens / max(1, sum(r.target_forwards for r in runs))}},
+                       detail={"streamed": False})
 
 
 def _image_prompts(model, tok, cfg: GenerateConfig):
@@ -127,6 +171,11 @@ def render(result: StageResult) -> None:
     if not result.detail["streamed"]:
         for c in results["completions"]:
             sys.stdout.write(c["prompt"] + c["completion"] + "\n")
-    rate = results["decode_tokens_per_s"]
+    rate, spec = results["decode_tokens_per_s"], results.get("speculative")
+    if spec:
+        console.print(f"speculative: {spec['accepted']} of {spec['drafted']} draft tokens accepted "
+                      f"({spec['acceptance_rate'] or 0:.0%}), {spec['tokens_per_target_forward']:.2f} tokens per "
+                      f"target forward; decode " + (f"{rate:.1f} tokens/s" if rate else "—"))
+        return
     console.print(f"time to first token {results['time_to_first_token_s'] * 1000:.0f} ms; decode "
                   + (f"{rate:.1f} tokens/s" if rate else "—"))

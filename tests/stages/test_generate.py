@@ -60,3 +60,19 @@ def test_non_ascii_prompts_survive_the_command_line(checkpoint):
     out = mmctl(str(checkpoint), "-p", "naïve 🙂 日本", "--max-new-tokens", "2", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["completions"][0]["prompt"] == "naïve 🙂 日本"
+
+
+def test_a_draft_gives_the_same_completions_and_its_acceptance(checkpoint, tmp_path):
+    args = [str(checkpoint), "-p", "Tom", "-p", "What is 2 + 2?", "--max-new-tokens", "12", "--json"]
+    plain = json.loads(mmctl(*args).stdout)
+    fast = mmctl(*args, "--draft", str(checkpoint), "--draft-tokens", "3")
+    assert fast.returncode == 0, fast.stderr
+    fast = json.loads(fast.stdout)
+    assert fast["completions"] == plain["completions"]
+    spec = fast["speculative"]
+    assert spec["acceptance_rate"] == 1.0 and spec["tokens_per_target_forward"] > 1  # the draft is the target
+    refused = mmctl(*args, "--draft", str(checkpoint), "--temperature", "0.7")
+    assert refused.returncode == 2 and "greedy" in refused.stderr and "Traceback" not in refused.stderr
+    (tmp_path / "other").mkdir()
+    missing = mmctl(*args, "--draft", str(tmp_path / "other"))
+    assert missing.returncode == 3 and "Traceback" not in missing.stderr
