@@ -34,12 +34,12 @@ def stage_summary(run: StageRun) -> dict:
             "val_rewards/accuracies", "val_rewards/margins")
         metrics = {k: final.get(k) for k in keys} | {"sample": final.get("sample")}
     elif run.stage == "align-vision":
-        e = r.get("evaluation") or {}
+        e = r.get("evaluation") if isinstance(r.get("evaluation"), dict) else {}
         metrics = {"accuracy": e.get("accuracy"), "hallucination_rate": e.get("hallucination_rate"),
                    "composition_accuracy": e.get("composition_accuracy")}
     elif run.stage == "quantize":
         rows, base = quantize_rows(r)
-        metrics = {row["name"]: change(row, base) for row in rows if row is not base}
+        metrics = {str(row.get("name")): change(row, base) for row in rows if row is not base}
     elif run.stage == "eval":
         checkpoints = r.get("checkpoints") if isinstance(r.get("checkpoints"), dict) else {}
         metrics = {"checkpoints": len(checkpoints),
@@ -74,7 +74,7 @@ def _headline(stage: str, m: dict) -> str:
     def num(v):
         if isinstance(v, str):
             return repr(v if len(v) <= 60 else v[:57] + "…")
-        return f"{v:,}" if isinstance(v, int) else format(v, ".3f")
+        return f"{v:,}" if isinstance(v, int) else format(v, ".3f") if isinstance(v, float) else str(v)
 
     if stage == "quantize":
         return ", ".join(f"{k} {'—' if v is None else format(v, '+.2%')}" for k, v in m.items()) + \
@@ -100,8 +100,10 @@ def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
                                                "stage": _stage_of(checkpoint, run.path, made_by), "cells": {},
                                                "samples": _relative(samples, relative_to) if samples.is_file()
                                                else None})
-            for task, result in ((scored or {}).get("tasks") or {}).items():
-                metric = next((m for m in ("exact_match", "acc", "accuracy", "bits_per_byte") if m in result), None)
+            tasks = scored.get("tasks") if isinstance(scored, dict) else None
+            for task, result in (tasks if isinstance(tasks, dict) else {}).items():
+                metric = next((m for m in ("exact_match", "acc", "accuracy", "bits_per_byte")
+                               if isinstance(result, dict) and m in result), None)
                 if metric is None or task in row["cells"]:  # a checkpoint two evals scored: the first run's cell
                     continue
                 row["cells"][task] = (result[metric], result.get(f"{metric}_stderr"), metric)
@@ -140,8 +142,9 @@ def build(found: list[StageRun], out: Path | None = None) -> dict:
     from mmctl.report import figures
 
     ran = {r.stage for r in found}
-    vision = {r.name: r.results.get("evaluation") for r in found
-              if r.stage == "align-vision" and r.status == "finished"}
+    vision = {r.name: r.results["evaluation"] for r in found if r.stage == "align-vision" and r.status == "finished"
+              and isinstance(r.results.get("evaluation"), dict)
+              and isinstance(r.results["evaluation"].get("per_type"), dict)}
     quant = {r.name: quantize_rows(r.results)[0] for r in found if r.stage == "quantize" and r.status == "finished"}
     return {"stages": [stage_summary(r) for r in found], "not_run": [s for s in CURRICULUM if s not in ran],
             "eval": eval_table(found, out), "vision": vision, "quantize": quant, "figures": figures.series(found)}

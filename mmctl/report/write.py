@@ -56,7 +56,8 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
         if not e:
             continue
         lines += ["", f"## The VLM per question type ({run})", "", "| type | accuracy | chance |", "|---|---|---|"]
-        lines += [f"| {t} | {v['accuracy']:.2f} | {_num(v.get('chance'), '.2f')} |" for t, v in e["per_type"].items()]
+        lines += [f"| {t} | {_num(v.get('accuracy'), '.2f')} | {_num(v.get('chance'), '.2f')} |"
+                  for t, v in e["per_type"].items() if isinstance(v, dict)]
         lines += ["", "Hallucination rate (\"yes\" to an object that is not there): "
                   f"{_num(e.get('hallucination_rate'), '.2f')}; accuracy on unseen colour–kind pairs: "
                   f"{_num(e.get('composition_accuracy'), '.2f')}."]
