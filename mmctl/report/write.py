@@ -82,7 +82,7 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
 
 def terminal(data: dict, report: Path | None) -> None:
     """The stages and the evaluation on stderr: rich tables on a terminal, plain lines off one (logs, CI)."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from mmctl.console import console
 
@@ -95,9 +95,11 @@ def terminal(data: dict, report: Path | None) -> None:
             stages.add_row(stage, "", "not run", "", "")
         console.print(stages)
         if table["rows"]:
-            scores = Table("checkpoint", "stage", *table["columns"], title="evaluation")
+            label = Column("checkpoint", min_width=max(len(r["label"]) for r in table["rows"]))  # never cut
+            scores = Table(label, "stage", *table["columns"], title="evaluation (± in report.md)")
             for row in table["rows"]:
-                scores.add_row(row["label"], row["stage"], *[_score(row["cells"].get(t)) for t in table["columns"]])
+                scores.add_row(row["label"], row["stage"],
+                               *[_score(row["cells"].get(t), stderr=False) for t in table["columns"]])
             console.print(scores)
     else:
         for s in data["stages"]:
@@ -122,11 +124,11 @@ def _num(value, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else "—"
 
 
-def _score(cell) -> str:
+def _score(cell, stderr: bool = True) -> str:
     if cell is None:
         return ""
-    value, stderr, _ = cell
-    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr else "")
+    value, error, _ = cell
+    return _num(value, ".3f") + (f" ± {error:.3f}" if stderr and isinstance(error, int | float) and error else "")
 
 
 def _cell(text: str) -> str:
