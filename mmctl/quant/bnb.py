@@ -152,26 +152,22 @@ def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype, 
     bnb = require("a bitsandbytes checkpoint")
     for name in names:
         module = model.get_submodule(name)
+        shape = (module.in_features, module.out_features)
         if config.get("load_in_8bit"):
             codes, scales = tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.SCB")
             if int(tensors.pop(f"{name}.weight_format", 0)) != 0:
                 raise ValueError(f"{name}.weight_format: only row-major (0) 8-bit weights are read")
-            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
-                                        has_fp16_weights=False, threshold=float(config.get("llm_int8_threshold", 6.0)),
-                                        device="meta")
+            layer = bnb.nn.Linear8bitLt(*shape, bias=module.bias is not None, has_fp16_weights=False,
+                                        threshold=float(config.get("llm_int8_threshold", 6.0)), device="meta")
             layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes,
                                              SCB=scales.float())
-            if module.bias is not None:
-                layer.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
-            replace(model, name, layer)
-            continue
-        prefix = f"{name}.weight."
-        stats = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
-        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=dtype, device="meta")
-        layer.weight = bnb.nn.Params4bit.from_prequantized(tensors.pop(f"{name}.weight"), stats, requires_grad=False,
-                                                           device=device)
+        else:
+            prefix = f"{name}.weight."
+            stats = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+            layer = bnb.nn.Linear4bit(*shape, bias=module.bias is not None, compute_dtype=dtype, device="meta")
+            layer.weight = bnb.nn.Params4bit.from_prequantized(tensors.pop(f"{name}.weight"), stats,
+                                                               requires_grad=False, device=device)
+            layer.support_avx512bf16_for_cpu = False  # the exact dequantize-then-multiply path (see to_4bit)
         if module.bias is not None:
             layer.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
-        layer.support_avx512bf16_for_cpu = False  # the exact dequantize-then-multiply path (see to_4bit)
         replace(model, name, layer)

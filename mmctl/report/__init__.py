@@ -19,7 +19,7 @@ def stage_summary(run: StageRun) -> dict:
         return _row(run, run.problem, metrics)
     if run.status != "finished":
         last = run.training()[-1] if run.training() else None
-        at = f"step {last['step']} (loss {_num(last['loss'])})" if last else None
+        at = f"step {last['step']} (loss {number(last['loss'])})" if last else None
         headline = ((f"at {at}" if at else "started") if run.status == "running" else
                     f"stopped at {at}" if at else "stopped before logging a step")
         return _row(run, headline, metrics)
@@ -61,8 +61,9 @@ def change(row: dict, base: dict | None) -> float | None:
         return None
 
 
-def _num(v) -> str:
-    return "—" if not isinstance(v, int | float) else format(v, ".3f")
+def number(value, fmt: str = ".3f") -> str:
+    """A value for a table cell: formatted if it is a number, else a dash."""
+    return format(value, fmt) if isinstance(value, int | float) else "—"
 
 
 def _row(run: StageRun, headline: str, metrics: dict) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mmctl.report import change, quantize_rows
+from mmctl.report import change, number, quantize_rows
 from mmctl.report.runs import StageRun
 
 
@@ -56,21 +56,22 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
         if not e:
             continue
         lines += ["", f"## The VLM per question type ({run})", "", "| type | accuracy | chance |", "|---|---|---|"]
-        lines += [f"| {t} | {_num(v.get('accuracy'), '.2f')} | {_num(v.get('chance'), '.2f')} |"
+        lines += [f"| {t} | {number(v.get('accuracy'), '.2f')} | {number(v.get('chance'), '.2f')} |"
                   for t, v in e["per_type"].items() if isinstance(v, dict)]
         lines += ["", "Hallucination rate (\"yes\" to an object that is not there): "
-                  f"{_num(e.get('hallucination_rate'), '.2f')}; accuracy on unseen colour–kind pairs: "
-                  f"{_num(e.get('composition_accuracy'), '.2f')}."]
+                  f"{number(e.get('hallucination_rate'), '.2f')}; accuracy on unseen colour–kind pairs: "
+                  f"{number(e.get('composition_accuracy'), '.2f')}."]
     for run, rows in data["quantize"].items():
         if not rows:
             continue
         _, base = quantize_rows({"rows": rows})
         lines += ["", f"## Quantization ({run})", "", "| method | MiB on disk | bits / weight | perplexity | Δ | "
                   "decode tok/s |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r.get('name')} | {_num((r.get('bytes') or 0) / 2**20, '.2f')} | {_num(r.get('bits'), '.2f')} | "
-                  f"{_num(r.get('perplexity'), '.4f')} | "
-                  f"{'' if r is base or change(r, base) is None else format(change(r, base), '+.2%')} | "
-                  f"{_num(r.get('decode_tokens_per_s'), '.0f')} |" for r in rows]
+        for r in rows:
+            delta = "" if r is base or change(r, base) is None else format(change(r, base), "+.2%")
+            lines.append(f"| {r.get('name')} | {number((r.get('bytes') or 0) / 2**20, '.2f')} | "
+                         f"{number(r.get('bits'), '.2f')} | {number(r.get('perplexity'), '.4f')} | {delta} | "
+                         f"{number(r.get('decode_tokens_per_s'), '.0f')} |")
     if figures:
         lines += ["", "## Figures"]
         for title, name in figures:
@@ -120,15 +121,11 @@ def _duration(seconds) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
-def _num(value, fmt: str) -> str:
-    return format(value, fmt) if isinstance(value, int | float) else "—"
-
-
 def _score(cell, stderr: bool = True) -> str:
     if cell is None:
         return ""
     value, error, _ = cell
-    return _num(value, ".3f") + (f" ± {error:.3f}" if stderr and isinstance(error, int | float) and error else "")
+    return number(value, ".3f") + (f" ± {error:.3f}" if stderr and isinstance(error, int | float) and error else "")
 
 
 def _cell(text: str) -> str:

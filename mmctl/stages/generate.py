@@ -84,11 +84,14 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
                    on_tokens=printer.add if printer else None, pixels=pixels)
     if printer:
         printer.finish()
-    completions = [{"prompt": p, "completion": tok.decode(c.ids, skip_special_tokens=True), "tokens": len(c.ids),
-                    "prompt_tokens": len(i), "finish_reason": c.finish_reason}
-                   for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
+    completions = [_record(tok, p, i, c) for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
     return StageResult(None, {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
                               "decode_tokens_per_s": out.decode_tokens_per_s}, detail={"streamed": printer is not None})
+
+
+def _record(tok, prompt: str, ids: list[int], completion) -> dict:
+    return {"prompt": prompt, "completion": tok.decode(completion.ids, skip_special_tokens=True),
+            "tokens": len(completion.ids), "prompt_tokens": len(ids), "finish_reason": completion.finish_reason}
 
 
 def _speculative(cfg: GenerateConfig, model, tok, ids: list[list[int]], stops: list[int]) -> StageResult:
@@ -105,22 +108,17 @@ def _speculative(cfg: GenerateConfig, model, tok, ids: list[list[int]], stops: l
         raise UsageError(f"--draft: {cfg.draft} has another tokenizer than {cfg.checkpoint}; the draft's guesses "
                          "must be the target's tokens")
     runs = [speculative.generate(model, draft, i, cfg.sampling.max_new_tokens, cfg.draft_tokens, stops) for i in ids]
-    completions = [{"prompt": p, "completion": tok.decode(r.completion.ids, skip_special_tokens=True),
-                    "tokens": len(r.completion.ids), "prompt_tokens": len(i),
-                    "finish_reason": r.completion.finish_reason}
-                   for p, i, r in zip(cfg.prompts, ids, runs, strict=True)]
+    completions = [_record(tok, p, i, r.completion) for p, i, r in zip(cfg.prompts, ids, runs, strict=True)]
     drafted, accepted = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
-    tokens, seconds = sum(len(r.completion.ids) for r in runs), sum(r.seconds for r in runs)
+    tokens, forwards = sum(len(r.completion.ids) for r in runs), sum(r.target_forwards for r in runs)
+    seconds = sum(r.seconds for r in runs)
     decoded = tokens - len(runs)  # after each prompt's first token, which the prefill gives (as plain decoding counts)
+    spec = {"draft": cfg.draft, "draft_tokens": cfg.draft_tokens, "drafted": drafted, "accepted": accepted,
+            "acceptance_rate": accepted / drafted if drafted else None, "target_forwards": forwards,
+            "tokens_per_target_forward": tokens / max(1, forwards)}
     return StageResult(None, {"completions": completions, "time_to_first_token_s": None,
                               "decode_tokens_per_s": decoded / seconds if seconds and decoded else None,
-                              "speculative": {"draft": cfg.draft, "draft_tokens": cfg.draft_tokens,
-                                              "drafted": drafted, "accepted": accepted,
-                                              "acceptance_rate": accepted / drafted if drafted else None,
-                                              "target_forwards": sum(r.target_forwards for r in runs),
-                                              "tokens_per_target_forward":
-                                                  tokens / max(1, sum(r.target_forwards for r in runs))}},
-                       detail={"streamed": False})
+                              "speculative": spec}, detail={"streamed": False})
 
 
 def _image_prompts(model, tok, cfg: GenerateConfig):
