@@ -6,7 +6,8 @@ one prefill, then decoded one token per row per step against a preallocated KV c
 temperature, top-k, top-p, as its logits processors do), so greedy output matches `generate(do_sample=False)`
 token for token. Randomness comes only from a seeded `torch.Generator`: the same seed gives the same samples.
 
-Leaves out: beam search, min-p / typical sampling, speculative decoding, and per-row settings within a batch.
+Leaves out: beam search, min-p / typical sampling and per-row settings within a batch (speculative decoding is
+mmctl/speculative.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from mmctl.data.batches import left_pad
 from mmctl.errors import UsageError
+from mmctl.models import fast_decode
 from mmctl.models.transformer import Transformer
 from mmctl.recipe import option
 
@@ -52,6 +54,7 @@ class Generation:
     completions: list[Completion]
     time_to_first_token: float  # seconds: prefill and the first pick
     decode_tokens_per_s: float | None  # tokens after the first (all rows) / time after the first; None if none
+    compile_seconds: float | None = None  # with compile: the first decode step, which builds the compiled step
 
 
 def process_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None = None
@@ -91,7 +94,8 @@ def pick(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | No
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
              stop_token_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
-             on_tokens: Callable[[list[int | None]], None] | None = None, pixels=None) -> Generation:
+             on_tokens: Callable[[list[int | None]], None] | None = None, pixels=None,
+             compile: bool = False) -> Generation:
     """Continue each prompt (a list of token ids). Rows stop at a stop token, a stop string or max_new_tokens.
 
     decode: token ids → text; needed for `stop_strings`.
@@ -99,6 +103,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         (for streaming).
     pixels: a VLM's images (n, 3, H, W), one per expanded `<|image|>` run in the prompts, in order; they enter
         with the prefill, and decoding continues on text alone.
+    compile: decode through `torch.compile` (mmctl/models/fast_decode.py; the model must be `fast_decode.fuse`d). The first
+        decode step compiles (once per batch size and cache length); its time is `compile_seconds`, and the
+        decode rate counts the steps after it.
+
+    A model prepared by `fast_decode.fuse` decodes through the fast step (mmctl/models/fast_decode.py), any other through
+    its forward; both give the same tokens.
     """
     sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -111,6 +121,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         raise UsageError(f"the longest prompt ({T} tokens) + max_new_tokens ({new}) exceeds the model's context "
                          f"({context} tokens)")
     device = model.device
+    fast = fast_decode.is_fused(model)
+    if compile and not fast:
+        raise UsageError("compiled decoding needs a language model prepared by fast_decode.fuse (plain floating-point "
+                         "layers: not quantized, LoRA or a VLM)")
 
     ids, mask = (t.to(device) for t in left_pad(prompts))  # every prompt's last token at slot T-1
     seen = None
@@ -124,13 +138,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     rows = torch.arange(B, device=device)
 
     start = time.perf_counter()
-    cache = model.new_cache(B, T + new)
+    cache = model.new_cache(B, fast_decode.cache_length(T + new, context) if compile else T + new)
     images = {} if pixels is None else {"pixels": pixels.to(device)}
     logits = model(ids, attention_mask=mask, cache=cache, last_only=True, **images)[:, -1]  # (B, V)
     positions = mask.sum(1, keepdim=True) - 1  # (B, 1) each row's last real position
     out: list[list[int]] = [[] for _ in range(B)]
     done: list[Completion | None] = [None] * B
     first = time.perf_counter()
+    compile_seconds = first_decoded = None
     for step in range(new):
         token = pick(logits, sampling, seen, generator)  # (B,)
         if step == 0:
@@ -156,12 +171,20 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         if seen is not None:
             seen[rows, token] = True
         positions += 1
-        logits = model(token[:, None], position_ids=positions, cache=cache)[:, -1]
+        if fast:
+            logits = fast_decode.decode(model, token, positions[:, 0], cache, compile)
+        else:
+            logits = model(token[:, None], position_ids=positions, cache=cache)[:, -1]
+        if compile and step == 0:  # leave the compile out of the decode rate (`first` has set the time to first token)
+            compile_seconds, first_decoded = time.perf_counter() - first, time.perf_counter()
     end = time.perf_counter()
 
     completions = [d if d is not None else Completion(out[b], "length") for b, d in enumerate(done)]
-    decoded = sum(len(c.ids) - 1 for c in completions)
-    return Generation(completions, first - start, decoded / (end - first) if decoded and end > first else None)
+    skipped = 1 if compile_seconds is None else 2  # the first token, and the one the compiling step decoded
+    decoded = sum(max(len(c.ids) - skipped, 0) for c in completions)
+    since = first if first_decoded is None else first_decoded
+    rate = decoded / (end - since) if decoded > 0 and end > since else None
+    return Generation(completions, first - start, rate, compile_seconds)
 
 
 def completion_text(tok, completion: Completion, stop_strings: Sequence[str] = ()) -> str:

@@ -60,7 +60,7 @@ def inputs_of(cfg: EvalConfig) -> dict[str, Path]:
 
 
 def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
-    from mmctl.models import transformer
+    from mmctl.models import fast_decode, transformer
     from mmctl.runtime import pick_device
 
     out = Path(cfg.run.out)
@@ -83,6 +83,7 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
         model, tok = transformer.load_with_tokenizer(ckpt, device=device, vision=True, quantized=True)
+        fast_decode.fuse(model)  # generation tasks decode through the fast step (a language model with plain layers)
         chat = cfg.eval.chat if cfg.eval.chat is not None else transformer.is_chat_model(ckpt)
         entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:

@@ -6,7 +6,8 @@ checkpoint's chat template. `--image PATH` asks a vision-language model (an alig
 about the image, through its chat template. Decoding itself lives in `mmctl/generate.py`, shared with eval and RL.
 `--draft DIR` decodes greedily with speculative decoding (`mmctl/speculative.py`): a small model with the same
 tokenizer guesses `--draft-tokens` tokens at a time and the checkpoint checks them — the same tokens, in fewer
-forwards of the large model; the acceptance rate is reported.
+forwards of the large model; the acceptance rate is reported. A language model with plain layers decodes through
+the fast step of `mmctl/models/fast_decode.py`; `--compile` runs that step through torch.compile.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class GenerateConfig:
     sampling: SamplingConfig = option(SamplingConfig, "how tokens are picked (mmctl/generate.py)")
     draft: str | None = option(None, "a small checkpoint with the same tokenizer: speculative decoding (greedy)")
     draft_tokens: int = option(4, "speculative decoding: tokens the draft guesses per check", ge=1, le=64)
+    compile: bool = option(False, "decode through torch.compile (a language model with plain layers): the first "
+                                  "step compiles for 10-20 s, every later one is faster")
 
     def check(self) -> list[tuple[str, str]]:
         problems = [] if self.prompts else [("prompts", "missing required value: --prompt TEXT or --prompts FILE")]
@@ -40,6 +43,8 @@ class GenerateConfig:
         if self.draft and (s.temperature or s.repetition_penalty != 1.0 or s.stop_strings or self.image):
             problems.append(("draft", "speculative decoding here is greedy, on text: drop --temperature, "
                                       "--repetition-penalty, --stop and --image (or --draft)"))
+        if self.compile and self.draft:
+            problems.append(("compile", "compiled decoding and speculative decoding do not combine: drop one"))
         return problems
 
 
@@ -63,11 +68,14 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     """Complete every prompt; a single prompt streams to stdout unless the results go there as JSON."""
     from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.generate import generate
-    from mmctl.models import hf, transformer
+    from mmctl.models import fast_decode, hf, transformer
     from mmctl.runtime import pick_device
 
     model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device), vision=True,
                                                  quantized=True)
+    if not fast_decode.fuse(model) and cfg.compile:
+        raise UsageError(f"--compile: {cfg.checkpoint} is quantized or a vision-language model; compiled decoding "
+                         "takes a language model with plain floating-point layers")
     pixels = None
     if cfg.image is not None:
         pixels, ids = _image_prompts(model, tok, cfg)
@@ -81,12 +89,13 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
         return _speculative(cfg, model, tok, ids, stops)
     printer = _Streamer(tok, cfg.prompts[0]) if not options.json and len(ids) == 1 else None
     out = generate(model, ids, cfg.sampling, stop_token_ids=stops, decode=tok.decode,
-                   on_tokens=printer.add if printer else None, pixels=pixels)
+                   on_tokens=printer.add if printer else None, pixels=pixels, compile=cfg.compile)
     if printer:
         printer.finish()
     completions = [_record(tok, p, i, c) for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
     return StageResult(None, {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
-                              "decode_tokens_per_s": out.decode_tokens_per_s}, detail={"streamed": printer is not None})
+                              "decode_tokens_per_s": out.decode_tokens_per_s,
+                              **({"compile_s": out.compile_seconds} if cfg.compile else {})}, detail={"streamed": printer is not None})
 
 
 def _record(tok, prompt: str, ids: list[int], completion) -> dict:
@@ -175,5 +184,7 @@ def render(result: StageResult) -> None:
                       f"({spec['acceptance_rate'] or 0:.0%}), {spec['tokens_per_target_forward']:.2f} tokens per "
                       f"target forward; decode " + (f"{rate:.1f} tokens/s" if rate else "—"))
         return
-    console.print(f"time to first token {results['time_to_first_token_s'] * 1000:.0f} ms; decode "
-                  + (f"{rate:.1f} tokens/s" if rate else "—"))
+    compiled = results.get("compile_s")
+    console.print(f"time to first token {results['time_to_first_token_s'] * 1000:.0f} ms; "
+                  + (f"compile {compiled:.1f} s; " if compiled is not None else "")
+                  + "decode " + (f"{rate:.1f} tokens/s" if rate else "—"))

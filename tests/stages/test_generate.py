@@ -76,3 +76,14 @@ def test_a_draft_gives_the_same_completions_and_its_acceptance(checkpoint, tmp_p
     (tmp_path / "other").mkdir()
     missing = mmctl(*args, "--draft", str(tmp_path / "other"))
     assert missing.returncode == 3 and "Traceback" not in missing.stderr
+
+
+def test_compiled_decoding_gives_the_same_completions_and_reports_the_compile(checkpoint):
+    args = [str(checkpoint), "-p", "Tom", "-p", "What is 2 + 2?", "--max-new-tokens", "8", "--json"]
+    plain = json.loads(mmctl(*args).stdout)
+    compiled = mmctl(*args, "--compile")
+    assert compiled.returncode == 0, compiled.stderr
+    compiled = json.loads(compiled.stdout)
+    assert compiled["completions"] == plain["completions"] and compiled["compile_s"] > 0
+    both = mmctl(*args, "--compile", "--draft", str(checkpoint))
+    assert both.returncode == 2 and "do not combine" in both.stderr and "Traceback" not in both.stderr
