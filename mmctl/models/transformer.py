@@ -303,7 +303,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, document_ids: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, logits: bool = True) -> torch.Tensor:
         """Logits (B, T, V) for `input_ids` (B, T), or (B, 1, V) for the last position if `last_only`.
 
         inputs_embeds: (B, T, C) instead of input_ids — the embeddings with something written into them (a VLM's
@@ -317,6 +317,8 @@ class Transformer(nn.Module):
         document_ids: (B, T) for packed rows (several documents back to back, e.g. SFT packing): a token attends
             only to earlier tokens of its own document, and positions restart at each document, so each document
             computes what it would alone. Training and scoring only (not with a cache).
+        logits: False returns the final hidden states (B, T, C) instead, for a loss that applies the head itself
+            a chunk at a time (mmctl/train/loss.py).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -351,7 +353,8 @@ class Transformer(nn.Module):
         x = self.model(x, position_ids, mask, cache)
         if cache is not None:
             cache.length = end
-        return self.lm_head(x[:, -1:] if last_only else x)
+        x = x[:, -1:] if last_only else x
+        return self.lm_head(x) if logits else x
 
 
 # --- checkpoint dirs -----------------------------------------------------------------------------------------

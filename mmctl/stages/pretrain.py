@@ -166,16 +166,13 @@ def _batches(cfg: PretrainConfig, train_shards, dist):
 
 
 def next_token_loss(model, ids):
-    """Cross-entropy of every next token in rows of `seq_len + 1` ids, summed."""
-    import torch
-
+    """Cross-entropy of every next token in rows of `seq_len + 1` ids, summed (the head and the loss a chunk of
+    rows at a time: mmctl/train/loss.py)."""
     from mmctl.train.loop import LossOut
+    from mmctl.train.loss import token_loss
 
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    logits = model(inputs)
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                             reduction="sum")
-    return LossOut(loss, targets.numel(), inputs.numel())
+    return LossOut(token_loss(model, inputs, targets), targets.numel(), inputs.numel())
 
 
 def _export(model, tok, directory: Path) -> None:

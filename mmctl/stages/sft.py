@@ -219,15 +219,12 @@ def _tensors(rows, picks: list[int], pad_id: int, device) -> dict:
 
 def trained_token_loss(model, batch):
     """Cross-entropy summed over the trained target tokens (the assistant's, unless train_on_prompt)."""
-    import torch
-
     from mmctl.train.loop import LossOut
+    from mmctl.train.loss import token_loss
 
     inputs, targets = batch["ids"][:, :-1], batch["ids"][:, 1:]
-    logits = model(inputs, document_ids=batch.get("document_ids"))
-    per_token = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                                  reduction="none").view(targets.shape)
-    return LossOut((per_token * batch["trained"]).sum(), batch["trained"].sum(), batch["real"])
+    loss = token_loss(model, inputs, targets, batch["trained"], document_ids=batch.get("document_ids"))
+    return LossOut(loss, batch["trained"].sum(), batch["real"])
 
 
 def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str) -> dict:

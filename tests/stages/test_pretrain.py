@@ -111,7 +111,9 @@ def test_same_recipe_twice_gives_identical_metrics(shards, tmp_path):
 
 def test_interrupt_and_resume_equals_uninterrupted(shards, tmp_path, monkeypatch):
     pretrain.run(config(shards, tmp_path / "full"))
-    real = torch.nn.functional.cross_entropy
+    from mmctl.train import loss
+
+    real = loss.linear_cross_entropy
     calls = []
 
     def interrupting(*args, **kwargs):
@@ -120,10 +122,10 @@ def test_interrupt_and_resume_equals_uninterrupted(shards, tmp_path, monkeypatch
             signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
+    monkeypatch.setattr(loss, "linear_cross_entropy", interrupting)
     with pytest.raises(Interrupted):
         pretrain.run(config(shards, tmp_path / "part"))
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+    monkeypatch.setattr(loss, "linear_cross_entropy", real)
     assert not (tmp_path / "part" / "manifest.json").exists()
     pretrain.run(config(shards, tmp_path / "part"))
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")

@@ -102,8 +102,10 @@ def test_qlora_without_bitsandbytes_says_how_to_install_it(checkpoint, tmp_path,
 def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, method):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
+    from mmctl.train import loss
+
     sft.run(config(checkpoint, tmp_path / "full", method))
-    real = torch.nn.functional.cross_entropy
+    real = loss.linear_cross_entropy
     calls = []
 
     def interrupting(*args, **kwargs):
@@ -112,10 +114,10 @@ def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeyp
             signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", interrupting)
+    monkeypatch.setattr(loss, "linear_cross_entropy", interrupting)
     with pytest.raises(Interrupted):
         sft.run(config(checkpoint, tmp_path / "part", method))
-    monkeypatch.setattr(torch.nn.functional, "cross_entropy", real)
+    monkeypatch.setattr(loss, "linear_cross_entropy", real)
     sft.run(config(checkpoint, tmp_path / "part", method))
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
     full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()

@@ -47,3 +47,25 @@ def test_parameter_groups():
 
 def test_min_lr_above_lr_is_refused():
     assert OptimConfig(lr=1e-4, min_lr=1e-3).check()[0][0] == "min_lr"
+
+
+def test_the_fused_adamw_steps_as_the_reference_loop_does():
+    torch = pytest.importorskip("torch")
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3))
+    twin.load_state_dict(model.state_dict())
+    ours = make_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.1))
+    assert ours.defaults["fused"]
+    reference = torch.optim.AdamW([{"params": [p for p in twin.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                                   {"params": [p for p in twin.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    for step in range(5):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for m, opt in ((model, ours), (twin, reference)):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
