@@ -75,7 +75,8 @@ def run_hf(model, prompts, new_tokens):
 def common_prefix(ours: list[list[int]], theirs: list[list[int]]) -> int:
     """Tokens every row agrees on before the first difference. In bf16 the two libraries round differently (fused
     products, another order of additions), and greedy paths part once two logits are within a rounding step."""
-    return min(next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(ours, theirs))
+    return min(next((i for i, (a, b) in enumerate(zip(x, y, strict=False)) if a != b), len(x))
+               for x, y in zip(ours, theirs, strict=True))
 
 
 def timed(fn, *args) -> float:
@@ -182,7 +183,8 @@ def main() -> None:
                 even = f"{row['break_even_tokens']:,.0f}" if row["break_even_tokens"] else "never"
                 print(f"| {name} | {dtype_name} | {row['batch']} | {t:.0f} | {row['eager']:.0f} "
                       f"({row['eager'] / t:.2f}×) | {row['compiled']:.0f} ({row['compiled'] / t:.2f}×) | "
-                      f"{row['compile_s']:.1f} | {even} | {row['same_tokens']}/{args.new_tokens} | {row['weight_mb']:.1f} | "
+                      f"{row['compile_s']:.1f} | {even} | {row['same_tokens']}/{args.new_tokens} | "
+                      f"{row['weight_mb']:.1f} | "
                       + (f"{row['roofline']:.0%} | {row['gemv_roofline']:.0%}" if row["batch"] == 1 else "— | —")
                       + " |", flush=True)
     if args.json:

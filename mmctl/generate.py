@@ -103,12 +103,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
         (for streaming).
     pixels: a VLM's images (n, 3, H, W), one per expanded `<|image|>` run in the prompts, in order; they enter
         with the prefill, and decoding continues on text alone.
-    compile: decode through `torch.compile` (mmctl/models/fast_decode.py; the model must be `fast_decode.fuse`d). The first
-        decode step compiles (once per batch size and cache length); its time is `compile_seconds`, and the
-        decode rate counts the steps after it.
+    compile: decode through `torch.compile` (the model must be `fast_decode.fuse`d). The first decode step
+        compiles (once per batch size and cache length); its time is `compile_seconds`, and the decode rate
+        counts the steps after it.
 
-    A model prepared by `fast_decode.fuse` decodes through the fast step (mmctl/models/fast_decode.py), any other through
-    its forward; both give the same tokens.
+    A model prepared by `fast_decode.fuse` decodes through the fast step (mmctl/models/fast_decode.py), any other
+    through its forward; both give the same tokens.
     """
     sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -95,7 +95,8 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     completions = [_record(tok, p, i, c) for p, i, c in zip(cfg.prompts, ids, out.completions, strict=True)]
     return StageResult(None, {"completions": completions, "time_to_first_token_s": out.time_to_first_token,
                               "decode_tokens_per_s": out.decode_tokens_per_s,
-                              **({"compile_s": out.compile_seconds} if cfg.compile else {})}, detail={"streamed": printer is not None})
+                              **({"compile_s": out.compile_seconds} if cfg.compile else {})},
+                       detail={"streamed": printer is not None})
 
 
 def _record(tok, prompt: str, ids: list[int], completion) -> dict:
