@@ -2,6 +2,7 @@
 # network but the package registry) and installs what it needs:
 #   make demo    install mmctl (with bitsandbytes, for QLoRA) and run the tiny end-to-end pipeline and its report
 #   make test    install mmctl with its test extras and run the test suite
+#   make bench   every benchmark in one run (benchmarks/README.md), after the tiny models it decodes with
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -25,7 +26,11 @@ $(VENV)/.dev: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+bench: $(VENV)/.dev $(BIN)/mmctl
+	$(MAKE) -C recipes/tiny out/pretrain/manifest.json out/pretrain-draft/manifest.json MMCTL=$(abspath $(BIN))/mmctl
+	PY=$(BIN)/python benchmarks/run_all.sh
+
 clean:
 	rm -rf $(VENV) recipes/*/out
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean

@@ -35,10 +35,11 @@ def open_run(cfg, stage: str):
 
 
 def train_and_write(cfg, model, tok, run_dir, dist, options, *, batches, loss_fn, evaluate, precision,
-                    loss_config: dict | None = None) -> dict:
+                    loss_config: dict | None = None, shardable: bool = False) -> dict:
     """The part of a fine-tuning stage after its data: fingerprint the frozen weights, resume what can be resumed,
     train on the one loop, write the outputs (on the main process); returns the results so far. A checkpoint
-    resumes only a run of the same base, method, data, rows and `loss_config`."""
+    resumes only a run of the same base, method, data, rows and `loss_config`. `shardable`: FSDP may shard the
+    model (mmctl/train/loop.py's `train`)."""
     import time
 
     from mmctl import recipe
@@ -62,7 +63,7 @@ def train_and_write(cfg, model, tok, run_dir, dist, options, *, batches, loss_fn
     export = (lambda d: export_checkpoint(model, tok, d)) if cfg.method == "full" else None  # whole-model checkpoints
     last = train(model, cfg=cfg.train, optim=cfg.optim, batches=batches, loss_fn=loss_fn, out=out, log=run_dir.log,
                  evaluate=evaluate, export=export, fingerprint=fingerprint, force_resume=options.force_resume,
-                 precision=precision, dist=dist)
+                 precision=precision, dist=dist, shardable=shardable)
     if not dist.main:
         return {}
     params = parameter_counts(model)

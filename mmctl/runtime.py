@@ -69,6 +69,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: str = "cpu"
+    fsdp: str | None = None  # under `accelerate launch --use_fsdp`: its sharding strategy (FULL_SHARD, SHARD_GRAD_OP)
 
     @property
     def main(self) -> bool:
@@ -108,9 +109,29 @@ def setup_distributed(device: str) -> Dist:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
+    fsdp = fsdp_strategy()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device, fsdp)
+
+
+# accelerate writes the strategy by name or by its number in torch's ShardingStrategy enum
+FSDP_STRATEGIES = {"FULL_SHARD": "FULL_SHARD", "1": "FULL_SHARD", "SHARD_GRAD_OP": "SHARD_GRAD_OP",
+                   "2": "SHARD_GRAD_OP"}
+
+
+def fsdp_strategy() -> str | None:
+    """The FSDP sharding strategy `accelerate launch --use_fsdp` asks for (its FSDP_* variables), None without
+    FSDP; one line naming the setting for what mmctl's FSDP (mmctl/train/fsdp.py) does not do."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() not in ("1", "true"):
+        return None
+    strategy = os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    if strategy not in FSDP_STRATEGIES:
+        raise UsageError(f"FSDP sharding strategy {strategy}: mmctl shards with FULL_SHARD (ZeRO-3) or "
+                         "SHARD_GRAD_OP (ZeRO-2); for no sharding launch with --multi_gpu (DDP)")
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() in ("1", "true"):
+        raise UsageError("FSDP CPU offload (--fsdp_offload_params true) is not supported by mmctl")
+    return FSDP_STRATEGIES[strategy]
 
 
 def memory_bytes(device: str) -> int | None:

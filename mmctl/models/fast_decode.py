@@ -124,6 +124,11 @@ def compiled(model: Transformer):
     inductor's C++ wrapper calls the kernels without a Python frame per kernel, which is what pays (measured:
     1.4× the eager step; without it, nothing)."""
     if model not in _compiled:
+        # every model, batch size, dtype and cache length is one more compiled version of `step`; past dynamo's
+        # limit (8) it would silently run the step uncompiled, as a run over many checkpoints would find
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < 64:
+            torch._dynamo.config.recompile_limit = 64
         options = {"cpp_wrapper": True} if model.device.type == "cpu" else None
         _compiled[model] = torch.compile(step, dynamic=False, options=options)
     return _compiled[model]

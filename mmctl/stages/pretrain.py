@@ -106,7 +106,7 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
                  evaluate=lambda step: evaluation(model, tok, data / "shards", cfg, dist.device, precision),
                  export=lambda d: _export(model, tok, d), fingerprint=fingerprint,
                  force_resume=options.force_resume, precision=precision, dist=dist,
-                 flops_per_token=flops_per_token, peak_flops=peak)
+                 flops_per_token=flops_per_token, peak_flops=peak, shardable=True)
     if not dist.main:
         return StageResult(out, {})
     from mmctl.models.transformer import save_checkpoint
@@ -116,6 +116,7 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
         "final": last,
         "params": sum(p.numel() for p in model.parameters()),
         "seconds": time.time() - start,
+        "processes": {"count": dist.world, "fsdp": dist.fsdp if dist.world > 1 else None},
         "throughput": {"measured_tok_s": last.get("tok_s"), "measured_mfu": last.get("mfu"),
                        "peak_flops": peak, "train_flops_per_token": flops_per_token,
                        "tok_s_at_peak": peak / flops_per_token},

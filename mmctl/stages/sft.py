@@ -105,7 +105,7 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     results = finetune.train_and_write(
         cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, finetune.pad_id(tok), dist),
         loss_fn=trained_token_loss, evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
-        precision=precision)
+        precision=precision, shardable=cfg.method == "full")  # every process evaluates the same rows: FSDP can shard
     results = {**results, "data": stats} if dist.main else {}
     if dist.main:
         run_dir.finish(results, device=dist.device)

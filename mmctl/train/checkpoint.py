@@ -37,34 +37,48 @@ def trainable(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save(directory: Path, step: int, model, optimizer, extra: dict, export=None) -> Path:
+def snapshot(model, optimizer) -> tuple[dict, dict, list]:
+    """(trainable tensors by name, optimizer tensors by `state.<name>.<key>`, parameter groups without their
+    parameters): what a checkpoint holds. Sharded (FSDP) tensors are gathered to full size — a collective, so
+    under FSDP every process takes the snapshot and rank 0 saves it."""
+    import torch
+
+    from mmctl.train.fsdp import full
+
+    params = {name: full(p.detach()) for name, p in trainable(model).items()}
+    opt = optimizer.state_dict()
+    tensors = {}
+    names = _names_by_index(model, optimizer)
+    for index, state in opt["state"].items():  # by parameter name: groups may be ordered otherwise on resume
+        for key, value in state.items():
+            tensors[f"state.{names[index]}.{key}"] = full(value.detach()).contiguous() if torch.is_tensor(value) \
+                else torch.tensor(value)
+    return params, tensors, [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+
+
+def save(directory: Path, step: int, model, optimizer, extra: dict, export=None, snap=None) -> Path:
     """Save the training state after `step` optimizer steps; returns the published directory.
 
-    `export(tmp_dir)`, if given, adds files before the directory is published (config.json, tokenizer)."""
+    `export(tmp_dir)`, if given, adds files before the directory is published (config.json, tokenizer).
+    `snap`: a `snapshot` taken already (FSDP), else it is taken here."""
     import numpy as np
     import torch
 
+    params, tensors, groups = snap or snapshot(model, optimizer)
     directory = Path(directory)
     final = step_dir(directory, step)
     tmp = directory / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_tensors(trainable(model), tmp / "model.safetensors")
-        opt = optimizer.state_dict()
-        tensors = {"rng.torch": torch.get_rng_state()}
-        names = _names_by_index(model, optimizer)
-        for index, state in opt["state"].items():  # by parameter name: groups may be ordered otherwise on resume
-            for key, value in state.items():
-                tensors[f"state.{names[index]}.{key}"] = value.detach().contiguous() if torch.is_tensor(value) \
-                    else torch.tensor(value)
-        save_tensors(tensors, tmp / "optimizer.safetensors")
+        save_tensors(params, tmp / "model.safetensors")
+        save_tensors({**tensors, "rng.torch": torch.get_rng_state()}, tmp / "optimizer.safetensors")
         files = {name: sha256_file(tmp / name) for name in FILES[:2]}
         py_state = random.getstate()
         np_state = np.random.get_state()
         state = {
             "step": step,
-            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+            "param_groups": groups,
             "rng": {"python": [py_state[0], list(py_state[1]), py_state[2]],
                     "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
             "extra": extra,
@@ -145,6 +159,8 @@ def load(path: Path, model, optimizer) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from mmctl.train.fsdp import like
+
     path = Path(path)
     state = read_state(path)
     try:
@@ -165,7 +181,9 @@ def load(path: Path, model, optimizer) -> dict:
             if params[name].shape != p.shape:
                 raise DataError(f"{path}: {name} has shape {tuple(params[name].shape)}, the model "
                                 f"{tuple(p.shape)}")
-            p.copy_(params[name])
+            p.copy_(like(params[name], p))  # (FSDP: this process's shard of it)
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    opt_state = {i: {k: like(v, order[i]) for k, v in s.items()} for i, s in opt_state.items()}
     # The moments come from the checkpoint; the hyperparameters (weight decay, betas, eps) from the recipe now
     # running, which the manifest records. The learning rate is set by the schedule at every step.
     try:

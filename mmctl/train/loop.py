@@ -19,7 +19,9 @@ checkpointed; the frozen rest (a LoRA run's base, a VLM's vision tower) is ident
 
 Distributed: under `accelerate launch --multi_gpu --num_processes N` (or torchrun) the model is wrapped in
 DistributedDataParallel (gloo on CPU, nccl on GPU), each rank draws its own rows of the global batch, all
-ranks stop at the same step, and only rank 0 writes. Leaves out: FSDP, tensor parallelism, fp16 loss scaling.
+ranks stop at the same step, and only rank 0 writes. Under `accelerate launch --use_fsdp` the model is sharded
+instead (mmctl/train/fsdp.py) for the stages that allow it (`shardable`). Leaves out: tensor parallelism, fp16
+loss scaling.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
           log: Callable[[dict], None], fingerprint: dict, evaluate: Callable[[int], dict] | None = None,
           export: Callable[[Path], None] | None = None, lr_scales: dict[str, float] | None = None,
           force_resume: bool = False, precision: str = "fp32", dist: Dist | None = None,
-          flops_per_token: float = 0.0, peak_flops: float = 0.0) -> dict:
+          flops_per_token: float = 0.0, peak_flops: float = 0.0, shardable: bool = False) -> dict:
     """Train `model` for cfg.steps optimizer steps, resuming from the newest checkpoint in `out`; returns the
     last logged metrics.
 
@@ -142,13 +144,18 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
     export: writes the files that make a checkpoint directory loadable (config and tokenizer when it holds the
         whole model, so `mmctl eval out/checkpoints/step-000100` works; what loads the part it holds otherwise).
     lr_scales: parameter-name prefix → learning-rate multiplier (a projector faster than its LM).
+    shardable: the stage runs the same forward passes on every process (batches aside), so FSDP may shard the
+        model; under FSDP `model` ends with its full weights gathered on every process.
     """
     dist = dist or Dist()
+    if dist.fsdp and dist.world > 1 and not shardable:
+        raise UsageError("FSDP (accelerate launch --use_fsdp) shards pretrain and full sft; this stage trains "
+                         "with DDP: launch it with --multi_gpu")
     ckpt_dir = Path(out) / "checkpoints"
     fingerprint = with_frozen(model, fingerprint)
+    trained = _prepare(model, cfg, dist)  # before the optimizer: FSDP replaces the parameters with their shards
     optimizer = make_optimizer(model, optim, lr_scales)
     start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, force_resume, dist)
-    trained = _prepare(model, cfg, dist)
     window = Window()
     with StopRequest() as stop, Progress(cfg.steps, "train") as progress:
         for step in range(start, cfg.steps):
@@ -177,7 +184,15 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
             if stopping:
                 raise Interrupted(f"interrupted at step {done}: resumable checkpoint "
                                   f"{checkpoint.step_dir(ckpt_dir, done)}")
+    if sharded(dist):
+        from mmctl.train import fsdp
+
+        fsdp.gather(model)
     return last
+
+
+def sharded(dist: Dist) -> bool:
+    return bool(dist.fsdp) and dist.world > 1
 
 
 def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_clip: float, precision: str,
@@ -193,7 +208,9 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
     names: list[str] | None = None
     for i, micro_batch in enumerate(micro):
         last_micro = i == len(micro) - 1
-        with trained.no_sync() if dist.world > 1 and not last_micro else nullcontext():
+        if sharded(dist):  # reduce-scatter the gradients only after the last micro-batch, as DDP's no_sync
+            model.set_requires_gradient_sync(last_micro)
+        with trained.no_sync() if dist.world > 1 and not sharded(dist) and not last_micro else nullcontext():
             with autocast(precision, dist.device):
                 out = loss_fn(trained, micro_batch)
             out.sum.backward()
@@ -215,11 +232,12 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
         raise NonFiniteError(f"step {step + 1}: loss is {loss}; stopped before the optimizer step, the last "
                              "checkpoint is intact")
     params = [p for p in model.parameters() if p.requires_grad]
-    scale = dist.world / count  # DDP averaged the gradients over the processes; we want Σ / global count
+    scale = dist.world / count  # DDP / FSDP averaged the gradients over the processes; we want Σ / global count
     for p in params:
         if p.grad is not None:
             p.grad.mul_(scale)
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf).item()
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a sharded norm
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {step + 1}: gradient norm is {norm}; stopped before the optimizer step, the "
                              "last checkpoint is intact")
@@ -274,7 +292,7 @@ def frozen_fingerprint(model) -> dict:
 
 
 def _prepare(model, cfg: TrainConfig, dist: Dist):
-    """The module the steps run: activation checkpointing switched on (the model owns how), DDP, compile."""
+    """The module the steps run: activation checkpointing switched on (the model owns how), DDP or FSDP, compile."""
     import torch
 
     if cfg.activation_checkpointing:
@@ -282,7 +300,11 @@ def _prepare(model, cfg: TrainConfig, dist: Dist):
             raise UsageError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable()
     trained = model
-    if dist.world > 1:
+    if sharded(dist):
+        from mmctl.train import fsdp
+
+        fsdp.shard(model, dist.fsdp)  # in place: the model is its own wrapper
+    elif dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         cuda = dist.device.startswith("cuda")
@@ -306,17 +328,21 @@ def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool, di
 
 
 def _evaluate(evaluate: Callable[[int], dict], done: int, log: Callable[[dict], None], dist: Dist) -> dict:
-    """Rank 0 evaluates and logs; the others wait at the next collective."""
-    if not dist.main:
+    """Rank 0 evaluates and logs; the others wait at the next collective (under FSDP they evaluate too: each
+    forward gathers weights from every process)."""
+    if not dist.main and not sharded(dist):
         return {}
     result = evaluate(done)
+    if not dist.main:
+        return {}
     log({"step": done, **result})
     return result
 
 
 def _save(ckpt_dir: Path, done: int, model, optimizer, cfg: TrainConfig, dist: Dist, export, extra: dict) -> None:
+    snap = checkpoint.snapshot(model, optimizer) if sharded(dist) else None  # every process gathers its shards
     if dist.main:
-        checkpoint.save(ckpt_dir, done, model, optimizer, extra, export=export)
+        checkpoint.save(ckpt_dir, done, model, optimizer, extra, export=export, snap=snap)
         checkpoint.prune(ckpt_dir, cfg.keep_checkpoints, upto=done)
     dist.barrier()
 

@@ -76,6 +76,8 @@ def make_optimizer(model, cfg: OptimConfig, lr_scales: dict[str, float] | None =
         raise UsageError(f"learning-rate scale for {', '.join(unused)}: no trainable parameter's name starts so")
     param_groups = [{"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_scale": scale}
                     for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
-    # fused: one kernel updates every tensor (torch ≥ 2.4 on CPU and CUDA), the same arithmetic as the loop
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in param_groups for p in g["params"])
+    # fused: one kernel updates every tensor (torch ≥ 2.4 on CPU and CUDA), the same arithmetic as the loop;
+    # not for FSDP's sharded parameters (DTensors), which take the per-tensor loop
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not hasattr(p, "device_mesh")
+                for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

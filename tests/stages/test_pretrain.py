@@ -175,11 +175,8 @@ def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
     single = subprocess.run([sys.executable, "-m", "mmctl", "pretrain", str(one)], capture_output=True, text=True,
                             timeout=600, env=env)
     assert single.returncode == 0, single.stderr
-    # `accelerate launch`, run as a module so the venv's copy is used whatever PATH says
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    multi = subprocess.run(launch + ["-m", "mmctl", "pretrain", str(two)], capture_output=True, text=True,
-                           timeout=600, env=env)
+    multi = subprocess.run(launch("--multi_gpu") + ["-m", "mmctl", "pretrain", str(two)], capture_output=True,
+                           text=True, timeout=600, env=env)
     assert multi.returncode == 0, multi.stderr[-3000:]
     # 2 processes × 2 rows = 1 process × 2 micro-batches × 2 rows: the same rows, so the same training
     a = [r for r in metrics(tmp_path / "one") if "loss" in r]
@@ -192,6 +189,44 @@ def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
 
     wa = load_file(tmp_path / "one" / "model" / "model.safetensors")
     wb = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+def launch(*flags) -> list[str]:
+    """`accelerate launch` with two CPU processes, run as a module so the venv's copy is used whatever PATH says."""
+    return [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines",
+            "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def test_fsdp_on_two_processes_trains_resumes_and_saves_as_one_process_does(shards, tmp_path):
+    """FULL_SHARD through `accelerate launch --use_fsdp`: sharded steps, evaluation on every process, a checkpoint
+    gathered and then resumed into shards (4 steps, then on to 8) — the same losses, evaluations and weights as one
+    process running the same two commands."""
+    pytest.importorskip("accelerate")
+    env = {"OMP_NUM_THREADS": "1", "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1"}
+    runs = {"one": [sys.executable, "-m", "mmctl", "pretrain"],
+            "fsdp": launch("--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD") + ["-m", "mmctl", "pretrain"]}
+    for name, command in runs.items():
+        micro = {"micro_batch_size": 2} if name == "one" else {}
+        for steps in (4, 8):  # the second run resumes the first's step-4 checkpoint
+            path = write_recipe(shards, tmp_path, name, steps=steps, eval_every=2, checkpoint_every=4, **micro)
+            done = subprocess.run(command + [str(path)], capture_output=True, text=True, timeout=600, env=env)
+            assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((tmp_path / "fsdp" / "manifest.json").read_text())
+    assert manifest["results"]["processes"] == {"count": 2, "fsdp": "FULL_SHARD"}
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    assert [sorted(r) for r in a] == [sorted(r) for r in b] and any("val_loss" in r for r in b)
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "grad_norm", "val_loss"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
+        assert x.get("sample") == y.get("sample")
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-5), name
 
