@@ -18,7 +18,7 @@ import torch
 
 from mmctl import speculative
 from mmctl.generate import SamplingConfig, generate
-from mmctl.models import transformer
+from mmctl.models import fast_decode, transformer
 
 PROMPTS = ["Once upon a time", "One day, a little", "Tom was", "The dog ran to the", "She said,",
            "In the park there was", "Lily and Ben", "After lunch,"]
@@ -59,6 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     target, tok = transformer.load_with_tokenizer(args.target)
     draft, _ = transformer.load_with_tokenizer(args.draft)
+    for model in (target, draft):  # as `mmctl generate` loads them: plain decoding and the draft's guesses fast
+        fast_decode.fuse(model)
     prompts = [tok.encode(p) for p in PROMPTS]
     with torch.no_grad():
         expected = [plain(target, p, args.tokens)[0] for p in prompts]  # (also the warm-up)

@@ -23,6 +23,7 @@ import torch
 
 from mmctl.errors import UsageError
 from mmctl.generate import Completion
+from mmctl.models import fast_decode
 from mmctl.models.transformer import Transformer
 
 
@@ -64,6 +65,7 @@ def generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max
     out = [int(target(ids, cache=target_cache, last_only=True)[0, -1].argmax())]
     draft(ids.to(draft.device), cache=draft_cache, last_only=True)
     unread = list(out)  # accepted tokens the draft has not read yet (the target reads each in its check)
+    fast_draft = fast_decode.is_fused(draft)
     drafted = accepted = forwards = 0
     start = time.perf_counter()
     while len(out) < max_new_tokens and out[-1] not in stops:
@@ -71,8 +73,12 @@ def generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max
         n = min(k, max_new_tokens - len(out))
         guesses, feed = [], unread
         for _ in range(n):
-            logits = draft(torch.tensor([feed], device=draft.device), cache=draft_cache, last_only=True)
-            feed = [int(logits[0, -1].argmax())]
+            if len(feed) == 1 and fast_draft:  # one token at position = slot (batch 1, no padding): the fast step
+                slot = torch.tensor([draft_cache.length], device=draft.device)
+                logits = fast_decode.decode(draft, torch.tensor(feed, device=draft.device), slot, draft_cache)
+            else:
+                logits = draft(torch.tensor([feed], device=draft.device), cache=draft_cache, last_only=True)[:, -1]
+            feed = [int(logits[0].argmax())]
             guesses.append(feed[0])
         # one target forward over the last token and the guesses: its argmax after each
         before = target_cache.length

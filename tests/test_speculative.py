@@ -29,9 +29,13 @@ def greedy(target, prompt, n, stops=()):
     return generate(target, [prompt], SamplingConfig(max_new_tokens=n), stop_token_ids=stops).completions[0].ids
 
 
-@pytest.mark.parametrize("k", [1, 3, 5])
-def test_the_output_is_the_targets_greedy_output(k):
+@pytest.mark.parametrize("k, fused", [(1, False), (3, False), (5, False), (3, True)])
+def test_the_output_is_the_targets_greedy_output(k, fused):
     target, draft = model(2, 0), model(1, 1)
+    if fused:  # as `mmctl generate --draft` loads them: the draft guesses through the fast step
+        from mmctl.models import fast_decode
+
+        assert fast_decode.fuse(target) and fast_decode.fuse(draft)
     prompt = [3, 14, 15, 9, 26]
     result = speculative.generate(target, draft, prompt, 40, k=k)
     assert result.completion.ids == greedy(target, prompt, 40)

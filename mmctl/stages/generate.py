@@ -107,13 +107,14 @@ def _record(tok, prompt: str, ids: list[int], completion) -> dict:
 def _speculative(cfg: GenerateConfig, model, tok, ids: list[list[int]], stops: list[int]) -> StageResult:
     """Each prompt on its own (batch 1), the draft guessing; the same tokens as plain greedy decoding."""
     from mmctl import speculative
-    from mmctl.models import transformer
+    from mmctl.models import fast_decode, transformer
     from mmctl.models.vlm import VLM
 
     if isinstance(model, VLM):
         raise UsageError(f"--draft: {cfg.checkpoint} is a vision-language model; speculative decoding takes a "
                          "language model")
     draft, draft_tok = transformer.load_with_tokenizer(cfg.draft, device=model.device, quantized=True)
+    fast_decode.fuse(draft)  # its one-token guesses through the fast step
     if draft_tok.sha256 != tok.sha256:
         raise UsageError(f"--draft: {cfg.draft} has another tokenizer than {cfg.checkpoint}; the draft's guesses "
                          "must be the target's tokens")

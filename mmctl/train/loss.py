@@ -88,8 +88,8 @@ def _language_model(model):
 def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
                **forward) -> torch.Tensor:
     """Σ weights · cross-entropy of `targets` (B, T) after `inputs` (B, T) — through `linear_cross_entropy` when the
-    head is a plain linear layer, else (a LoRA, quantized or FSDP-sharded head) through the model's logits. `model` may be
-    wrapped (DDP, compile): the forward runs through the wrapper."""
+    head is a plain linear layer, else (a LoRA, quantized or FSDP-sharded head) through the model's logits.
+    `model` may be wrapped (DDP, compile): the forward runs through the wrapper."""
     head = _language_model(model).lm_head
     flat = None if weights is None else weights.reshape(-1)
     sharded = hasattr(head.weight, "device_mesh")  # FSDP: the head's weight is gathered only inside the forward
