@@ -325,7 +325,7 @@ def generate(
                                                            "target forwards)."),
     draft_tokens: int | None = typer.Option(None, "--draft-tokens", help="Tokens the draft guesses per check "
                                                                          "(default 4)."),
-    compile: bool = typer.Option(False, "--compile", help="Decode through torch.compile: a 10-20 s compile, "
+    compile: bool = typer.Option(False, "--compile", help="Decode through torch.compile: a 3-12 s compile, "
                                                           "then faster steps (pays off over thousands of tokens)."),
     device: str | None = DEVICE, as_json: bool = JSON,
 ) -> None:

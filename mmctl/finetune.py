@@ -21,13 +21,14 @@ class EvalSection:
     sample_tokens: int = option(24, "tokens of that answer at most", ge=1)
 
 
-def open_run(cfg, stage: str):
-    """(run dir, process group) of a fine-tuning recipe; its inputs are the base checkpoint and every source file."""
+def open_run(cfg, stage: str, shardable: bool = False):
+    """(run dir, process group) of a fine-tuning recipe; its inputs are the base checkpoint and every source file.
+    `shardable`: FSDP may shard the model (`train_and_write`'s)."""
     from mmctl import recipe
     from mmctl.artifacts import Run
     from mmctl.runtime import pick_device, setup_distributed
 
-    dist = setup_distributed(pick_device(cfg.run.device))
+    dist = setup_distributed(pick_device(cfg.run.device), shardable)
     inputs = {"base": Path(cfg.base),
               **{f"sources[{i}]": Path(s.path) for i, s in enumerate(cfg.data.sources) if s.path}}
     return Run(Path(cfg.run.out), stage, recipe.to_dict(cfg, stage), inputs=inputs, seed=cfg.run.seed,

@@ -75,6 +75,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharded(self) -> bool:
+        """The model is sharded over the processes (FSDP), not replicated (DDP)."""
+        return bool(self.fsdp) and self.world > 1
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed
@@ -94,10 +99,16 @@ class Dist:
         return t.tolist()
 
 
-def setup_distributed(device: str) -> Dist:
+NOT_SHARDABLE = ("FSDP (accelerate launch --use_fsdp) shards pretrain and full sft; this stage trains with DDP: "
+                 "launch it with --multi_gpu")
+
+
+def setup_distributed(device: str, shardable: bool = False) -> Dist:
     """Join the process group that `accelerate launch` / torchrun describe in the environment, if any.
 
     On GPUs each process takes the GPU of its local rank (without this every rank would use cuda:0).
+    `shardable`: the stage can train under FSDP (mmctl/train/fsdp.py); one that cannot is refused here, before
+    it loads or touches anything.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -110,6 +121,8 @@ def setup_distributed(device: str) -> Dist:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     fsdp = fsdp_strategy()
+    if fsdp and not shardable:
+        raise UsageError(NOT_SHARDABLE)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), device, fsdp)

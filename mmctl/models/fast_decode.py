@@ -13,13 +13,11 @@ by `mmctl.generate` once `fuse` has prepared a model, does three things differen
    passed as a tensor, so every step has the same shapes and `torch.compile` (`compiled`) builds it once per
    batch size and cache length, then replays it.
 
-Leaves out: quantized and LoRA layers, biases other than q/k/v's, and VLMs (their text decoding takes the general
+Leaves out: quantized and LoRA layers and VLMs (their text decoding takes the general
 path); a GPU's CUDA graphs (`mode="reduce-overhead"`) are not used — nothing here was measured on a GPU.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +31,22 @@ def _input_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
-def _fuse(layers: list[nn.Linear]) -> torch.Tensor:
-    """One input-major weight for `layers`, which keep their own weights as row blocks (views) of it."""
-    fused = _input_major(torch.cat([layer.weight.detach() for layer in layers]))
+def _fuse(layers: list[nn.Linear], name: str = "weight") -> torch.Tensor:
+    """One tensor for the `name` tensors of `layers` (input-major for weights), which keep their own as row blocks
+    (views) of it."""
+    fused = torch.cat([getattr(layer, name).detach() for layer in layers])
+    fused = _input_major(fused) if fused.dim() == 2 else fused
     start = 0
     for layer in layers:
-        rows = layer.weight.shape[0]
-        layer.weight.data = fused[start:start + rows]
+        rows = getattr(layer, name).shape[0]
+        getattr(layer, name).data = fused[start:start + rows]
         start += rows
     return fused
+
+
+def _views_of(fused, layers: list[nn.Linear], name: str = "weight") -> bool:
+    return fused is not None and all(getattr(layer, name).untyped_storage().data_ptr()
+                                     == fused.untyped_storage().data_ptr() for layer in layers)
 
 
 def fuse(model) -> bool:
@@ -56,9 +61,9 @@ def fuse(model) -> bool:
         return False
     for block in model.model.layers:
         attn, mlp = block.self_attn, block.mlp
-        if attn.q_proj.bias is not None:
-            attn.qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach()
-        attn.qkv_weight = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        attn.qkv_weight = _fuse(qkv)
+        attn.qkv_bias = _fuse(qkv, "bias") if attn.q_proj.bias is not None else None
         mlp.gate_up_weight = _fuse([mlp.gate_proj, mlp.up_proj])
         for layer in (attn.o_proj, mlp.down_proj):
             layer.weight.data = _input_major(layer.weight.detach())
@@ -67,14 +72,17 @@ def fuse(model) -> bool:
 
 
 def is_fused(model) -> bool:
-    """Whether `fuse` prepared `model` and its weights are still the fused ones (a later `.to()` makes copies)."""
+    """Whether `fuse` prepared `model` and its layers still hold views of the fused tensors (a later `.to()` or
+    `load_state_dict(assign=True)` gives them tensors of their own, which the fused ones would not follow)."""
     if not isinstance(model, Transformer):
         return False
     for block in model.model.layers:
-        fused = getattr(block.self_attn, "qkv_weight", None)
-        if fused is None or block.self_attn.q_proj.weight.data_ptr() != fused.data_ptr():
+        attn, mlp = block.self_attn, block.mlp
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        if not (_views_of(getattr(attn, "qkv_weight", None), qkv)
+                and _views_of(getattr(mlp, "gate_up_weight", None), [mlp.gate_proj, mlp.up_proj])):
             return False
-        if block.mlp.gate_up_weight.data_ptr() != block.mlp.gate_proj.weight.data_ptr():
+        if attn.q_proj.bias is not None and not _views_of(attn.qkv_bias, qkv, "bias"):
             return False
     return True
 
@@ -97,7 +105,7 @@ def step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, slot:
     mask = (valid & seen)[:, None, None, :]  # (B, 1, 1, S)
     for i, block in enumerate(model.model.layers):
         attn, mlp = block.self_attn, block.mlp
-        qkv = F.linear(block.input_layernorm(x), attn.qkv_weight, getattr(attn, "qkv_bias", None))
+        qkv = F.linear(block.input_layernorm(x), attn.qkv_weight, attn.qkv_bias)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
         # the G query heads of a group are G "query positions" against their one key/value head: GQA in one SDPA
         q, k = apply_rotary(q.view(B, K, H // K, D), k.view(B, K, 1, D), cos, sin)
@@ -116,28 +124,36 @@ def cache_length(needed: int, context: int) -> int:
     return min(max(64, 1 << (needed - 1).bit_length()), max(context, needed))
 
 
-_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_compiled: dict = {}  # device type → compiled `step`
 
 
-def compiled(model: Transformer):
-    """`step` for `model` through torch.compile (the first call per shape compiles: 10–20 s here). On a CPU,
-    inductor's C++ wrapper calls the kernels without a Python frame per kernel, which is what pays (measured:
-    1.4× the eager step; without it, nothing)."""
-    if model not in _compiled:
-        # every model, batch size, dtype and cache length is one more compiled version of `step`; past dynamo's
-        # limit (8) it would silently run the step uncompiled, as a run over many checkpoints would find
-        limit = getattr(torch._dynamo.config, "recompile_limit", None)
-        if limit is not None and limit < 64:
-            torch._dynamo.config.recompile_limit = 64
-        options = {"cpp_wrapper": True} if model.device.type == "cpu" else None
-        _compiled[model] = torch.compile(step, dynamic=False, options=options)
-    return _compiled[model]
+def compiled(device: torch.device):
+    """`step` through torch.compile for models on `device` (the first call per shape compiles: 3–12 s measured
+    here). On a CPU, inductor's C++ wrapper calls the kernels without a Python frame per kernel, which is what
+    pays (measured: 1.4× the eager step; without it, nothing)."""
+    if device.type not in _compiled:
+        # every model shape, batch size, dtype and cache length is one more compiled version of `step`; past
+        # dynamo's limit (8) it would silently run the step uncompiled, as a run over many checkpoints would find
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+        setattr(config, name, max(getattr(config, name), 64))
+        options = {"cpp_wrapper": True} if device.type == "cpu" else None
+        _compiled[device.type] = torch.compile(step, dynamic=False, options=options)
+    return _compiled[device.type]
 
 
 def decode(model: Transformer, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
            compile: bool = False) -> torch.Tensor:
-    """One step of `step` (compiled or not) against `cache`, whose fill level it advances. Logits (B, V)."""
+    """One step of `step` (compiled or not) against `cache`, whose fill level it advances. Logits (B, V).
+    Compiled, the step reads the whole cache (one shape for every step); eager, only its filled part."""
+    if cache.length >= cache.max_len:
+        raise ValueError(f"KV cache holds {cache.max_len} tokens, {cache.length + 1} needed")
     slot = torch.tensor([cache.length], device=token.device)
-    logits = (compiled(model) if compile else step)(model, token, positions, slot, cache.k, cache.v, cache.valid)
+    if compile:
+        logits = compiled(token.device)(model, token, positions, slot, cache.k, cache.v, cache.valid)
+    else:
+        n = cache.length + 1
+        logits = step(model, token, positions, slot, [k[:, :, :n] for k in cache.k], [v[:, :, :n] for v in cache.v],
+                      cache.valid[:, :n])
     cache.length += 1
     return logits

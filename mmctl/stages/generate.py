@@ -35,7 +35,7 @@ class GenerateConfig:
     draft: str | None = option(None, "a small checkpoint with the same tokenizer: speculative decoding (greedy)")
     draft_tokens: int = option(4, "speculative decoding: tokens the draft guesses per check", ge=1, le=64)
     compile: bool = option(False, "decode through torch.compile (a language model with plain layers): the first "
-                                  "step compiles for 10-20 s, every later one is faster")
+                                  "step compiles for 3-12 s, every later one is faster")
 
     def check(self) -> list[tuple[str, str]]:
         problems = [] if self.prompts else [("prompts", "missing required value: --prompt TEXT or --prompts FILE")]

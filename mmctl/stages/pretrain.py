@@ -76,7 +76,7 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
 
     out, data = Path(cfg.run.out), Path(cfg.data.path)
     tok, shards = _inputs(cfg)
-    dist = setup_distributed(pick_device(cfg.run.device))
+    dist = setup_distributed(pick_device(cfg.run.device), shardable=True)
     precision = pick_precision(cfg.train.precision, dist.device)
     predicted = _predicted(cfg, dist.world, precision)
     ensure_fits(predicted, dist.device, "model")  # a recipe no machine can run fails now, not mid-allocation
@@ -116,7 +116,7 @@ def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
         "final": last,
         "params": sum(p.numel() for p in model.parameters()),
         "seconds": time.time() - start,
-        "processes": {"count": dist.world, "fsdp": dist.fsdp if dist.world > 1 else None},
+        "processes": {"count": dist.world, "fsdp": dist.fsdp if dist.sharded else None},
         "throughput": {"measured_tok_s": last.get("tok_s"), "measured_mfu": last.get("mfu"),
                        "peak_flops": peak, "train_flops_per_token": flops_per_token,
                        "tok_s_at_peak": peak / flops_per_token},

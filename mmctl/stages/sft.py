@@ -94,7 +94,8 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
 
     from mmctl.runtime import pick_precision
 
-    run_dir, dist = finetune.open_run(cfg, STAGE)
+    shardable = cfg.method == "full"  # every process evaluates the same rows, so FSDP can shard the whole model
+    run_dir, dist = finetune.open_run(cfg, STAGE, shardable)
     if not options.force and run_dir.up_to_date():
         return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
     model, tok = finetune.load(Path(cfg.base), cfg.method, dist.device, cfg.train.seq_len)
@@ -105,7 +106,7 @@ def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     results = finetune.train_and_write(
         cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, finetune.pad_id(tok), dist),
         loss_fn=trained_token_loss, evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
-        precision=precision, shardable=cfg.method == "full")  # every process evaluates the same rows: FSDP can shard
+        precision=precision, shardable=shardable)
     results = {**results, "data": stats} if dist.main else {}
     if dist.main:
         run_dir.finish(results, device=dist.device)

@@ -37,22 +37,30 @@ def trainable(model) -> dict:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def snapshot(model, optimizer) -> tuple[dict, dict, list]:
+def snapshot(model, optimizer, keep: bool = True) -> tuple[dict, dict, list]:
     """(trainable tensors by name, optimizer tensors by `state.<name>.<key>`, parameter groups without their
-    parameters): what a checkpoint holds. Sharded (FSDP) tensors are gathered to full size — a collective, so
-    under FSDP every process takes the snapshot and rank 0 saves it."""
+    parameters): what a checkpoint holds.
+
+    Sharded (FSDP) tensors are gathered to full size one at a time — a collective, so under FSDP every process
+    takes the snapshot and only the one that saves it `keep`s them, moved to the CPU as they come: a device holds
+    one gathered tensor at a time, never the whole model and its AdamW moments."""
     import torch
 
-    from mmctl.train.fsdp import full
+    from mmctl.train.fsdp import is_sharded
 
-    params = {name: full(p.detach()) for name, p in trainable(model).items()}
+    def take(t):
+        if not is_sharded(t):
+            return t.detach()
+        whole = t.detach().full_tensor()
+        return whole.cpu() if keep else None
+
+    params = {name: take(p) for name, p in trainable(model).items()}
     opt = optimizer.state_dict()
     tensors = {}
     names = _names_by_index(model, optimizer)
     for index, state in opt["state"].items():  # by parameter name: groups may be ordered otherwise on resume
         for key, value in state.items():
-            tensors[f"state.{names[index]}.{key}"] = full(value.detach()).contiguous() if torch.is_tensor(value) \
-                else torch.tensor(value)
+            tensors[f"state.{names[index]}.{key}"] = take(value) if torch.is_tensor(value) else torch.tensor(value)
     return params, tensors, [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
 
 

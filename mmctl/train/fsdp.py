@@ -3,7 +3,7 @@
 keeps the weights whole between forward and backward, ZeRO-2), and gathers a block's weights just before using them.
 
 The loop (mmctl/train/loop.py) shards the model before the optimizer is made, so AdamW's moments are sharded too;
-checkpoints gather every tensor to full size (`full`, a collective: every process calls it) and rank 0 writes
+checkpoints gather every tensor to full size (a collective: every process takes part) and rank 0 writes
 them exactly as a single process would, so a checkpoint or model dir does not depend on how it was trained, and
 a resume shards the full tensors again (`like`). Works on CPU (gloo) and GPU (nccl); a stage opts in (pretrain,
 full sft) because its evaluation and batches must run the same forward passes on every process.
@@ -54,13 +54,17 @@ def like(t: torch.Tensor, p) -> torch.Tensor:
     return distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
 
 
-def gather(model: nn.Module) -> None:
-    """Make every parameter of a trained, sharded `model` a full tensor again, on every process (a collective),
-    so the stage saves it as it would alone. The model is not trained further after this."""
+def gather(model: nn.Module, keep: bool = True) -> None:
+    """Make every parameter of a trained, sharded `model` a full tensor again where `keep` (the process that saves
+    it), so the stage saves it as it would alone; every process takes part (a collective), one tensor at a time.
+    The model's forward is still FSDP's, a collective: the model is for saving after this, not for training or
+    running on one process."""
     done: dict[int, nn.Parameter] = {}  # a tied matrix is one parameter in two modules
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None and is_sharded(p):
                 if id(p) not in done:
-                    done[id(p)] = nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
-                module._parameters[name] = done[id(p)]
+                    whole = p.detach().full_tensor()
+                    done[id(p)] = nn.Parameter(whole, requires_grad=p.requires_grad) if keep else None
+                if keep:
+                    module._parameters[name] = done[id(p)]

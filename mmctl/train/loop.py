@@ -38,7 +38,7 @@ from typing import Any, Literal
 from mmctl.console import Progress, console
 from mmctl.errors import DataError, Interrupted, NonFiniteError, UsageError
 from mmctl.recipe import option
-from mmctl.runtime import Dist, autocast
+from mmctl.runtime import NOT_SHARDABLE, Dist, autocast
 from mmctl.train import checkpoint
 from mmctl.train.optim import OptimConfig, lr_at, make_optimizer
 
@@ -52,7 +52,7 @@ class TrainConfig:
     seq_len: int = option(256, "tokens per training sequence", ge=1)
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "fp32 | bf16 (autocast, fp32 master weights) | auto: bf16 where the device runs it fast")
-    compile: bool = option(False, "torch.compile the model (a 10-20 s compile, faster steps)")
+    compile: bool = option(False, "torch.compile the model (a 12-21 s compile, faster steps)")
     activation_checkpointing: bool = option(False, "recompute each block's activations in the backward pass")
     log_every: int = option(10, "steps between metric lines", ge=1)
     eval_every: int = option(100, "steps between validation losses and samples (and at the end)", ge=1)
@@ -145,12 +145,13 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
         whole model, so `mmctl eval out/checkpoints/step-000100` works; what loads the part it holds otherwise).
     lr_scales: parameter-name prefix → learning-rate multiplier (a projector faster than its LM).
     shardable: the stage runs the same forward passes on every process (batches aside), so FSDP may shard the
-        model; under FSDP `model` ends with its full weights gathered on every process.
+        model (the stage passes the same to `setup_distributed`, which refuses FSDP earlier); under FSDP the main
+        process's `model` ends with its full weights (the others' are left sharded) — its forward is still FSDP's,
+        a collective, so it is for saving, not for running alone.
     """
     dist = dist or Dist()
-    if dist.fsdp and dist.world > 1 and not shardable:
-        raise UsageError("FSDP (accelerate launch --use_fsdp) shards pretrain and full sft; this stage trains "
-                         "with DDP: launch it with --multi_gpu")
+    if dist.sharded and not shardable:
+        raise UsageError(NOT_SHARDABLE)
     ckpt_dir = Path(out) / "checkpoints"
     fingerprint = with_frozen(model, fingerprint)
     trained = _prepare(model, cfg, dist)  # before the optimizer: FSDP replaces the parameters with their shards
@@ -184,15 +185,11 @@ def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, los
             if stopping:
                 raise Interrupted(f"interrupted at step {done}: resumable checkpoint "
                                   f"{checkpoint.step_dir(ckpt_dir, done)}")
-    if sharded(dist):
+    if dist.sharded:
         from mmctl.train import fsdp
 
-        fsdp.gather(model)
+        fsdp.gather(model, keep=dist.main)
     return last
-
-
-def sharded(dist: Dist) -> bool:
-    return bool(dist.fsdp) and dist.world > 1
 
 
 def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_clip: float, precision: str,
@@ -201,6 +198,8 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
     the global count, check, clip, step."""
     import torch
 
+    from mmctl.train.fsdp import full
+
     if not micro:
         raise UsageError(f"step {step + 1}: batches() returned no micro-batches")
     optimizer.zero_grad(set_to_none=True)
@@ -208,9 +207,9 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
     names: list[str] | None = None
     for i, micro_batch in enumerate(micro):
         last_micro = i == len(micro) - 1
-        if sharded(dist):  # reduce-scatter the gradients only after the last micro-batch, as DDP's no_sync
+        if dist.sharded:  # reduce-scatter the gradients only after the last micro-batch, as DDP's no_sync
             model.set_requires_gradient_sync(last_micro)
-        with trained.no_sync() if dist.world > 1 and not sharded(dist) and not last_micro else nullcontext():
+        with trained.no_sync() if dist.world > 1 and not dist.sharded and not last_micro else nullcontext():
             with autocast(precision, dist.device):
                 out = loss_fn(trained, micro_batch)
             out.sum.backward()
@@ -237,7 +236,7 @@ def train_step(trained, model, optimizer, micro: list, loss_fn: Callable, grad_c
         if p.grad is not None:
             p.grad.mul_(scale)
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP: a sharded norm
+    norm = full(norm).item()  # FSDP: a sharded norm
     if not math.isfinite(norm):
         raise NonFiniteError(f"step {step + 1}: gradient norm is {norm}; stopped before the optimizer step, the "
                              "last checkpoint is intact")
@@ -300,7 +299,7 @@ def _prepare(model, cfg: TrainConfig, dist: Dist):
             raise UsageError(f"train.activation_checkpointing: {type(model).__name__} does not support it")
         model.gradient_checkpointing_enable()
     trained = model
-    if sharded(dist):
+    if dist.sharded:
         from mmctl.train import fsdp
 
         fsdp.shard(model, dist.fsdp)  # in place: the model is its own wrapper
@@ -330,7 +329,7 @@ def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool, di
 def _evaluate(evaluate: Callable[[int], dict], done: int, log: Callable[[dict], None], dist: Dist) -> dict:
     """Rank 0 evaluates and logs; the others wait at the next collective (under FSDP they evaluate too: each
     forward gathers weights from every process)."""
-    if not dist.main and not sharded(dist):
+    if not dist.main and not dist.sharded:
         return {}
     result = evaluate(done)
     if not dist.main:
@@ -340,7 +339,8 @@ def _evaluate(evaluate: Callable[[int], dict], done: int, log: Callable[[dict], 
 
 
 def _save(ckpt_dir: Path, done: int, model, optimizer, cfg: TrainConfig, dist: Dist, export, extra: dict) -> None:
-    snap = checkpoint.snapshot(model, optimizer) if sharded(dist) else None  # every process gathers its shards
+    # under FSDP every process takes part in gathering each tensor; the main one keeps and saves them
+    snap = checkpoint.snapshot(model, optimizer, keep=dist.main) if dist.sharded else None
     if dist.main:
         checkpoint.save(ckpt_dir, done, model, optimizer, extra, export=export, snap=snap)
         checkpoint.prune(ckpt_dir, cfg.keep_checkpoints, upto=done)

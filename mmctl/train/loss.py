@@ -7,7 +7,9 @@ for the backward pass and then builds a gradient of the same size: for a 128k vo
 gradient of the loss with respect to those logits, w · (softmax − one-hot), is formed at once and turned straight
 into the gradients of the hidden states and of the head's weight; only those are kept for the backward pass,
 which merely scales them. The arithmetic is the plain path's (a test holds the two together); measured here it is
-also ~25% faster than the plain head + loss (benchmarks/pretrain.md).
+also ~25% faster than the plain head + loss (benchmarks/pretrain.md). Leaves out: heads that are not a plain
+linear layer (LoRA, quantized) and an FSDP-sharded model, whose head weight is whole only inside its forward —
+those take the plain path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmctl.train.fsdp import is_sharded
 
 CHUNK = 1024  # rows of logits alive at once: 1024 × V floats
 
@@ -28,8 +32,8 @@ def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, weights, chunk):
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
+    def forward(ctx, hidden, weight, targets, weights, chunk, grads):
+        need_hidden, need_weight = (grads and need for need in ctx.needs_input_grad[:2])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
@@ -42,6 +46,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, w_cast).float()  # (n, V)
             lse = logits.logsumexp(-1)
             total += (w * (lse - logits.gather(1, t[:, None])[:, 0])).sum()
+            if not (need_hidden or need_weight):  # scoring: the loss alone
+                continue
             # d(Σ w·CE)/d logits = w · (softmax − one-hot): formed in place of the logits
             grad = logits.sub_(lse[:, None]).exp_()
             grad[rows[:len(t)], t] -= 1
@@ -58,24 +64,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else (grad_hidden * grad_total).to(ctx.dtypes[0]),
-                None if grad_weight is None else (grad_weight * grad_total).to(ctx.dtypes[1]), None, None, None)
+                None if grad_weight is None else (grad_weight * grad_total).to(ctx.dtypes[1]), None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          weights: torch.Tensor | None = None, chunk: int = CHUNK) -> torch.Tensor:
     """Σ_i weights_i · CE(hidden_i · weightᵀ, targets_i), float32 scalar. hidden (N, C), weight (V, C), targets
-    (N,), weights (N,) (None: all ones; 0 leaves a position out)."""
+    (N,), weights (N,) (None: all ones; 0 leaves a position out). Under no_grad only the loss is computed."""
     weights = torch.ones(targets.shape, device=targets.device) if weights is None else weights.float()
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, weights, chunk)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    dtype = _matmul_dtype(hidden)
-    w_cast = weight.to(dtype)
-    for start in range(0, hidden.shape[0], chunk):  # scoring: the loss alone, still a chunk at a time
-        logits = F.linear(hidden[start:start + chunk].to(dtype), w_cast)
-        total += (weights[start:start + chunk] * F.cross_entropy(logits.float(), targets[start:start + chunk],
-                                                                 reduction="none")).sum()
-    return total
+    return _LinearCrossEntropy.apply(hidden, weight, targets, weights, chunk, torch.is_grad_enabled())
 
 
 def _language_model(model):
@@ -92,8 +89,8 @@ def token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, weights: torc
     `model` may be wrapped (DDP, compile): the forward runs through the wrapper."""
     head = _language_model(model).lm_head
     flat = None if weights is None else weights.reshape(-1)
-    sharded = hasattr(head.weight, "device_mesh")  # FSDP: the head's weight is gathered only inside the forward
-    if type(head) is nn.Linear and head.bias is None and not sharded:
+    # FSDP gathers a sharded head's weight only inside the model's forward: such a head takes the logits path
+    if type(head) is nn.Linear and head.bias is None and not is_sharded(head.weight):
         hidden = model(inputs, logits=False, **forward)
         return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), head.weight, targets.reshape(-1), flat)
     logits = model(inputs, **forward)

@@ -60,6 +60,8 @@ def make_optimizer(model, cfg: OptimConfig, lr_scales: dict[str, float] | None =
     rate, stored in each group as `lr_scale`; frozen parameters (requires_grad False) are in no group."""
     import torch
 
+    from mmctl.train.fsdp import is_sharded
+
     lr_scales = lr_scales or {}
     groups: dict[tuple[float, bool], list] = {}
     used = set()
@@ -78,6 +80,6 @@ def make_optimizer(model, cfg: OptimConfig, lr_scales: dict[str, float] | None =
                     for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
     # fused: one kernel updates every tensor (torch ≥ 2.4 on CPU and CUDA), the same arithmetic as the loop;
     # not for FSDP's sharded parameters (DTensors), which take the per-tensor loop
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not hasattr(p, "device_mesh")
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() and not is_sharded(p)
                 for g in param_groups for p in g["params"])
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)

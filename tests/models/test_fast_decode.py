@@ -64,6 +64,24 @@ def test_fusing_holds_no_weight_twice_and_keeps_the_checkpoint(tmp_path):
         assert torch.equal(load_checkpoint(tmp_path / "ckpt")(ids), plain(ids))
 
 
+def test_fused_weights_and_biases_follow_in_place_updates():
+    """An optimizer step or a load_state_dict after fusing changes what the fast step reads, biases included."""
+    fused, other = model(bias=True), model(bias=True)
+    fast_decode.fuse(fused)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    fused.load_state_dict(other.state_dict())  # copies into the existing (view) tensors
+    assert fast_decode.is_fused(fused)
+    sampling = SamplingConfig(max_new_tokens=20)
+    assert completions(fused, sampling) == completions(other, sampling)
+    logits = fast_decode.decode(fused, torch.tensor([3]), torch.tensor([0]), cache := fused.new_cache(1, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(logits, other(torch.tensor([[3]]))[:, -1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="KV cache holds 1 tokens"):
+        fast_decode.decode(fused, torch.tensor([3]), torch.tensor([1]), cache)
+
+
 def test_it_steps_aside_for_layers_it_does_not_handle():
     from mmctl.models.lora import LoRAConfig, apply_lora
 

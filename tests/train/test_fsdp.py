@@ -41,8 +41,14 @@ def test_what_mmctl_does_not_do_is_refused(monkeypatch, key, value, fragment):
         fsdp_strategy()
 
 
-def test_a_stage_that_cannot_shard_refuses_fsdp(tmp_path):
+def test_a_stage_that_cannot_shard_refuses_fsdp(tmp_path, monkeypatch):
+    from mmctl.runtime import setup_distributed
     from mmctl.train.loop import TrainConfig, train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UsageError, match="--multi_gpu"):  # as the stage starts, before it loads or writes anything
+        setup_distributed("cpu")
     from mmctl.train.optim import OptimConfig
 
     with pytest.raises(UsageError, match="--multi_gpu"):  # before any collective: no process group needed
@@ -51,7 +57,8 @@ def test_a_stage_that_cannot_shard_refuses_fsdp(tmp_path):
 
 
 def test_each_process_holds_what_account_predicts_for_zero_3(tmp_path):
-    """FULL_SHARD at rest: each process holds half of every parameter, what ZeRO-3 over 2 GPUs predicts."""
+    """FULL_SHARD after an optimizer step: each process holds half of every parameter, gradient and AdamW moment,
+    what ZeRO-3 over 2 GPUs predicts."""
     strategy = "FULL_SHARD"
     pytest.importorskip("accelerate")
     cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
@@ -70,8 +77,9 @@ def test_each_process_holds_what_account_predicts_for_zero_3(tmp_path):
                               "2", "--zero", "3", "--precision", "fp32", "--json"], capture_output=True, text=True,
                              timeout=120, env=env)
     assert account.returncode == 0, account.stderr
-    predicted = json.loads(account.stdout)["memory"]["training"]["weights"]
+    predicted = json.loads(account.stdout)["memory"]["training"]
     whole = cfg.num_parameters() * 4
-    assert predicted == whole / 2
+    assert (predicted["weights"], predicted["gradients"], predicted["optimizer"]) == (whole / 2, whole / 2, whole)
     for r in ranks:  # every matrix and vector here splits evenly in two: no padding
-        assert r["parameter_bytes"] == predicted
+        assert (r["parameter_bytes"], r["gradient_bytes"], r["optimizer_bytes"]) == \
+            (predicted["weights"], predicted["gradients"], predicted["optimizer"])
