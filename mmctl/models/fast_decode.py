@@ -9,12 +9,13 @@ by `mmctl.generate` once `fuse` has prepared a model, does three things differen
    the checkpoint's names and `Transformer.forward` are unchanged, and no weight is held twice.
 2. Weights stored input-major: a (out, in) weight lives in memory as its (in, out) transpose. Measured here, CPU
    BLAS multiplies one row by that layout about 2× faster than by the usual one (benchmarks/generate.md).
-3. Static shapes. Attention reads the whole preallocated cache under a mask and the new key is written at a slot
-   passed as a tensor, so every step has the same shapes and `torch.compile` (`compiled`) builds it once per
-   batch size and cache length, then replays it.
+3. Static shapes. The new key is written at a slot passed as a tensor and attention reads the cache under a
+   mask; compiled, it reads the whole preallocated cache, so every step has the same shapes and `torch.compile`
+   (`compiled`) builds it once per batch size and cache length, then replays it (eager, it reads only the
+   filled part).
 
-Leaves out: quantized and LoRA layers and VLMs (their text decoding takes the general
-path); a GPU's CUDA graphs (`mode="reduce-overhead"`) are not used — nothing here was measured on a GPU.
+Leaves out: quantized and LoRA layers and VLMs (their text decoding takes the general path); a GPU's CUDA graphs
+(`mode="reduce-overhead"`) are not used — nothing here was measured on a GPU.
 """
 
 from __future__ import annotations
