@@ -73,9 +73,9 @@ def generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max
         n = min(k, max_new_tokens - len(out))
         guesses, feed = [], unread
         for _ in range(n):
-            if len(feed) == 1 and fast_draft:  # one token at position = slot (batch 1, no padding): the fast step
-                slot = torch.tensor([draft_cache.length], device=draft.device)
-                logits = fast_decode.decode(draft, torch.tensor(feed, device=draft.device), slot, draft_cache)
+            if len(feed) == 1 and fast_draft:  # one token, at position = cache length (batch 1, no padding)
+                position = torch.tensor([draft_cache.length], device=draft.device)
+                logits = fast_decode.decode(draft, torch.tensor(feed, device=draft.device), position, draft_cache)
             else:
                 logits = draft(torch.tensor([feed], device=draft.device), cache=draft_cache, last_only=True)[:, -1]
             feed = [int(logits[0].argmax())]
