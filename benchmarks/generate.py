@@ -36,9 +36,10 @@ import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
+from mmctl import checkpoints  # noqa: E402
 from mmctl.generate import SamplingConfig, generate  # noqa: E402
 from mmctl.models import fast_decode  # noqa: E402
-from mmctl.models.transformer import ModelConfig, Transformer, load_checkpoint, save_checkpoint  # noqa: E402
+from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 
 MODELS = {
     "4M (tiny recipe)": ModelConfig(vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
@@ -132,8 +133,8 @@ def measure(name: str, cfg: ModelConfig, dtype_name: str, new_tokens: int, repea
     dtype = DTYPES[dtype_name]
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Transformer(cfg), tmp)
-        ours = load_checkpoint(tmp, dtype=dtype)
+        checkpoints.save(Transformer(cfg), tmp)
+        ours = checkpoints.load_lm(tmp, dtype=dtype)
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     fast_decode.fuse(ours)
     rows = []

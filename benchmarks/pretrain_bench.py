@@ -25,9 +25,9 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmctl-bench-ind
 
 import torch  # noqa: E402
 
+from mmctl import checkpoints
 from mmctl.accounting import formulas  # noqa: E402
 from mmctl.accounting.arch import from_hf_config  # noqa: E402
-from mmctl.models import transformer  # noqa: E402
 from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 from mmctl.runtime import autocast, peak_flops  # noqa: E402
 from mmctl.train.loss import token_loss  # noqa: E402
@@ -94,8 +94,8 @@ def main() -> None:
         torch.manual_seed(0)
         models = {"mmctl": Transformer(CFG)}
         with tempfile.TemporaryDirectory() as tmp:
-            transformer.save_checkpoint(models["mmctl"], tmp)
-            models["compiled"] = transformer.load_checkpoint(tmp).train()
+            checkpoints.save(models["mmctl"], tmp)
+            models["compiled"] = checkpoints.load_lm(tmp).train()
             models["transformers"] = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
         models["transformers"].train()
         steps = {"transformers": hf_step(models["transformers"], precision),

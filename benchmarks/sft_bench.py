@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from mmctl.models import lora, transformer
+from mmctl import checkpoints
+from mmctl.models import lora
 from mmctl.models.transformer import ModelConfig, Transformer
 from mmctl.quant import bnb
 from mmctl.runtime import autocast
@@ -38,7 +39,7 @@ VARIANTS = ["mmctl full", "mmctl lora", "peft lora", "mmctl qlora", "peft qlora"
 def build(variant: str, checkpoint: str):
     """(model, logits_of) for one variant, from the checkpoint dir."""
     if variant.startswith("mmctl"):
-        model = transformer.load_checkpoint(checkpoint)
+        model = checkpoints.load_lm(checkpoint)
         if variant.endswith("qlora"):
             bnb.to_4bit(model, bnb.QLoRAConfig())
         if variant.endswith("lora"):
@@ -102,7 +103,7 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        transformer.save_checkpoint(Transformer(CFG), tmp)
+        checkpoints.save(Transformer(CFG), tmp)
         print(f"model: {CFG.num_parameters():,} parameters (d {CFG.hidden_size}, {CFG.num_layers} layers), "
               f"batch {B} × {T}; LoRA r 16 on every projection\n")
         print("| precision | variant | trainable | ms/step | vs mmctl full | weights | gradients + AdamW state | "

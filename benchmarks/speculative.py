@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from mmctl import speculative
+from mmctl import checkpoints, speculative
 from mmctl.generate import SamplingConfig, generate
-from mmctl.models import fast_decode, transformer
+from mmctl.models import fast_decode
 
 PROMPTS = ["Once upon a time", "One day, a little", "Tom was", "The dog ran to the", "She said,",
            "In the park there was", "Lily and Ben", "After lunch,"]
@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 6, 8])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    target, tok = transformer.load_with_tokenizer(args.target)
-    draft, _ = transformer.load_with_tokenizer(args.draft)
+    target, tok = checkpoints.load(args.target)
+    draft, _ = checkpoints.load(args.draft)
     for model in (target, draft):  # as `mmctl generate` loads them: plain decoding and the draft's guesses fast
         fast_decode.fuse(model)
     prompts = [tok.encode(p) for p in PROMPTS]

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import time
@@ -23,11 +24,15 @@ from typing import Any
 import yaml
 
 import mmctl
-from mmctl.errors import BusyError, DataError
+from mmctl.errors import BusyError, DataError, UsageError
 
 MANIFEST = "manifest.json"
 LOGS = ("metrics.jsonl", "samples.jsonl")  # what a training run appends to: JSON lines, each with its step
 LOCK = ".lock"  # held (flock) by the process writing the directory
+RECORD = (MANIFEST, "recipe.yaml", *LOGS)  # the files that say what ran in a stage's directory
+PENDING = ".pending"  # products of the run in progress, published by finish()
+BACKUP = ".backup"  # the record as the run in progress found it
+PREVIOUS = "previous"  # the last finished run's record, while a newer run is unfinished
 # Libraries whose versions a manifest records when they are installed.
 LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes", "datasets", "numpy")
 
@@ -99,13 +104,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_tensors(tensors: dict, path: str | Path) -> Path:
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write tensors as safetensors, flushed to disk, with the permissions every other file gets (safetensors
     itself creates files readable by their owner only, ignoring the umask)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, path, metadata={"format": "pt"})
+    save_file({n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}, path,
+              metadata={"format": "pt", **(metadata or {})})
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
@@ -159,11 +165,35 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-class Run:
-    """One stage's output directory: up-to-date check, recipe.yaml, metrics.jsonl and the final manifest.
+# Names inside a stage's directory that belong to its record, never to a product (a method or phase `name`).
+RESERVED = {*RECORD, LOCK, PREVIOUS, "checkpoints", "phases", "rollouts"}
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
-    Usage in a stage: `run = Run(out, "pretrain", recipe_dict, inputs={"shards": path}, seed=cfg.run.seed)`;
-    `if run.up_to_date(): return`; `run.start()`; ... `run.log({"step": ..., "loss": ...})`; `run.finish(results)`.
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a directory inside a stage's output dir (None if it can): a plain name — letters,
+    digits, `.`, `_`, `+`, `-`, no path separator, not `..`, not one of the record's own names."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        return (f"{name!r} is not a plain name (letters, digits, . _ + -; no / or ..; at most 100 characters): it "
+                "names a directory inside the output dir")
+    if name in RESERVED:
+        return f"{name!r} is a name the output dir's record uses; choose another"
+    return None
+
+
+class StageDir:
+    """One stage's output directory and its record: the up-to-date check, recipe.yaml, the logs, the products
+    and the manifest — kept so that a failed run never costs the last good one anything.
+
+    A run goes `begin()` → `log()` / `product(name)` → `finish(results)`:
+    - `begin` keeps a copy of the record as it found it (`.backup/`) and, when a finished run is here, its record
+      in `previous/`; it drops the manifest (a run in progress never looks finished) and starts the logs.
+    - Products are written under `.pending/` and published over the old ones only by `finish`, just before the
+      manifest: until then the last finished run's `model/` (or shards, or quantized dirs) is untouched.
+    - `abandon(saved_progress)` after a failure puts the record back as `begin` found it — unless the attempt
+      saved resumable training state, in which case it is this directory's run now (re-running resumes it) and
+      the last finished run's record stays in `previous/`.
+    A directory that holds another stage's run, or files that are no stage's, is refused as the run starts.
     """
 
     def __init__(self, out: str | Path, stage: str, recipe: dict, inputs: dict[str, str | Path] | None = None,
@@ -172,6 +202,9 @@ class Run:
         self.stage, self.recipe, self.seed = stage, recipe, seed
         self.inputs = {name: {"path": str(p), "sha256": sha256_path(p)} for name, p in (inputs or {}).items()}
         self.started: float | None = None
+        self.began = False
+        self._products: list[str] = []
+        self._refuse_foreign()
         self._lock = self._claim() if lock else None
 
     def _claim(self):
@@ -189,6 +222,22 @@ class Run:
                             "changed (retry when it has finished)") from None
         return f
 
+    def _refuse_foreign(self) -> None:
+        """Refuse a directory holding another stage's run (its products would be overwritten) or files that belong
+        to no stage run (a home directory given as run.out)."""
+        if not self.out.is_dir():
+            return
+        holder = stage_of(self.out)
+        if holder is not None and holder != self.stage:
+            raise UsageError(f"run.out: {self.out} holds a `mmctl {holder}` run; give this `mmctl {self.stage}` "
+                             "run a directory of its own (nothing was changed)")
+        if holder is None:
+            strangers = sorted(p.name for p in self.out.iterdir() if not p.name.startswith("."))
+            if strangers:
+                raise UsageError(f"run.out: {self.out} holds files that are no mmctl run's ({', '.join(strangers[:3])}"
+                                 f"{', …' if len(strangers) > 3 else ''}); choose a new or empty directory (nothing "
+                                 "was changed)")
+
     def up_to_date(self) -> bool:
         """True if a finished run of this stage with the same resolved recipe and input hashes is here."""
         manifest = read_manifest(self.out)
@@ -202,40 +251,60 @@ class Run:
         """The results recorded by the finished run in this directory (after `up_to_date()` said so)."""
         return (read_manifest(self.out) or {}).get("results", {})
 
-    def start(self, keep_metrics_through: int | None = None) -> None:
-        """Claim the directory: drop any old manifest first, so a half-done re-run never looks finished.
-
-        A resumed training run keeps the records logged up to its checkpoint's step (and drops any logged after
-        it, which the resumed run will log again), so each log reads as one uninterrupted run.
-        """
+    def begin(self, keep_logs_through: int | None = None) -> None:
+        """Start this attempt's record (see the class docstring). A resumed training run keeps the log records up
+        to its checkpoint's step (and drops any logged after it, which the resumed run logs again), so each log
+        reads as one uninterrupted run."""
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.out.glob(".*.tmp-*"), *self.out.glob(".*.old-*"), self.out / PENDING]:
+            _remove(stale)  # what a killed run or publish left
+        _copy_record(self.out, self.out / BACKUP)
+        if (self.out / MANIFEST).is_file():  # a finished run: its record stays safe until this one finishes
+            _copy_record(self.out, self.out / PREVIOUS)
         (self.out / MANIFEST).unlink(missing_ok=True)
-        for stale in [*self.out.glob(".*.tmp-*"), *self.out.glob(".*.old-*")]:  # a killed publish's leftovers
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         for name in LOGS:
             log = self.out / name
             if not log.exists() and name != "metrics.jsonl":
                 continue
             kept = []
-            if keep_metrics_through is not None and log.exists():
-                for line in log.read_text(encoding="utf-8").splitlines():
+            if keep_logs_through is not None and log.exists():
+                for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
                     try:
                         record = json.loads(line)
                     except ValueError:  # a line cut short by a kill
                         continue
-                    if record.get("step", 0) <= keep_metrics_through:
+                    step = record.get("step", 0) if isinstance(record, dict) else None
+                    if isinstance(step, int | float) and step <= keep_logs_through:
                         kept.append(line + "\n")
             atomic_write_text(log, "".join(kept))
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(self.recipe, sort_keys=False, allow_unicode=True))
         self.started = time.time()
+        self.began = True
 
     def log(self, record: dict, to: str = "metrics.jsonl") -> None:
         """Append one JSON object to one of the run's LOGS (a log; the manifest, not this file, marks completion)."""
         with open(self.out / to, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
+    def product(self, name: str) -> Path:
+        """Where to write product `name` (a file or a directory): a pending path that `finish` publishes as
+        `<out>/<name>`. Names are plain (`name_problem`)."""
+        problem = name_problem(name)
+        if problem:
+            raise UsageError(f"{self.out}: {problem}")
+        if name not in self._products:
+            self._products.append(name)
+        (self.out / PENDING).mkdir(parents=True, exist_ok=True)
+        return self.out / PENDING / name
+
     def finish(self, results: dict, device: str = "cpu") -> Path:
-        """Write manifest.json, last and atomically."""
+        """Publish the products, then write manifest.json, last and atomically; the older record copies go."""
+        for name in self._products:
+            pending = self.out / PENDING / name
+            if pending.is_dir():
+                publish_dir(pending, self.out / name)
+            elif pending.exists():
+                os.replace(pending, self.out / name)
         manifest = {
             "stage": self.stage,
             "mmctl_version": mmctl.__version__,
@@ -249,7 +318,65 @@ class Run:
             "finished": _iso(time.time()),
             "results": results,
         }
-        return atomic_write_json(self.out / MANIFEST, manifest)
+        path = atomic_write_json(self.out / MANIFEST, manifest)
+        for leftover in (PENDING, BACKUP, PREVIOUS):
+            _remove(self.out / leftover)
+        self.began = False
+        return path
+
+    def abandon(self, saved_progress: bool) -> bool:
+        """After a failed attempt: put the record back as `begin` found it, unless the attempt saved resumable
+        progress. Returns True when the last finished run's record is left in `previous/`."""
+        if not self.began:
+            return False
+        self.began = False
+        _remove(self.out / PENDING)
+        if saved_progress:
+            _remove(self.out / BACKUP)
+            return (self.out / PREVIOUS).is_dir()
+        backup = self.out / BACKUP
+        for name in RECORD:
+            _remove(self.out / name)
+            if (backup / name).exists():
+                os.replace(backup / name, self.out / name)
+        _remove(backup)
+        if (self.out / MANIFEST).is_file():  # the finished run is back in place: its copy is not needed
+            _remove(self.out / PREVIOUS)
+        return False
+
+
+def stage_of(out: Path) -> str | None:
+    """The stage whose run a directory holds (its manifest's or recipe.yaml's `stage`), or None."""
+    manifest = read_manifest(out)
+    if isinstance(manifest, dict) and isinstance(manifest.get("stage"), str):
+        return manifest["stage"]
+    for record in (out / "recipe.yaml", out / PREVIOUS / MANIFEST):
+        try:
+            data = yaml.safe_load(record.read_text(encoding="utf-8")) if record.suffix == ".yaml" else \
+                json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError, RecursionError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("stage"), str):
+            return data["stage"]
+    return None
+
+
+def _copy_record(out: Path, to: Path) -> None:
+    """A fresh copy of the record files present in `out` into directory `to` (written whole, then renamed)."""
+    tmp = to.with_name(f".{to.name.lstrip('.')}.tmp-{os.getpid()}")
+    _remove(tmp)
+    tmp.mkdir(parents=True)
+    for name in RECORD:
+        if (out / name).is_file():
+            shutil.copy2(out / name, tmp / name)
+    publish_dir(tmp, to)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
 
 
 def _without_device(recipe):

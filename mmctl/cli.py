@@ -27,13 +27,14 @@ app = typer.Typer(
     help="Build language and vision-language models from scratch, one reproducible stage at a time.",
 )
 
-# stage name → (module, config class): what `mmctl validate` reads a recipe's `stage:` against.
+# stage name → (module, config class): what `mmctl validate` reads a recipe's `stage:` against. `rl` is two units,
+# chosen by the recipe's `algorithm:` (dpo when absent).
 STAGES = {
     "account": ("mmctl.stages.account", "AccountConfig"),
     "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
     "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
     "sft": ("mmctl.stages.sft", "SFTConfig"),
-    "rl": ("mmctl.stages.rl", "RLConfig"),
+    "rl": {"dpo": ("mmctl.stages.dpo", "DPORecipe"), "grpo": ("mmctl.stages.grpo", "GRPORecipe")},
     "align-vision": ("mmctl.stages.align_vision", "AlignVisionConfig"),
     "quantize": ("mmctl.stages.quantize", "QuantizeConfig"),
     "eval": ("mmctl.stages.eval", "EvalConfig"),
@@ -227,7 +228,7 @@ def sft(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = D
         from mmctl.console import emit_json
         from mmctl.stages import sft as stage
 
-        inspection = stage.inspect(_load("sft", str(recipe_path), _flags({"run.device": device}) + set_), rows)
+        inspection = stage.inspect(_load("sft", str(recipe_path), _flags({"run.device": device}) + set_)[1], rows)
         if as_json:
             return emit_json({**inspection, "rows": [{"row": r["row"], "tokens": [vars(t) for t in r["tokens"]]}
                                                      for r in inspection["rows"]]})
@@ -362,26 +363,30 @@ def report(
 
 
 def _load(stage: str, recipe_path: str | None, overrides: list[str]):
-    """The stage's config from its recipe (or from flags alone), with the overrides applied and checked."""
+    """(the stage's module, its config from the recipe — or from flags alone — with the overrides applied and
+    checked)."""
     import importlib
 
     from mmctl import recipe
 
-    module, cls_name = COMMANDS[stage]
-    cls = getattr(importlib.import_module(module), cls_name)
-    if recipe_path is None:
-        return recipe.build(cls, {}, recipe.Source("(command line)", {}, set()), overrides, stage=stage)
-    return recipe.load(recipe_path, cls, overrides, stage=stage)
+    data, source = (recipe.parse(recipe.read(recipe_path), str(recipe_path)) if recipe_path is not None
+                    else ({}, recipe.Source("(command line)", {}, set())))
+    units = COMMANDS[stage]
+    if isinstance(units, dict):  # the unit the recipe's (or an override's) `algorithm` names
+        chosen = dict(recipe.parse_override(o) for o in overrides).get("algorithm", data.get("algorithm"))
+        chosen = next(iter(units)) if chosen is None else chosen
+        if chosen not in units:
+            raise UsageError(f"{source.where('algorithm')}: algorithm: {chosen!r} is not one of {', '.join(units)}")
+        units = units[chosen]
+    module = importlib.import_module(units[0])
+    return module, recipe.build(getattr(module, units[1]), data, source, overrides, stage=stage)
 
 
 def _run_stage(stage: str, recipe_path: str | None, overrides: list[str], dry_run: bool, **options) -> None:
     """parse → load the recipe → stage.run → report: what every stage command does."""
-    import importlib
-
     from mmctl.stages import Options
 
-    module = importlib.import_module(COMMANDS[stage][0])
-    cfg = _load(stage, recipe_path, overrides)
+    module, cfg = _load(stage, recipe_path, overrides)
     if dry_run:
         return _print_resolved(cfg, stage)
     result = module.run(cfg, Options(**options))

@@ -14,6 +14,7 @@ a classic trap, so the loader here reads it as the float it looks like.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -80,11 +81,14 @@ def option(default: Any = None, doc: str = "", *, required: bool = False, ge: fl
     """A recipe field: its default, a one-line doc with units, and optional range limits.
 
     `required=True` means the recipe must set it (the default is then None). Mutable defaults (dataclass
-    sections, lists, dicts) are passed as a factory: `option(ModelConfig, "...")`, or as a list to copy.
+    sections, lists, dicts) are passed as a factory: `option(ModelConfig, "...")`, or as a value to copy (a list,
+    or a section instance whose values are this field's defaults: `option(RunConfig("out/sft"), "...")`).
     """
     meta = {"doc": doc, "required": required, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if callable(default) and (dataclasses.is_dataclass(default) or default in (list, dict)):
         return dataclasses.field(default_factory=default, metadata=meta)
+    if dataclasses.is_dataclass(default):  # a section whose defaults differ from its class's: `RunConfig("out/x")`
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     if isinstance(default, list | dict):  # a non-empty default list or mapping: each config gets its own copy
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -293,11 +297,12 @@ def build(cls: type, data: dict, source: Source, overrides: list[str] | tuple[st
     return cfg
 
 
-def _build(cls: type, data: Any, path: str, source: Source, problems: list[str]) -> Any:
+def _build(cls: type, data: Any, path: str, source: Source, problems: list[str], defaults: Any = None) -> Any:
+    """`defaults`: an instance whose values replace the class's defaults (a section declared with one)."""
     if not isinstance(data, dict):
         problems.append(f"{source.where(path)}: {path or 'recipe'}: expected a mapping of fields, got "
                         f"{_describe(data)}")
-        return cls()
+        return copy.deepcopy(defaults) if defaults is not None else cls()
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     allowed = set(known) | ({"stage"} if not path else set())
@@ -311,14 +316,16 @@ def _build(cls: type, data: Any, path: str, source: Source, problems: list[str])
     for name, f in known.items():
         sub = f"{path}.{name}" if path else name
         typ = hints[name]
+        default = getattr(defaults, name) if defaults is not None else (
+            f.default_factory() if f.default_factory is not MISSING else f.default)
         if dataclasses.is_dataclass(typ):  # absent sections are built too, so their required fields are checked
             section = data.get(name)
-            value = _build(typ, {} if section is None else section, sub, source, problems)
+            value = _build(typ, {} if section is None else section, sub, source, problems, default)
         elif name in data and not (data[name] is None and f.metadata.get("required")):
             value = _convert(data[name], typ, sub, source, problems)
             _check_range(value, f, sub, source, problems)
         else:
-            value = f.default_factory() if f.default_factory is not MISSING else f.default
+            value = copy.deepcopy(default)
         if f.metadata.get("required") and value is None:
             problems.append(f"{source.where(sub)}: {sub}: missing required value ({f.metadata['doc']})")
         values[name] = value
@@ -448,17 +455,18 @@ def dump(cfg: Any, stage: str | None = None) -> str:
     return yaml.safe_dump(to_dict(cfg, stage), sort_keys=False, allow_unicode=True)
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+def describe(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, Any, str]]:
     """Every field of a recipe class as (path, type, default, doc), for `--help`-style listings and tests."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         typ = hints[f.name]
+        default = getattr(defaults, f.name) if defaults is not None else (
+            f.default_factory() if f.default_factory is not MISSING else f.default)
         if dataclasses.is_dataclass(typ):
-            rows.extend(describe(typ, path + "."))
+            rows.extend(describe(typ, path + ".", default))
         else:
-            default = f.default_factory() if f.default_factory is not MISSING else f.default
             rows.append((path, _type_name(typ), default, f.metadata.get("doc", "")))
     return rows
 

@@ -22,7 +22,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 @dataclass
 class RunConfig:
-    """The `run:` section of every recipe. A stage subclasses it only to give `out` its own default."""
+    """The `run:` section of every recipe; each stage declares it with its own default `out`
+    (`option(RunConfig("out/pretrain"), ...)`)."""
 
     out: str | None = option(None, "output directory (manifest.json, metrics.jsonl and the stage's product)")
     seed: int = option(0, "seed of everything random in the stage (weights, data order, sampling)", ge=0,

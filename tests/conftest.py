@@ -12,8 +12,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def checkpoint(tmp_path_factory):
     """A small random Llama checkpoint dir with a trained tokenizer, as `mmctl pretrain` writes one."""
     torch = pytest.importorskip("torch")
+    from mmctl import checkpoints
     from mmctl.data.synthetic import arithmetic, stories
-    from mmctl.models import transformer
     from mmctl.models.transformer import ModelConfig, Transformer
     from mmctl.tokenizer import bpe
 
@@ -22,4 +22,4 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                                     num_kv_heads=2, max_position_embeddings=64))
-    return transformer.save_checkpoint(model, root / "model", bpe.load(root / "tok"))
+    return checkpoints.save(model, root / "model", bpe.load(root / "tok"))

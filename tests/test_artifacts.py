@@ -12,7 +12,8 @@ import time
 import pytest
 
 from mmctl import artifacts
-from mmctl.artifacts import Run
+from mmctl.artifacts import StageDir
+from mmctl.errors import UsageError
 
 
 def test_atomic_write_leaves_no_temp_and_survives_a_failed_replace(tmp_path, monkeypatch):
@@ -79,11 +80,11 @@ def test_run_up_to_date_rule(tmp_path):
     out = tmp_path / "out"
 
     def run(recipe):
-        return Run(out, "tokenize", recipe, inputs={"data": data}, seed=1)
+        return StageDir(out, "tokenize", recipe, inputs={"data": data}, seed=1)
 
     r = run({"a": 1})
     assert not r.up_to_date()
-    r.start()
+    r.begin()
     r.log({"step": 1, "loss": 2.0})
     assert not r.up_to_date()  # no manifest yet: a half-done run is never done
     r.finish({"tokens": 5})
@@ -95,37 +96,40 @@ def test_run_up_to_date_rule(tmp_path):
     del r  # releases the directory's lock
     assert run({"a": 1}).up_to_date()
     assert not run({"a": 2}).up_to_date()
-    assert not Run(out, "pretrain", {"a": 1}, inputs={"data": data}).up_to_date()
+    with pytest.raises(UsageError, match="holds a `mmctl tokenize` run"):  # another stage's run is not touched
+        StageDir(out, "pretrain", {"a": 1}, inputs={"data": data})
     data.write_text("changed")
     assert not run({"a": 1}).up_to_date()
-    run({"a": 1}).start()  # a re-run claims the directory: the old manifest is gone at once
+    run({"a": 1}).begin()  # a re-run claims the directory: the manifest is gone at once (kept in previous/)
     assert not (out / "manifest.json").exists()
+    assert json.loads((out / "previous" / "manifest.json").read_text())["results"] == {"tokens": 5}
 
 
 def test_missing_input_is_a_data_error(tmp_path):
     from mmctl.errors import DataError
 
     with pytest.raises(DataError, match="input not found"):
-        Run(tmp_path / "out", "x", {}, inputs={"data": tmp_path / "nope"})
+        StageDir(tmp_path / "out", "x", {}, inputs={"data": tmp_path / "nope"})
 
 
 def test_a_second_run_on_a_directory_in_use_is_refused(tmp_path):
     from mmctl.errors import BusyError
 
-    first = Run(tmp_path / "out", "x", {})
+    first = StageDir(tmp_path / "out", "x", {})
     with pytest.raises(BusyError) as e:
-        Run(tmp_path / "out", "x", {})
+        StageDir(tmp_path / "out", "x", {})
     assert e.value.exit_code == 6 and "another mmctl process" in str(e.value)
     del first  # the lock goes with the process (or its Run)
-    Run(tmp_path / "out", "x", {})
+    StageDir(tmp_path / "out", "x", {})
 
 
-def test_start_removes_what_a_killed_publish_left(tmp_path):
-    run = Run(tmp_path, "x", {})
+def test_begin_removes_what_a_killed_publish_left(tmp_path):
+    run = StageDir(tmp_path, "x", {})
     (tmp_path / ".model.tmp-999").mkdir()
     (tmp_path / ".results.json.tmp-999").write_text("half")
-    run.start()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "metrics.jsonl", "recipe.yaml"]
+    (tmp_path / ".pending").mkdir()
+    run.begin()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".backup", ".lock", "metrics.jsonl", "recipe.yaml"]
 
 
 def test_tensor_files_honour_the_umask(tmp_path):
@@ -140,3 +144,74 @@ def test_tensor_files_honour_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def _finished(out, recipe, results, product="model"):
+    """A StageDir with a finished run in `out` whose product dir holds one file saying `results`."""
+    d = StageDir(out, "x", recipe)
+    d.begin()
+    d.log({"step": 1, "loss": 1.0})
+    (d.product(product)).mkdir()
+    (d.product(product) / "weights").write_text(str(results))
+    d.finish({"v": results})
+    return d
+
+
+def test_a_failed_rerun_leaves_the_finished_run_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    del_me = _finished(out, {"a": 1}, 1)
+    del del_me
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    d = StageDir(out, "x", {"a": 2})
+    d.begin()
+    d.log({"step": 1, "loss": 9.0})
+    (d.product("model")).mkdir()
+    assert not (out / "manifest.json").exists()  # while it runs, the directory is not finished
+    assert d.abandon(saved_progress=False) is False
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "metrics.jsonl", "model",
+                                                     "recipe.yaml"]
+
+
+def test_a_run_that_saved_progress_keeps_the_finished_record_in_previous(tmp_path):
+    out = tmp_path / "out"
+    del_me = _finished(out, {"a": 1}, 1)
+    del del_me
+    d = StageDir(out, "x", {"a": 2})
+    d.begin()
+    d.log({"step": 1, "loss": 9.0})
+    assert d.abandon(saved_progress=True) is True
+    assert json.loads((out / "previous" / "manifest.json").read_text())["results"] == {"v": 1}
+    assert (out / "model" / "weights").read_text() == "1"  # the products are the finished run's until one finishes
+    assert "9.0" in (out / "metrics.jsonl").read_text() and not (out / "manifest.json").exists()
+    del d
+    d = StageDir(out, "x", {"a": 2})  # and the next run to finish replaces both
+    d.begin(keep_logs_through=1)
+    (d.product("model")).mkdir()
+    (d.product("model") / "weights").write_text("2")
+    d.finish({"v": 2})
+    assert (out / "model" / "weights").read_text() == "2"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "manifest.json", "metrics.jsonl", "model",
+                                                     "recipe.yaml"]
+
+
+@pytest.mark.parametrize("name", ["../victim", "/tmp/x", ".", "..", "", "a/b", "manifest.json", "checkpoints",
+                                  "previous", "x" * 101, "a\x00b", "-rf"])
+def test_product_names_are_plain_names_inside_the_directory(tmp_path, name):
+    d = StageDir(tmp_path / "out", "x", {})
+    d.begin()
+    with pytest.raises(UsageError):
+        d.product(name)
+    assert artifacts.name_problem("gptq-4bit-g64") is None
+
+
+def test_a_directory_of_another_stage_or_of_no_stage_is_refused(tmp_path):
+    _finished(tmp_path / "pretrain", {"a": 1}, 1)
+    with pytest.raises(UsageError, match="holds a `mmctl x` run"):
+        StageDir(tmp_path / "pretrain", "sft", {})
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="no mmctl run's"):
+        StageDir(tmp_path / "home", "x", {})
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"

@@ -134,9 +134,9 @@ def test_account_of_a_pretrain_recipe_and_a_checkpoint(checkpoint):
     assert report["workload"]["seq_len"] == 256 and report["workload"]["batch_size"] == 16
     assert report["flops"]["tokens"] == 150 * 16 * 256
     ckpt = json.loads(mmctl("account", str(checkpoint), "--json").stdout)
-    from mmctl.models import transformer
+    from mmctl import checkpoints
 
-    assert ckpt["params"]["total"] == sum(p.numel() for p in transformer.load_checkpoint(checkpoint).parameters())
+    assert ckpt["params"]["total"] == sum(p.numel() for p in checkpoints.load_lm(checkpoint).parameters())
 
 
 def test_device_flag(checkpoint):

@@ -13,13 +13,10 @@ from transformers.generation.logits_process import (  # noqa: E402
     TopPLogitsWarper,
 )
 
+from mmctl.checkpoints import save  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402
 from mmctl.generate import SamplingConfig, generate, process_logits  # noqa: E402
-from mmctl.models.transformer import (  # noqa: E402
-    ModelConfig,
-    Transformer,
-    save_checkpoint,  # noqa: E402
-)
+from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +33,7 @@ def models(tmp_path_factory):
     cfg = ModelConfig(vocab_size=128, hidden_size=128, intermediate_size=96, num_layers=2, num_heads=4,
                       num_kv_heads=2, tie_embeddings=False, init_std=0.15)
     ours = Transformer(cfg).eval()
-    path = save_checkpoint(ours, tmp_path_factory.mktemp("ckpt") / "model")
+    path = save(ours, tmp_path_factory.mktemp("ckpt") / "model")
     return ours, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 

@@ -15,11 +15,56 @@ built-in arithmetic problems come from `data/synthetic.py`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from mmctl.data.chat import END, ROLES, START
+from mmctl.data.mixture import Source
 from mmctl.data.sft import Example
 from mmctl.errors import DataError
+from mmctl.recipe import option
+
+
+@dataclass
+class PairSource(Source):
+    kind: Literal["jsonl", "datasets", "arithmetic"] = option(
+        None, "jsonl | datasets (a save_to_disk dir): prompt or messages, chosen, rejected | arithmetic: on-policy "
+              "pairs — the starting model's own answers to problems, a right one preferred to a wrong one",
+        required=True)
+    path: str | None = option(None, "jsonl: the file; datasets: the directory")
+    pairs: int | None = option(None, "files: read at most this many pairs", ge=1, le=10**8)
+    problems: int | None = option(None, "arithmetic: problems asked (a pair comes from each the model sometimes "
+                                        "gets wrong)", ge=1, le=10**6)
+    samples: int = option(4, "arithmetic: answers sampled per problem", ge=2, le=64)
+    temperature: float = option(1.0, "arithmetic: sampling temperature of those answers", gt=0, le=100)
+
+    COUNT: ClassVar[str] = "pairs"
+
+    @property
+    def limit(self) -> int | None:
+        return self.problems if self.kind == "arithmetic" else self.pairs
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.kind == "arithmetic":
+            if self.path or self.pairs:
+                return [("path" if self.path else "pairs", "an arithmetic source is made, not read: set problems")]
+            return [] if self.problems else [("problems", "missing required value: how many problems to ask")]
+        if self.problems:
+            return [("problems", f"a {self.kind} source is read: cap it with pairs")]
+        return super().check()
+
+
+@dataclass
+class ProblemSource(Source):
+    kind: Literal["jsonl", "datasets", "arithmetic"] = option(
+        None, "jsonl | datasets (a save_to_disk dir): prompt, messages or question, and answer | arithmetic "
+              "(built in)", required=True)
+    path: str | None = option(None, "jsonl: the file; datasets: the directory")
+    problems: int | None = option(None, "arithmetic: how many to make; files: read at most this many", ge=1,
+                                  le=10**6)
+
+    COUNT: ClassVar[str] = "problems"
 
 
 @dataclass
@@ -93,6 +138,11 @@ def _completion(value, key: str, where: str) -> str:
     return value
 
 
+def key(item: Pair | Problem) -> str:
+    """The text a mixture splits a pair or problem by (its prompt and answers)."""
+    return json.dumps(vars(item), ensure_ascii=False)
+
+
 def read_pairs(path, split: str | None = None) -> list[Pair]:
     """Every pair of a JSONL file, or with a split of a datasets directory."""
     return _read(path, split, pair, "preference pairs")
@@ -101,6 +151,22 @@ def read_pairs(path, split: str | None = None) -> list[Pair]:
 def read_problems(path, split: str | None = None) -> list[Problem]:
     """Every problem of a JSONL file, or with a split of a datasets directory."""
     return _read(path, split, problem, "problems")
+
+
+def problems(source: ProblemSource, seed: int, system_prompt: str | None = None) -> list[Problem]:
+    """A problem source's problems (built-in arithmetic from the training part of the problem space), each
+    after `system_prompt` when it has no system message of its own."""
+    from mmctl.data.synthetic import arithmetic_problems
+
+    if source.kind == "arithmetic":
+        found = [Problem([{"role": "user", "content": p.question}], str(p.answer))
+                 for p in arithmetic_problems(source.problems, seed, split="train")]
+    else:
+        found = read_problems(source.path, source.split if source.kind == "datasets" else None)
+    if system_prompt:
+        system = {"role": "system", "content": system_prompt}
+        found = [p if p.prompt[0]["role"] == "system" else Problem([system, *p.prompt], p.answer) for p in found]
+    return found
 
 
 def _read(path, split: str | None, parse, what: str) -> list:

@@ -19,10 +19,15 @@ the cut is counted).
 
 from __future__ import annotations
 
+import json
+import random
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 from mmctl.data.chat import ROLES
+from mmctl.data.mixture import Source
 from mmctl.errors import DataError
+from mmctl.recipe import option
 
 
 def conversation(record: dict, where: str) -> list[dict]:
@@ -62,6 +67,56 @@ def _messages(record: dict, where: str) -> list[dict]:
 BUILTINS = ("arithmetic", "story-questions")
 
 
+@dataclass
+class ChatSource(Source):
+    kind: Literal["jsonl", "datasets", "arithmetic", "story-questions", "shards"] = option(
+        None, "jsonl (chat, prompt/completion or alpaca lines) | datasets (a save_to_disk dir with those columns) | "
+              "arithmetic | story-questions (built in) | shards (plain text from a `mmctl tokenize` output dir, "
+              "trained on every token: pretraining replay)", required=True)
+    path: str | None = option(None, "jsonl: the file; datasets: the directory; shards: the tokenize output dir")
+    conversations: int | None = option(None, "built-ins: how many to generate; files: read at most this many; "
+                                             "shards: documents drawn at random", ge=1, le=10**8)
+
+    FILES: ClassVar[tuple[str, ...]] = ("jsonl", "datasets", "shards")
+    COUNT: ClassVar[str] = "conversations"
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.kind == "shards" and not self.conversations:
+            return [("conversations", "missing required value: how many documents to draw from the shards")]
+        return super().check()
+
+
+def read(source: ChatSource, seed: int, tok) -> list:
+    """A source's items: conversations (lists of messages), or for `shards` plain documents (str)."""
+    if source.kind == "jsonl":
+        return read_conversations(source.path)
+    if source.kind == "datasets":
+        return read_conversations(source.path, source.split)
+    if source.kind == "shards":
+        return shard_documents(source.path, tok, source.conversations, seed)
+    return builtin(source.kind, source.conversations, seed)
+
+
+def key(item) -> str:
+    """The text a mixture splits an item by (data/mixture.py)."""
+    return item if isinstance(item, str) else json.dumps(item, ensure_ascii=False)
+
+
+def shard_documents(path, tok, n: int, seed: int) -> list[str]:
+    """`n` documents of a tokenize output's training shards, drawn at random (seeded), decoded: the plain text a
+    fine-tuning mixture replays so that the model keeps what it was pretrained on."""
+    from pathlib import Path
+
+    from mmctl.tokenizer.shards import Shards
+
+    shards = Shards(Path(path) / "shards", "train")
+    if shards.tokenizer_sha256 != tok.sha256:
+        raise DataError(f"{path}: its shards were written by another tokenizer than the base model's")
+    documents = [doc for i in range(len(shards.arrays)) for doc in shards.documents_of(i)]
+    picked = random.Random(f"replay:{seed}").sample(range(len(documents)), min(n, len(documents)))
+    return [tok.decode(documents[i][:-1].tolist()) for i in sorted(picked)]  # each ends with <|eos|>
+
+
 def builtin(name: str, n: int, seed: int) -> list[list[dict]]:
     """Offline chat sets from the project's generators, with exact answers:
     `arithmetic` — "What is 47 + 18?" → "65", from the training part of the problem space only (the held-out tenth
@@ -97,10 +152,15 @@ class Example:
     mask: list[int]  # 1 where the token is trained (as a target: predicted from what comes before)
 
 
-def encode(messages: list[dict], tok, train_on_prompt: bool = False) -> Example:
+def encode(item, tok, train_on_prompt: bool = False) -> Example:
+    """A conversation through the chat template (the assistant's tokens trained, or every token with
+    `train_on_prompt`), or a plain document as pretraining saw it (its text, then <|eos|>; every token trained)."""
     from mmctl.data.chat import tokenize
 
-    ids, mask = tokenize(messages, tok)
+    if isinstance(item, str):
+        ids = tok.encode(item) + [tok.eos_id]
+        return Example(ids, [1] * len(ids))
+    ids, mask = tokenize(item, tok)
     return Example(ids, [1] * len(ids) if train_on_prompt else mask)
 
 

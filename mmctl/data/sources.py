@@ -5,21 +5,19 @@ parquet column, a `datasets` dataset (a local `save_to_disk` directory, or `hf:o
 or one of the built-in offline corpora — Python's bundled `pydoc_data.topics` reference text and the procedural
 generators of `mmctl.data.synthetic`.
 
-The split is by document and by content: a document goes to `val` when a seeded hash of its text falls under
-`val_fraction`, so repeated documents always land on the same side and the split does not depend on order.
-Mixture weights are repetition counts: weight 2 uses each training document twice, 0.5 a seeded half of them
-(the "epochs per source" of GPT-3-style mixtures). Validation documents are never repeated.
+The split and the weights are every mixture's (mmctl/data/mixture.py): by content, so a repeated document lands
+on one side, and weights as repetition counts of the training documents.
 """
 
 from __future__ import annotations
 
 import glob
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
+from mmctl.data.mixture import Source, stream
 from mmctl.errors import DataError, UsageError
 from mmctl.recipe import option
 
@@ -28,54 +26,39 @@ GENERATORS = ("stories", "arithmetic")
 
 
 @dataclass
-class SourceConfig:
+class TextSource(Source):
     kind: Literal["text", "jsonl", "parquet", "datasets", "pydoc", "stories", "arithmetic"] = option(
         None, "text | jsonl | parquet | datasets | pydoc (Python's reference text) | stories | arithmetic",
         required=True)
     path: str | None = option(None, "file, glob or directory (text, jsonl, parquet); a save_to_disk directory or "
                                     "hf:org/name (datasets)")
     field: str = option("text", "the jsonl field, parquet column or datasets column that holds the text")
-    split: str = option("train", "the datasets split to read")
     separator: str | None = option(None, "text files: split each file into documents at this string (e.g. a "
                                          "blank line); unset: one document per file")
     documents: int | None = option(None, "documents to generate (stories, arithmetic), or at most to read (at most "
                                                 "10^9)", ge=1, le=10**9)
-    weight: float = option(1.0, "mixture weight: each training document is used this many times (0.5: half)",
-                           gt=0)
+
+    FILES: ClassVar[tuple[str, ...]] = FILE_KINDS
+    COUNT: ClassVar[str] = "documents"
 
     def check(self) -> list[tuple[str, str]]:
-        if self.kind in FILE_KINDS and not self.path:
-            return [("path", f"missing required value: a {self.kind} source needs a path")]
-        if self.kind not in FILE_KINDS and self.path:
-            return [("path", f"a {self.kind} source is built in and takes no path")]
-        if self.kind in GENERATORS and not self.documents:
-            return [("documents", f"missing required value: how many {self.kind} documents to generate")]
+        if self.kind == "pydoc" and not self.path:  # built in, and read whole unless capped
+            return []
+        if problems := super().check():
+            return problems
         if self.separator is not None and self.kind != "text":
             return [("separator", "only text sources are split at a separator")]
         if self.separator == "":
             return [("separator", "must not be empty")]
         return []
 
-    def describe(self) -> str:
-        return f"{self.kind}:{self.path}" if self.path else f"{self.kind}({self.documents or 'all'})"
 
-
-def read(source: SourceConfig, seed: int) -> Iterator[str]:
+def read(source: TextSource, seed: int) -> Iterator[str]:
     """The documents of one source, in a deterministic order (empty documents are skipped)."""
-    documents = _read(source, seed)
-    count = 0
-    for doc in documents:
-        if not doc:
-            continue
-        yield doc
-        count += 1
-        if source.documents and count >= source.documents:
-            break
-    if count == 0:
-        raise DataError(f"{source.describe()}: the source has no documents")
+    return (doc for doc in _read(source, seed) if doc)
 
 
-def _read(source: SourceConfig, seed: int) -> Iterator[str]:
+def _read(source: TextSource, seed: int) -> Iterator[str]:
     if source.kind == "stories":
         from mmctl.data.synthetic import stories
 
@@ -145,7 +128,7 @@ def _parquet(path: Path, column: str) -> Iterator[str]:
         yield from (x for x in batch.column(0).to_pylist() if x)
 
 
-def _datasets(source: SourceConfig) -> Iterator[str]:
+def _datasets(source: TextSource) -> Iterator[str]:
     data = open_dataset(source.path, source.split)
     if source.field not in data.column_names:
         raise DataError(f"{source.path}: no column {source.field!r} (has: {', '.join(data.column_names)})")
@@ -178,19 +161,7 @@ def dataset_records(path: str, split: str) -> Iterator[tuple[str, dict]]:
         yield f"{path}[{split}][{i}]", row
 
 
-def _unit(seed: int, salt: str, text: str) -> float:
-    """A number in [0, 1) fixed by (seed, salt, text): reproducible on every machine, unlike hash()."""
-    digest = hashlib.blake2b(f"{seed}:{salt}:".encode() + text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def mixture(sources: list[SourceConfig], seed: int, val_fraction: float) -> Iterator[tuple[str, int, str]]:
-    """(split, source index, document) for every document of every source, weighted and split."""
-    for index, source in enumerate(sources):
-        for doc in read(source, seed):
-            if _unit(seed, "split", doc) < val_fraction:
-                yield "val", index, doc
-                continue
-            copies = int(source.weight) + (_unit(seed, f"weight{index}", doc) < source.weight % 1)
-            for _ in range(copies):
-                yield "train", index, doc
+def mixture(sources: list[TextSource], seed: int, val_fraction: float) -> Iterator[tuple[str, int, str]]:
+    """(split, source index, document) for every document of every source, weighted and split (data/mixture.py),
+    streamed: a corpus is never held in memory."""
+    return stream(sources, lambda source, index: read(source, seed), seed, val_fraction)

@@ -13,12 +13,44 @@ the run with one line naming it and its line or row).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
+from mmctl.data.mixture import Source
 from mmctl.errors import DataError
+from mmctl.recipe import option
 
 CAPTION_PROMPT = "Describe the image."
+
+
+@dataclass
+class ImageSource(Source):
+    kind: Literal["shapes", "jsonl", "datasets"] = option(
+        None, "shapes (built in) | jsonl ({image, question, answer} or {image, caption} lines) | datasets (a "
+              "save_to_disk dir: an image column, caption or question + answer)", required=True)
+    path: str | None = option(None, "jsonl: the file (image paths are relative to it); datasets: the dir")
+    items: int | None = option(None, "shapes: how many to make; jsonl, datasets: read at most this many", ge=1,
+                               le=10**7)
+    captions: bool = option(False, "shapes: captions (\"Describe the image.\") instead of questions")
+    image_column: str = option("image", "datasets: the column holding the image (or its path)")
+
+    COUNT: ClassVar[str] = "items"
+
+
+def read(source: ImageSource, seed: int, size: int) -> list[Example]:
+    """A source's examples, their images at `size` pixels."""
+    if source.kind == "shapes":
+        return shapes(source.items, seed, "train", size, captions=source.captions)
+    if source.kind == "jsonl":
+        return read_jsonl(source.path, size, source.items)
+    return read_dataset(source.path, source.split, size, source.items, source.image_column)
+
+
+def key(example: Example) -> str:
+    """What a mixture splits examples by: the image (every question about one image lands on one side)."""
+    return hashlib.blake2b(example.pixels.numpy().tobytes(), digest_size=16).hexdigest()
 
 
 @dataclass

@@ -52,12 +52,13 @@ class MmctlLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, batch_size: int | str = 8, max_length: int | str | None = None,
                  device: str | None = None):
         super().__init__()
-        from mmctl.models import fast_decode, transformer
+        from mmctl import checkpoints
+        from mmctl.models import fast_decode
 
         if not pretrained:
             raise UsageError("model_args: pretrained=CKPT (an mmctl or local HF checkpoint dir) is required")
         self._device = pick_device(device)
-        self.model, self.tok = transformer.load_with_tokenizer(pretrained, device=self._device, quantized=True)
+        self.model, self.tok = checkpoints.load(pretrained, device=self._device, quantized=True)
         fast_decode.fuse(self.model)  # generate_until decodes through the fast step where the model allows
         self.batch_size = to_int(batch_size, "batch_size")
         if self.batch_size < 1:

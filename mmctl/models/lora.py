@@ -170,7 +170,7 @@ def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, base_model:
 
 def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     """Wrap `model` as adapter dir `path` (PEFT's format, written by mmctl or by PEFT) says, and load its weights."""
-    from mmctl.models import hf
+    from mmctl import hf
 
     path = Path(path)
     config = hf.read_json(path / ADAPTER_CONFIG)

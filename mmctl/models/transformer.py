@@ -17,14 +17,13 @@ o_proj or the MLP.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from mmctl.errors import DataError, UsageError
+from mmctl.errors import UsageError
 from mmctl.models.config import ModelConfig
 
 # --- helpers -------------------------------------------------------------------------------------------------
@@ -355,109 +354,3 @@ class Transformer(nn.Module):
             cache.length = end
         x = x[:, -1:] if last_only else x
         return self.lm_head(x) if logits else x
-
-
-# --- checkpoint dirs -----------------------------------------------------------------------------------------
-
-CHAT_MARK = "mmctl_chat_model"  # generation_config.json: true when the model was tuned on chat turns (sft, rl)
-
-
-def checkpoint_files(model: Transformer, tokenizer=None, chat: bool = False) -> dict[str, dict]:
-    """config.json and generation_config.json for `model` (with the tokenizer's bos/eos/pad ids; `chat` marks a
-    model tuned to answer through its chat template, which is how `mmctl eval` then asks it questions)."""
-    special = tokenizer.special_token_ids() if tokenizer is not None else {}
-    quantized = getattr(model, "quantization", None)  # set by mmctl/quant/linear.py's quantize_model
-    return {"config.json": {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch."),
-                            **({"quantization_config": quantized} if quantized else {})},
-            "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})}}
-
-
-def save_checkpoint(model: Transformer, out: str | Path, tokenizer=None, chat: bool = False) -> Path:
-    """Write `model` (and `tokenizer`'s files) as a Hugging Face checkpoint dir that
-    `transformers.AutoModelForCausalLM.from_pretrained(out)` loads offline."""
-    from mmctl.models import hf
-
-    state = model.state_dict()
-    if model.cfg.tie_embeddings:  # transformers stores a tied head once, under the embedding's name
-        state.pop("lm_head.weight")
-    return hf.write_dir(out, state, checkpoint_files(model, tokenizer, chat), tokenizer.files() if tokenizer else [])
-
-
-def is_chat_model(path: str | Path) -> bool:
-    """Whether checkpoint dir `path` was tuned on chat turns (see CHAT_MARK)."""
-    from mmctl.models import hf
-
-    file = Path(path) / "generation_config.json"
-    return file.is_file() and hf.read_json(file).get(CHAT_MARK) is True
-
-
-def load_checkpoint(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-                    ) -> Transformer:
-    """A local checkpoint dir (mmctl's, or Hugging Face Llama / Mistral / Qwen2 / SmolLM; safetensors only) →
-    Transformer in eval mode. Weight names and shapes are checked against config.json before any memory is
-    allocated for the model."""
-    from mmctl.models import hf
-    from mmctl.quant import checkpoint as qcheckpoint
-
-    path = Path(path)
-    if not path.is_dir():
-        raise DataError(f"{path}: checkpoint dir not found")
-    cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
-    held = sum(math.prod(shape) for shape in hf.tensor_shapes(path).values())
-    quantized = qcheckpoint.read_config(path)
-    factor = 16 if quantized else 2  # (a quantized file holds fewer, packed elements)
-    if cfg.num_parameters() > factor * held:  # refused before even an empty model of that size is built
-        raise DataError(f"{path / 'config.json'}: describes {cfg.num_parameters():,} parameters, more than "
-                        f"{'twice' if factor == 2 else f'{factor} times'} what the weight files hold ({held:,})")
-    with torch.device("meta"):  # shapes only: no memory, no time spent on a random init
-        model = Transformer(cfg)
-        layout = qcheckpoint.layout(model, quantized, hf.tensor_shapes(path)) if quantized else None
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    declared = {name: t.dtype for name, t in model.state_dict().items() if not t.is_floating_point()}
-    if layout:  # bitsandbytes' layers are swapped in after reading: their tensors are as stored
-        expected = {k: v for k, v in expected.items() if k not in layout.replaced} | layout.stored
-        declared |= layout.integers
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight")
-    skip = ["lm_head.weight"] if cfg.tie_embeddings else []  # a tied head some checkpoints store anyway
-    tensors = hf.read_tensors(path, expected, dtype=dtype, device=device, skip=skip)
-    free = layout.free if layout else set()
-    for name, t in tensors.items():  # integer tensors only where quantized layers keep their codes
-        if name not in free and (name in declared) == t.is_floating_point():
-            raise DataError(f"{path}: tensor {name} is {t.dtype}, " + ("an integer" if name in declared else
-                                                                         "a floating-point") + " tensor is expected")
-        if name in declared and t.dtype != declared[name]:
-            raise DataError(f"{path}: tensor {name} is {t.dtype}, {declared[name]} is expected")
-    if layout:
-        qcheckpoint.attach(model, layout, tensors, dtype, device, path)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    if layout:
-        qcheckpoint.check(model, path)
-        model.quantization = quantized
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = Rotary(cfg).to(device)  # a non-persistent buffer, not in the file: computed here
-    return model.eval()
-
-
-def load_with_tokenizer(path: str | Path, *, device: str | torch.device = "cpu", vision: bool = False,
-                        quantized: bool = False):
-    """(model, tokenizer) of a checkpoint dir, checked together — what generate, eval and the lm-eval adapter
-    load, so one broken file fails every command the same way. `vision`: a VLM dir loads as its VLM
-    (mmctl/models/vlm.py; it decodes text like its language model). `quantized`: a quantized checkpoint loads
-    (to be scored or sampled); commands that train refuse one."""
-    from mmctl.models import hf, vlm
-    from mmctl.tokenizer import bpe
-
-    if vlm.is_vlm(path) and not vision:
-        raise DataError(f"{path}: a vision-language model; this command takes a language model (its "
-                        "language_model part is not saved on its own)")
-    model = vlm.load_vlm(path, device=device) if vlm.is_vlm(path) else load_checkpoint(path, device=device)
-    if getattr(model, "quantization", None) and not quantized:
-        raise DataError(f"{path}: a quantized checkpoint; this command trains or quantizes a floating-point one")
-    tok = bpe.load(path)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise DataError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                        f"({model.cfg.vocab_size})")
-    _ = tok.eos_id, hf.eos_token_ids(path)  # the document separator must exist; generation_config must parse
-    return model, tok

@@ -179,7 +179,7 @@ def load_pretrained(path: str | Path) -> ViT:
     the pooling head are left out) — as a ViT with its weights and its config."""
     from safetensors import SafetensorError, safe_open
 
-    from mmctl.models import hf
+    from mmctl import hf
 
     path = Path(path)
     config = hf.read_json(path / "config.json")

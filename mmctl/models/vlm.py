@@ -21,17 +21,15 @@ mmctl's own layout).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from mmctl.errors import DataError, UsageError
+from mmctl.errors import UsageError
 from mmctl.models.config import ModelConfig
 from mmctl.models.projector import Projector, ProjectorConfig
-from mmctl.models.transformer import Rotary, Transformer
+from mmctl.models.transformer import Transformer
 from mmctl.models.vit import ViT, ViTConfig, init_weights, load_pretrained
 from mmctl.recipe import option
 
@@ -162,90 +160,3 @@ def state_for_llava(model: VLM) -> dict[str, torch.Tensor]:
     if model.language_model.cfg.tie_embeddings:
         state.pop("language_model.lm_head.weight")
     return state
-
-
-OWN = "mmctl_vlm"  # config.json model_type of a VLM whose projector Llava cannot express (linear, pixel_shuffle)
-
-
-def save_vlm(model: VLM, out: str | Path, tokenizer, chat: bool = True) -> Path:
-    """Write `model` as a checkpoint dir with its processor files: Llava's layout with the `mlp` projector
-    (`AutoProcessor` and `AutoModelForImageTextToText` load it offline, and the processor expands `<|image|>` to
-    the model's image tokens), else mmctl's own layout — the same tensor names and files, `model_type` mmctl_vlm
-    and the projector in config.json (only mmctl loads it)."""
-    from mmctl import recipe
-    from mmctl.models import hf
-    from mmctl.models.transformer import CHAT_MARK
-    from mmctl.models.vit import processor_config
-
-    size = model.vision.encoder.image_size
-    special = tokenizer.special_token_ids()
-    if model.vision.projector.kind == "mlp":
-        config = llava_config(model, tokenizer)
-    else:
-        config = {"architectures": ["MmctlVLM"], "model_type": OWN, "vision_config": model.vision.encoder.to_hf(),
-                  "text_config": {**model.language_model.cfg.to_hf(), **special},
-                  "projector": recipe.to_dict(model.vision.projector), "image_token_index": model.image_token_id,
-                  "image_seq_length": model.tokens_per_image, "vision_feature_layer": model.vision.feature_layer,
-                  "tie_word_embeddings": model.language_model.cfg.tie_embeddings}
-    processor = {"processor_class": "LlavaProcessor", "image_token": tokenizer.decode([model.image_token_id]),
-                 "num_additional_image_tokens": 0, "patch_size": model.vision.encoder.patch_size,
-                 "vision_feature_select_strategy": "full", "image_processor": processor_config(size)}
-    files = {"config.json": config,
-             "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})},
-             "processor_config.json": processor, "preprocessor_config.json": processor_config(size)}
-    return hf.write_dir(out, state_for_llava(model), files, tokenizer.files())
-
-
-def is_vlm(path: str | Path) -> bool:
-    """Whether `path` is a VLM checkpoint dir (Llava's layout or mmctl's own)."""
-    from mmctl.models import hf
-
-    file = Path(path) / "config.json"
-    return file.is_file() and hf.read_json(file).get("model_type") in ("llava", OWN)
-
-
-def load_vlm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VLM:
-    """A VLM checkpoint dir → VLM in eval mode: mmctl's own layout, or Llava's with a SigLIP vision tower and a
-    Llama-family LM (mmctl's, or a local Hugging Face one of that layout)."""
-    from mmctl.models import hf
-
-    path = Path(path)
-    cfg = hf.read_json(path / "config.json")
-    where = path / "config.json"
-    vision_hf, text_hf = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
-    if cfg.get("model_type") not in ("llava", OWN) or vision_hf.get("model_type") != "siglip_vision_model":
-        raise DataError(f"{where}: not a VLM with a SigLIP vision tower (Llava's layout or mmctl's)")
-    if cfg["model_type"] == "llava":
-        if cfg.get("vision_feature_select_strategy", "default") != "full" or not isinstance(
-                cfg.get("vision_feature_layer", -2), int):
-            raise DataError(f"{where}: mmctl reads every patch of one vision layer (vision_feature_select_strategy "
-                            "full, an integer vision_feature_layer)")
-        if cfg.get("projector_hidden_act", "gelu") != "gelu" or not cfg.get("multimodal_projector_bias", True):
-            raise DataError(f"{where}: mmctl's mlp projector is Linear → GELU → Linear with biases")
-        projector = ProjectorConfig("mlp")
-    else:
-        p = cfg.get("projector") or {}
-        if p.get("kind") not in ("mlp", "linear", "pixel_shuffle") or not isinstance(p.get("scale_factor", 2), int):
-            raise DataError(f"{where}: projector is not one of mlp, linear, pixel_shuffle")
-        projector = ProjectorConfig(p["kind"], p.get("scale_factor", 2))
-    try:
-        encoder = ViTConfig.from_hf(vision_hf)
-    except KeyError as e:
-        raise DataError(f"{where}: vision_config lacks {e}") from None
-    section = VisionSection(encoder=encoder, projector=projector, feature_layer=cfg.get("vision_feature_layer", -2))
-    text = ModelConfig.from_hf({"tie_word_embeddings": cfg.get("tie_word_embeddings", False), **text_hf}, str(where))
-    with torch.device("meta"):
-        model = VLM(section, Transformer(text), int(cfg.get("image_token_index", cfg.get("image_token_id", -1))))
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if text.tie_embeddings:
-        expected.pop("language_model.lm_head.weight")
-    held = sum(math.prod(s) for s in hf.tensor_shapes(path).values())
-    if sum(math.prod(s) for s in expected.values()) > 2 * held:
-        raise DataError(f"{where}: describes far more parameters than the weight files hold")
-    tensors = hf.read_tensors(path, expected, dtype=dtype, device=device)
-    model.load_state_dict(tensors, strict=False, assign=True)
-    lm = model.language_model
-    if text.tie_embeddings:
-        lm.lm_head.weight = lm.model.embed_tokens.weight
-    lm.model.rotary = Rotary(text).to(device)
-    return model.eval()

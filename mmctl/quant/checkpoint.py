@@ -1,6 +1,6 @@
 """What a quantized checkpoint dir holds, and how the loader reads it: mmctl's own format (QuantLinear codes,
 scales, zero points, g_idx; `quantization_config.quant_method: mmctl`) and bitsandbytes' 4-bit and 8-bit
-serializations as transformers writes them. `mmctl/models/transformer.py`'s `load_checkpoint` calls these in
+serializations as transformers writes them. `mmctl/checkpoints.py`'s `load_lm` calls these in
 order: `read_config`, `layout` (on the meta model), `attach` (before the state dict loads), `check` (after)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def read_config(path: Path) -> dict | None:
     """config.json's `quantization_config` when mmctl wrote it (codes, scales, zero points as safetensors), checked;
     bitsandbytes' 4-bit or 8-bit serialization; None for a dense checkpoint. Other methods' (AWQ, …) are
     transformers'."""
-    from mmctl.models import hf
+    from mmctl import hf
 
     where = path / "config.json"
     config = hf.read_json(where).get("quantization_config")

@@ -31,12 +31,12 @@ def _weights(model) -> torch.Tensor:
 def language_model(path: Path, prompt: str) -> dict:
     """{tokens, weights (layers, heads, T, T)} of a checkpoint dir on `prompt` and its greedy continuation (a chat
     model is asked `prompt` as a user turn)."""
+    from mmctl import checkpoints
     from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.generate import SamplingConfig, generate
-    from mmctl.models import transformer
 
-    model, tok = transformer.load_with_tokenizer(path)
-    chat = transformer.is_chat_model(path)
+    model, tok = checkpoints.load(path)
+    chat = checkpoints.is_chat_model(path)
     ids = prompt_ids([{"role": "user", "content": prompt}], tok) if chat else tok.encode(prompt)
     done = generate(model, [ids], SamplingConfig(max_new_tokens=CONTINUATION),
                     stop_token_ids=stop_ids(tok) if chat else [tok.eos_id])
@@ -53,14 +53,14 @@ def vision_language_model(path: Path, examples: int = 3) -> list[dict]:
     """For `examples` held-out shapes questions: {image (PIL), question, answer (the model's greedy one), expected,
     grid (layers, rows, cols)}: each layer's attention, while the model says its answer, to the image's tokens —
     averaged over heads and the answer's tokens, laid out as the image's patch grid."""
+    from mmctl import checkpoints
     from mmctl.data import images, vqa
     from mmctl.data import shapes as generator
     from mmctl.data.chat import stop_ids
     from mmctl.data.synthetic import BUILTIN_SEED
     from mmctl.generate import SamplingConfig, completion_text, generate
-    from mmctl.models import transformer
 
-    model, tok = transformer.load_with_tokenizer(path, vision=True)
+    model, tok = checkpoints.load(path, vision=True)
     size = model.vision.encoder.image_size
     side = round(model.tokens_per_image ** 0.5)
     if side * side != model.tokens_per_image:

@@ -14,7 +14,7 @@ TRAINING = ("pretrain", "sft", "rl", "align-vision")
 def series(runs: list[StageRun]) -> dict:
     """Every figure's data, by figure, then by run name (runs without the data are left out; points whose values
     are not finite numbers are skipped)."""
-    from mmctl.report import quantize_rows
+    from mmctl.report.tables import quantize_rows
 
     out = {"loss": {}, "optimizer": {}, "grpo": {}, "dpo": {}, "vision": {}, "quantize": {}, "account": {}}
     for run in runs:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from mmctl.report import change, number, quantize_rows
 from mmctl.report.runs import StageRun
+from mmctl.report.tables import change, number, quantize_rows
 
 
 def attention_maps(found: list[StageRun]) -> tuple[dict, list[str]]:

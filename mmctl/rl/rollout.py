@@ -102,21 +102,67 @@ def sample(model, tok, problems: list[Problem], cfg: GRPOConfig, rewards: list[R
     return Rollout(ids, mask, adv, [len(r) for r in rows], stats, samples)
 
 
+TENSORS = ("ids", "mask", "advantages", "old_logps", "ref_logps")
+
+
 def save(r: Rollout, directory: Path, rank: int, step: int, keep: int) -> None:
-    """Keep a rollout that serves μ steps on disk (atomically; this rank's newest `keep`), so that a run resumed
-    within those steps trains on it rather than on a fresh sample."""
+    """Keep a rollout that serves μ steps on disk (safetensors, atomically; this rank's newest `keep`), so that a
+    run resumed within those steps trains on it rather than on a fresh sample."""
+    import json
+
+    from mmctl.artifacts import save_tensors
+
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"rank{rank}-step{step:09d}.pt"
-    torch.save({k: getattr(r, k) for k in r.__dataclass_fields__}, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    for old in sorted(directory.glob(f"rank{rank}-step*.pt"))[:-keep]:
+    path = directory / f"rank{rank}-step{step:09d}.safetensors"
+    tmp = directory / f".{path.name}.tmp-{os.getpid()}"
+    save_tensors({k: getattr(r, k) for k in TENSORS if getattr(r, k) is not None}, tmp,
+                 {"rollout": json.dumps({"tokens": r.tokens, "stats": r.stats, "samples": r.samples})})
+    os.replace(tmp, path)
+    for old in sorted(directory.glob(f"rank{rank}-step*.safetensors"))[:-keep]:
         old.unlink()
 
 
 def load(directory: Path, rank: int, step: int) -> Rollout | None:
-    """The rollout `save` kept for this rank and step, if it is there."""
-    path = directory / f"rank{rank}-step{step:09d}.pt"
-    return Rollout(**torch.load(path, weights_only=True)) if path.exists() else None
+    """The rollout `save` kept for this rank and step, or None when it is not there or not whole (truncated,
+    tampered, of the wrong shapes: a warning says so, and the caller samples afresh)."""
+    import json
+
+    from safetensors import safe_open
+
+    path = directory / f"rank{rank}-step{step:09d}.safetensors"
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            extra = json.loads(f.metadata()["rollout"])
+        r = Rollout(**{k: tensors.get(k) for k in TENSORS}, tokens=extra["tokens"], stats=extra["stats"],
+                    samples=extra["samples"])
+        r.stats = {k: tuple(v) for k, v in r.stats.items()}
+        problem = _shape_problem(r, set(tensors) - set(TENSORS))
+    except Exception as e:  # safetensors and json raise several types for a damaged file
+        problem = f"unreadable ({type(e).__name__})"
+    if problem:
+        console.print(f"[yellow]warning:[/yellow] {path}: {problem}; sampling that rollout afresh")
+        return None
+    return r
+
+
+def _shape_problem(r: Rollout, unknown: set) -> str | None:
+    n, t = tuple(r.ids.shape) if r.ids is not None and r.ids.dim() == 2 else (0, 0)
+    if unknown or r.ids is None or r.ids.dtype != torch.long or not n or t < 2:
+        return "not a rollout"
+    expected = {"mask": (n, t - 1), "advantages": (n,), "old_logps": (n, t - 1), "ref_logps": (n, t - 1)}
+    for name, shape in expected.items():
+        x = getattr(r, name)
+        if (x is not None or name in ("mask", "advantages")) and (x is None or tuple(x.shape) != shape
+                                                                  or not x.is_floating_point()):
+            return f"{name} is not a float tensor of shape {shape}"
+    if len(r.tokens) != n or not all(isinstance(k, int) and 2 <= k <= t for k in r.tokens):
+        return "its row lengths do not match its ids"
+    if not all(isinstance(v, tuple) and len(v) == 2 for v in r.stats.values()):
+        return "its statistics are malformed"
+    return None
 
 
 @torch.no_grad()
@@ -177,3 +223,74 @@ class Health:
         if len(last) == 4 and all(b < a for a, b in zip(last, last[1:], strict=False)):
             console.print(f"[yellow]warning:[/yellow] validation accuracy fell three evaluations in a row "
                           f"({' → '.join(f'{a:.2f}' for a in last)}): a sign of collapse; try a lower optim.lr")
+
+
+class Rollouts:
+    """`rollouts(step, rank)` → the rollout step `step` trains on: sampled at the first step of its μ
+    (num_iterations) steps — problems and sampling seed a function of (seed, step, rank), the completions of the
+    weights as they are — then reused for the μ − 1 steps after it. With μ > 1 the old log-probabilities are kept
+    with it and it is saved in `directory`, so a run resumed within those steps trains on the same rollout."""
+
+    def __init__(self, model, tok, problems: list[Problem], cfg: GRPOConfig, rewards: list[Reward], correct,
+                 seed: int, groups: int, pad_id: int, directory: Path, keep: int, precision: str, device,
+                 reference: Callable | None, log: Callable[[dict], None] | None):
+        self.model, self.tok, self.problems, self.cfg = model, tok, problems, cfg
+        self.rewards, self.correct, self.seed, self.groups, self.pad_id = rewards, correct, seed, groups, pad_id
+        self.directory, self.keep, self.precision, self.device = directory, keep, precision, device
+        self.reference, self.log = reference, log  # log: the main process's, for samples.jsonl
+        self.health = Health()
+        self._kept: tuple[int, Rollout] | None = None
+
+    def __call__(self, step: int, rank: int) -> Rollout:
+        import numpy as np
+
+        from mmctl.data.batches import pick_row
+        from mmctl.runtime import autocast
+
+        g = self.cfg
+        first = step - step % g.num_iterations
+        if self._kept is not None and self._kept[0] == first:
+            return self._kept[1]
+        if step != first:  # resumed within a rollout's μ steps: train on the one kept from its first step
+            kept = load(self.directory, rank, first)
+            if kept is not None:
+                self._kept = (first, kept)
+                return kept
+            console.print(f"[yellow]warning:[/yellow] the rollout of step {first + 1} is not in {self.directory}: "
+                          "sampling afresh (this run will differ from an uninterrupted one)")
+        problems = [self.problems[pick_row(self.seed, first, rank * self.groups + i, len(self.problems))]
+                    for i in range(self.groups)]
+        seed = int(np.random.default_rng([self.seed, first, rank]).integers(2**31))
+        r = sample(self.model, self.tok, problems, g, self.rewards, self.correct, seed, self.pad_id)
+        with autocast(self.precision, self.device):
+            if g.num_iterations > 1:
+                r.old_logps = logps(self.model, r)
+            if self.reference is not None:
+                r.ref_logps = self.reference(r)
+        if g.num_iterations > 1:
+            save(r, self.directory, rank, first, self.keep)
+        if self.log is not None:
+            self.health.rollout(r)
+            if first % g.samples_every == 0:
+                for record in r.samples:
+                    self.log({"step": first + 1, **record})
+        self._kept = (first, r)
+        return r
+
+
+def reference(model, full: bool) -> Callable[[Rollout], torch.Tensor]:
+    """rollout → its log-probabilities under the starting model. A full fine-tune keeps a frozen copy; adapters
+    are simply switched off (no second copy)."""
+    import copy
+
+    from mmctl.models import lora
+
+    if full:
+        frozen = copy.deepcopy(model).requires_grad_(False).eval()
+        return lambda r: logps(frozen, r)
+
+    def without_adapters(r: Rollout) -> torch.Tensor:
+        with lora.disabled(model):
+            return logps(model, r)
+
+    return without_adapters

@@ -14,21 +14,16 @@ from typing import Literal
 
 from mmctl import presets, recipe
 from mmctl.accounting import SECTIONS, Arch, Line, Workload, account, from_hf_config, nest
-from mmctl.artifacts import Run, atomic_write_json
+from mmctl.artifacts import atomic_write_json
 from mmctl.errors import DataError, UsageError
 from mmctl.models.config import ModelConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 from mmctl.train.loop import TrainConfig
 
 STAGE = "account"
 JSON_SCHEMA = "mmctl.account/1"
-
-
-@dataclass
-class AccountRun(RunConfig):
-    out: str | None = option(None, "output directory for account.json and manifest.json; unset: print only")
 
 
 @dataclass
@@ -82,7 +77,8 @@ class HardwareSection:
 
 @dataclass
 class AccountConfig:
-    run: AccountRun = option(AccountRun, "where results go")
+    run: RunConfig = option(RunConfig, "where results go: unset out prints only; set, account.json and "
+                                       "manifest.json are written there")
     model: ModelSection = option(ModelSection, "the architecture to account for")
     train: TrainSection = option(TrainSection, "the workload: context, batch, tokens, precision, memory savers")
     hardware: HardwareSection = option(HardwareSection, "the accelerators and the utilization assumed")
@@ -183,13 +179,12 @@ def run(cfg: AccountConfig, options: Options = Options(), verify: bool = False) 
         results["verify"] = [c.__dict__ for c in checks]
     up_to_date = False
     if cfg.run.out:
-        run_dir = Run(cfg.run.out, STAGE, recipe.to_dict(cfg, STAGE), inputs={"model": source} if source else {})
-        up_to_date = not options.force and run_dir.up_to_date()
-        if not up_to_date:
-            run_dir.start()
-            atomic_write_json(run_dir.out / "account.json", results)
-            run_dir.finish({"params.total": results["params"]["total"],
-                            "params.active": results["params"]["active"]})
+        def write(cfg: AccountConfig, job: Job) -> dict:
+            job.begin()
+            atomic_write_json(job.product("account.json"), results)
+            return {"params.total": results["params"]["total"], "params.active": results["params"]["active"]}
+
+        up_to_date = Job(STAGE, cfg, options, {"model": source} if source else {}).run(write).up_to_date
     return StageResult(Path(cfg.run.out) if cfg.run.out else None, results, up_to_date,
                        detail={"sections": sections, "arch": arch, "checks": checks})
 

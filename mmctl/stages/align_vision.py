@@ -23,14 +23,16 @@ from pathlib import Path
 from typing import Literal
 
 from mmctl import recipe
+from mmctl.artifacts import name_problem
 from mmctl.console import console
 from mmctl.data import vqa
+from mmctl.data.vqa import ImageSource
 from mmctl.errors import UsageError
 from mmctl.evals import vqa as vqa_eval
 from mmctl.models.vlm import VisionSection
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 
@@ -39,35 +41,10 @@ MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 
 
 @dataclass
-class AlignRun(RunConfig):
-    out: str = option("out/align-vision", "output directory: model/, phases/<name>/checkpoints, metrics.jsonl, "
-                                          "manifest.json")
-
-
-@dataclass
-class VisionSource:
-    kind: Literal["shapes", "jsonl", "datasets"] = option(
-        None, "shapes (built in) | jsonl ({image, question, answer} or {image, caption} lines) | datasets (a "
-              "save_to_disk dir: an image column, caption or question + answer)", required=True)
-    path: str | None = option(None, "jsonl: the file (image paths are relative to it); datasets: the dir")
-    items: int | None = option(None, "shapes: how many to make; jsonl, datasets: read at most this many", ge=1,
-                               le=10**7)
-    captions: bool = option(False, "shapes: captions (\"Describe the image.\") instead of questions")
-    split: str = option("train", "datasets: the split")
-    image_column: str = option("image", "datasets: the column holding the image (or its path)")
-
-    def check(self) -> list[tuple[str, str]]:
-        if self.kind != "shapes":
-            return [] if self.path else [("path", f"missing required value: a {self.kind} source needs a path")]
-        if self.path:
-            return [("path", "a shapes source is built in and takes no path")]
-        return [] if self.items else [("items", "missing required value: how many shapes items to make")]
-
-
-@dataclass
 class Phase:
     name: str = option(None, "names the phase (its checkpoints: <out>/phases/<name>/)", required=True)
-    sources: list[VisionSource] = option(list, "its data, mixed (fields: kind, path, items, captions)")
+    sources: list[ImageSource] = option(list, "its data, mixed (fields: kind, path, split, items, captions, "
+                                              "image_column, weight; mmctl/data/vqa.py)")
     trainable: dict = option({"multi_modal_projector": 1.0}, "module → learning-rate scale for the "
                              "modules this phase trains (vision_tower, multi_modal_projector, language_model); "
                              "the others are frozen")
@@ -75,12 +52,14 @@ class Phase:
         "answer", "answer: the VLM learns to answer (loss on the answer's tokens) | siglip / clip: contrastive "
                   "pretraining of the ViT against a small text tower on captions (stage 0; no LM)")
     train_on_question: bool = option(False, "also train on the question's tokens (never the image's)")
-    val_fraction: float = option(0.02, "share of the examples held out for the validation loss", ge=0, lt=1)
+    val_fraction: float = option(0.02, "share of the images held out for the validation loss", ge=0, lt=1)
     optim: OptimConfig = option(OptimConfig, "AdamW and the schedule of this phase")
     train: TrainConfig = option(TrainConfig, "steps, batch (examples), seq_len (≥ the longest row), precision")
 
     def check(self) -> list[tuple[str, str]]:
         problems = [] if self.sources else [("sources", "missing required value: at least one source")]
+        if problem := name_problem(self.name):
+            problems.append(("name", problem))
         unknown = sorted(set(self.trainable) - set(MODULES))
         if unknown or not self.trainable:
             problems.append(("trainable", f"train at least one of {', '.join(MODULES)}" + (
@@ -95,7 +74,7 @@ class Phase:
 
 
 @dataclass
-class EvalSection:
+class VQAEvalConfig:
     items: int = option(600, "held-out shapes questions (fresh images) answered at the end, per type", ge=6)
     composition_items: int = option(120, "questions about scenes with a colour–kind pair training never showed",
                                      ge=0)
@@ -104,12 +83,13 @@ class EvalSection:
 
 @dataclass
 class AlignVisionConfig:
-    run: AlignRun = option(AlignRun, "output directory, seed and device")
+    run: RunConfig = option(RunConfig("out/align-vision"), "output directory (model/, phases/<name>/checkpoints/, "
+                                                           "metrics.jsonl, manifest.json), seed and device")
     base: str = option(None, "the language model: a chat model dir (an sft output)", required=True)
     vision: VisionSection = option(VisionSection, "the ViT, the projector and which ViT layer it reads")
     phases: list[Phase] = option(list, "the training phases, in order (fields: name, sources, trainable, "
                                        "train_on_question, val_fraction, optim, train)")
-    eval: EvalSection = option(EvalSection, "the final per-type evaluation")
+    eval: VQAEvalConfig = option(VQAEvalConfig, "the final per-type evaluation")
 
     def check(self) -> list[tuple[str, str]]:
         problems = [] if self.phases else [("phases", "missing required value: at least one phase")]
@@ -119,131 +99,97 @@ class AlignVisionConfig:
         return problems
 
 
+def inputs(cfg: AlignVisionConfig) -> dict[str, Path]:
+    return {"base": Path(cfg.base), **{f"phases[{i}].sources[{j}]": Path(s.path) for i, p in enumerate(cfg.phases)
+                                       for j, s in enumerate(p.sources) if s.path},
+            **({"vision.pretrained": Path(cfg.vision.pretrained)} if cfg.vision.pretrained else {})}
+
+
 def run(cfg: AlignVisionConfig, options: Options = Options()) -> StageResult:
     """Train the VLM phase by phase, evaluate it per question type, write <out>/model/."""
+    return Job(STAGE, cfg, options, inputs(cfg), distributed=True).run(align)
+
+
+def align(cfg: AlignVisionConfig, job: Job) -> dict:
     import torch
 
-    from mmctl.artifacts import Run
-    from mmctl.models import transformer, vlm
-    from mmctl.runtime import pick_device, pick_precision, setup_distributed
+    from mmctl import checkpoints
+    from mmctl.models import vlm
+    from mmctl.runtime import pick_precision
     from mmctl.tokenizer.bpe import IMAGE
 
-    dist = setup_distributed(pick_device(cfg.run.device))
-    inputs = {"base": Path(cfg.base), **{f"phases[{i}].sources[{j}]": Path(s.path) for i, p in
-                                         enumerate(cfg.phases) for j, s in enumerate(p.sources) if s.path},
-              **({"vision.pretrained": Path(cfg.vision.pretrained)} if cfg.vision.pretrained else {})}
-    run_dir = Run(Path(cfg.run.out), STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed,
-                  lock=dist.main)
-    if not options.force and run_dir.up_to_date():
-        return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
-    lm, tok = transformer.load_with_tokenizer(Path(cfg.base), device=dist.device)
-    image_id = tok.token_id(IMAGE)
-    if image_id is None:
+    lm, tok = checkpoints.load(Path(cfg.base), device=job.device)
+    if tok.token_id(IMAGE) is None:
         raise UsageError(f"{cfg.base}: the tokenizer has no {IMAGE} token for the image's place")
     torch.manual_seed(cfg.run.seed)
-    model = vlm.VLM(cfg.vision, lm, image_id).to(dist.device)
-    precision = pick_precision(cfg.phases[0].train.precision, dist.device)
-    if options.fresh and dist.main:
-        _prune(run_dir.out, cfg)
-    dist.barrier()
-    if dist.main:
-        run_dir.start(keep_metrics_through=_resume_point(run_dir.out, cfg))
-        _module_table(model, cfg)
+    model = vlm.VLM(cfg.vision, lm, tok.token_id(IMAGE)).to(job.device)
+    precision = pick_precision(cfg.phases[0].train.precision, job.device)
     held_out = _heldout(cfg, model.vision.encoder.image_size)
-    offset, last = 0, {}
-    for i, phase in enumerate(cfg.phases):
-        last = _train_phase(cfg, i, model, tok, run_dir, dist, options, precision, offset, held_out)
+    phases = [_phase(cfg, i, model, tok, held_out, job, precision) for i in range(len(cfg.phases))]  # data first
+    job.begin([(f"phases/{p.name}/checkpoints", p.train.steps) for p in cfg.phases])
+    if job.main:
+        _module_table(model, cfg)
+    last, offset = {}, 0
+    for phase, parts in zip(cfg.phases, phases, strict=True):
+        for name in MODULES:
+            getattr(model, name).requires_grad_(name in phase.trainable)
+        last = job.train(parts, phase.train, phase.optim, precision, f"phases/{phase.name}/checkpoints",
+                         log=lambda record, phase=phase, offset=offset: job.log(
+                             {**record, "phase": phase.name, "step": offset + record["step"],
+                              "phase_step": record["step"]}))
         offset += phase.train.steps
-    if not dist.main:
-        return StageResult(run_dir.out, {})
+    if not job.main:
+        return {}
     scores, _ = vqa_eval.evaluate(model, tok, held_out["per_type"], held_out["composition"])
-    out = run_dir.out / "model"
-    vlm.save_vlm(model, out, tok)
-    results = {"final": last, "evaluation": scores, "tokens_per_image": model.tokens_per_image,
-               "params": {m: sum(p.numel() for p in getattr(model, m).parameters()) for m in MODULES},
-               "format": "llava" if cfg.vision.projector.kind == "mlp" else "mmctl"}
-    run_dir.finish(results, device=dist.device)
-    return StageResult(run_dir.out, results)
+    checkpoints.save_vlm(model, job.product("model"), tok)
+    return {"final": last, "evaluation": scores, "tokens_per_image": model.tokens_per_image,
+            "params": {m: sum(p.numel() for p in getattr(model, m).parameters()) for m in MODULES},
+            "format": "llava" if cfg.vision.projector.kind == "mlp" else "mmctl"}
 
 
-def _train_phase(cfg, i: int, model, tok, run_dir, dist, options, precision: str, offset: int, held_out) -> dict:
-    """One phase on the one loop: freeze what it does not train, build its rows, train (or restore a finished
-    phase's weights from its last checkpoint)."""
-    from mmctl.train.loop import train
+def _phase(cfg, i: int, model, tok, held_out, job, precision: str):
+    """One phase's loop parts (its objective's module, rows, loss and evaluation) and fingerprint."""
+    from mmctl.objectives import OBJECTIVES
+    from mmctl.train.loop import Parts
 
     phase = cfg.phases[i]
-    for name in MODULES:
-        getattr(model, name).requires_grad_(name in phase.trainable)
-    train_rows, val_rows = _rows(cfg, i, model, tok)
-    fingerprint = {"base": run_dir.inputs["base"]["sha256"], "vision": recipe.to_dict(cfg.vision),
-                   "phases": [recipe.to_dict(p) for p in cfg.phases[: i + 1]], "run.seed": cfg.run.seed}
-    if dist.main:
+    objective = OBJECTIVES[phase.objective](phase, model, tok, cfg.run.seed + 31 * i)
+    train_rows, val_rows = _rows(cfg, i, model, objective)
+    if job.main:
         console.print(f"phase {phase.name}: {len(train_rows.ids):,} examples ({len(val_rows.ids)} held out), trains "
                       + ", ".join(f"{m} (lr × {s:g})" for m, s in phase.trainable.items()))
-
-    def log(record: dict) -> None:
-        run_dir.log({**record, "phase": phase.name, "step": offset + record["step"], "phase_step": record["step"]})
-
-    if phase.objective == "answer":
-        trained, loss_fn = model, loss
-
-        def evaluate(step: int) -> dict:
-            return _evaluation(model, tok, val_rows, held_out, cfg, dist.device, precision)
-    else:  # stage 0: the ViT against a text tower made for this phase
-        import torch
-
-        from mmctl.models.contrastive import Contrastive
-
-        torch.manual_seed(cfg.run.seed + 31 * i)
-        trained = Contrastive(model.vision_tower, tok.vocab_size, phase.train.seq_len + 1,
-                              loss=phase.objective).to(dist.device)
-        loss_fn = contrastive_loss
-
-        def evaluate(step: int) -> dict:
-            return _retrieval(trained, val_rows, dist.device, precision)
-
-    return train(trained, cfg=phase.train, optim=phase.optim, batches=_batches(cfg, i, train_rows, dist),
-                 loss_fn=loss_fn, out=run_dir.out / "phases" / phase.name, log=log, fingerprint=fingerprint,
-                 evaluate=evaluate, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()},
-                 force_resume=options.force_resume, precision=precision, dist=dist)
+    fingerprint = {"base": job.dir.inputs["base"]["sha256"], "vision": recipe.to_dict(cfg.vision),
+                   "phases": [recipe.to_dict(p) for p in cfg.phases[: i + 1]], "run.seed": cfg.run.seed}
+    evaluate = lambda step: objective.evaluate(val_rows, held_out["per_type"][0], cfg.eval.sample_question,  # noqa: E731
+                                               job.device, precision)
+    return Parts(objective.trained, _batches(cfg, i, train_rows, job.dist), objective.loss, evaluate=evaluate,
+                 fingerprint=fingerprint, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()})
 
 
-def _rows(cfg, i: int, model, tok):
-    """The phase's examples, encoded, shuffled with the seed and split into train and validation rows."""
-    import random
-
+def _rows(cfg, i: int, model, objective):
+    """The phase's examples, mixed (by image: data/mixture.py), encoded by its objective into train and
+    validation rows."""
     import torch
 
+    from mmctl.data.mixture import mix
+
     phase, size = cfg.phases[i], model.vision.encoder.image_size
-    context = model.language_model.cfg.max_position_embeddings
-    if phase.objective == "answer" and phase.train.seq_len > context:
+    context = objective.max_tokens()
+    if context is not None and phase.train.seq_len > context:
         raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} exceeds the language model's context "
                          f"({context})")
-    examples = []
-    for j, s in enumerate(phase.sources):
-        if s.kind == "shapes":
-            examples += vqa.shapes(s.items, cfg.run.seed + 1000 * i + j, "train", size, captions=s.captions)
-        elif s.kind == "jsonl":
-            examples += vqa.read_jsonl(s.path, size, s.items)
-        else:
-            examples += vqa.read_dataset(s.path, s.split, size, s.items, s.image_column)
-    random.Random(f"align-vision:{cfg.run.seed}:{i}").shuffle(examples)
-    n_val = round(len(examples) * phase.val_fraction)
+    train, val = mix(phase.sources, lambda s, j: vqa.read(s, cfg.run.seed + 1000 * i + j, size),
+                     cfg.run.seed + 7919 * i, phase.val_fraction, key=vqa.key)
     parts = []
-    if phase.objective != "answer" and any(e.type != "caption" for e in examples):
-        raise UsageError(f"phases[{i}]: a {phase.objective} phase pairs images with captions; its sources must be "
-                         "captions (shapes with captions: true, or jsonl caption lines)")
-    for part in (examples[n_val:], examples[:n_val]):
-        if phase.objective == "answer":
-            encoded = [vqa.encode(e, tok, model.image_token_id, model.tokens_per_image, phase.train_on_question)
-                       for e in part]
-        else:  # the caption alone, every token of it
-            encoded = [(ids, [1] * len(ids)) for ids in (tok.encode(e.answer) for e in part)]
+    for part in (train, val):
+        try:
+            encoded = [objective.encode(e) for e in part]
+        except UsageError as e:
+            raise UsageError(f"phases[{i}]: {e}") from None
         longest = max((len(ids) for ids, _ in encoded), default=0)
         if longest > phase.train.seq_len + 1:
-            what = (f"row ({longest - 1} tokens with {model.tokens_per_image} image tokens)"
-                    if phase.objective == "answer" else f"caption ({longest} tokens)")
-            raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} is shorter than the longest {what}")
+            raise UsageError(f"phases[{i}].train.seq_len: {phase.train.seq_len} is shorter than the longest row "
+                             f"({longest} tokens with the image's)")
         pixels = torch.stack([e.pixels for e in part]) if part else torch.zeros(0)
         parts.append(vqa.Rows([ids for ids, _ in encoded], [m for _, m in encoded], pixels))
     if not parts[0].ids:
@@ -267,71 +213,6 @@ def _batches(cfg, i: int, rows, dist):
     return batches
 
 
-def loss(model, batch: dict):
-    """Cross-entropy summed over the trained answer tokens (image slots and padding never count)."""
-    import torch.nn.functional as F
-
-    from mmctl.models.vlm import IGNORE, labels_for
-    from mmctl.train.loop import LossOut
-
-    vlm = getattr(model, "module", model)  # under DistributedDataParallel, the model it wraps
-    labels = labels_for(batch["ids"], vlm.image_token_id, batch["trained"])
-    logits = model(batch["ids"][:, :-1], batch["pixels"])
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return LossOut(total, float((labels != IGNORE).sum()), batch["real"])
-
-
-def contrastive_loss(model, batch: dict):
-    """SigLIP's (or CLIP's) loss summed over the micro-batch's images, their captions the only positives."""
-    from mmctl.models.contrastive import clip_loss, siglip_loss
-    from mmctl.train.loop import LossOut
-
-    logits = model(batch["pixels"], batch["ids"], batch["valid"])
-    objective = getattr(model, "module", model).loss  # (under DistributedDataParallel, the model it wraps)
-    total = siglip_loss(logits) if objective == "siglip" else clip_loss(logits)
-    return LossOut(total, float(len(logits)), batch["real"])
-
-
-def _retrieval(model, val, device, precision: str) -> dict:
-    """R@1 image → caption and caption → image among (up to 256) held-out pairs, and their loss per image."""
-    import torch
-
-    from mmctl.models.contrastive import recall_at_1
-    from mmctl.runtime import autocast
-
-    if not val.ids:
-        return {}
-    model.eval()
-    with torch.no_grad(), autocast(precision, device):
-        batch = vqa.batch(val, list(range(min(len(val.ids), 256))), device)
-        logits = model(batch["pixels"], batch["ids"], batch["valid"]).float()
-        out = contrastive_loss(model, batch)
-    model.train()
-    i2t, t2i = recall_at_1(logits)
-    return {"val_loss": float(out.sum) / out.count, "val_r@1_image_to_text": i2t, "val_r@1_text_to_image": t2i}
-
-
-def _evaluation(model, tok, val, held_out: dict, cfg, device, precision: str) -> dict:
-    """The validation loss and the answer to the sample question about one held-out image."""
-    import torch
-
-    from mmctl.runtime import autocast
-
-    model.eval()
-    result = {}
-    if val.ids:
-        total = count = 0.0
-        with torch.no_grad(), autocast(precision, device):
-            for start in range(0, len(val.ids), 32):
-                out = loss(model, vqa.batch(val, list(range(start, min(start + 32, len(val.ids)))), device))
-                total, count = total + float(out.sum), count + out.count
-        result["val_loss"] = total / max(count, 1)
-    example = held_out["per_type"][0]
-    answer = vqa_eval.answers(model, tok, [example.pixels], [cfg.eval.sample_question])[0]
-    model.train()
-    return {**result, "sample": f"{cfg.eval.sample_question} → {answer}"}
-
-
 def _heldout(cfg, size: int) -> dict:
     """Fresh shapes questions and composition questions (held-out colour–kind pairs), at the ViT's image size."""
     per_type, composition = vqa.builtin(cfg.eval.items, cfg.eval.composition_items, size)
@@ -351,31 +232,6 @@ def _module_table(model, cfg) -> None:
         table.add_row(m, f"{n:,}", *[f"× {phase.trainable[m]:g}" if m in phase.trainable else "frozen"
                                      for phase in cfg.phases])
     console.print(table)
-
-
-def _resume_point(out: Path, cfg) -> int | None:
-    """The global step the run resumes from (its metrics are kept up to it), or None for a fresh start."""
-    from mmctl.train import checkpoint
-
-    offset = 0
-    found = None
-    for phase in cfg.phases:
-        done = checkpoint.complete(out / "phases" / phase.name / "checkpoints")
-        if not done:
-            break
-        step = int(done[0].name.split("-")[1])
-        found = offset + step
-        if step < phase.train.steps:
-            break
-        offset += phase.train.steps
-    return found
-
-
-def _prune(out: Path, cfg) -> None:
-    from mmctl.train import checkpoint
-
-    for phase in cfg.phases:
-        checkpoint.prune(out / "phases" / phase.name / "checkpoints", keep=0)
 
 
 def render(result: StageResult) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmctl import recipe
-from mmctl.artifacts import Run, atomic_write_json, atomic_write_text
+from mmctl.artifacts import atomic_write_json, atomic_write_text
 from mmctl.console import console
 from mmctl.errors import DataError, UsageError
 from mmctl.evals import run as run_task
@@ -20,19 +20,15 @@ from mmctl.evals.run import EvalSection
 from mmctl.evals.tasks import TaskConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 
 STAGE = "eval"
 
 
 @dataclass
-class EvalRun(RunConfig):
-    out: str = option("out/eval", "output directory: results.json, samples.jsonl, manifest.json")
-
-
-@dataclass
 class EvalConfig:
-    run: EvalRun = option(EvalRun, "output directory, seed (of the few-shot example choice) and device")
+    run: RunConfig = option(RunConfig("out/eval"), "output directory (results.json, samples.jsonl, manifest.json), "
+                                                   "seed (of the few-shot example choice) and device")
     checkpoints: list[str] = option(list, "checkpoint directories (mmctl's, or local Hugging Face ones)")
     tasks: list[TaskConfig] = option(list, "the tasks (fields: mmctl/evals/tasks.py)")
     eval: EvalSection = option(EvalSection, "batching and limits")
@@ -49,24 +45,12 @@ class EvalConfig:
         return problems
 
 
-def inputs_of(cfg: EvalConfig) -> dict[str, Path]:
-    inputs = {f"checkpoint:{c}": Path(c) for c in cfg.checkpoints}  # the whole dir: shards, tokenizer, template
-    for task in cfg.tasks:
-        for path in (task.data, task.fewshot_data):
-            if path:
-                p = Path(path)
-                inputs[f"task:{task.label}:{path}"] = p / "manifest.json" if p.is_dir() else p
-    return inputs
+def inputs(cfg: EvalConfig) -> dict[str, Path]:
+    """The checkpoints (each whole dir: weights, tokenizer, template) and the task files; every checkpoint is
+    checked before anything is hashed or scored."""
+    from mmctl.checkpoints import is_vlm
 
-
-def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
-    from mmctl.models import fast_decode, transformer
-    from mmctl.runtime import pick_device
-
-    out = Path(cfg.run.out)
-    from mmctl.models.vlm import is_vlm
-
-    for ckpt in cfg.checkpoints:  # all of them before scoring any
+    for ckpt in cfg.checkpoints:
         if not (Path(ckpt) / "config.json").is_file():
             raise DataError(f"{ckpt}: not a checkpoint directory (no config.json); `mmctl pretrain` writes "
                             "<out>/model and <out>/checkpoints/step-N")
@@ -74,18 +58,32 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
         if vqa and not is_vlm(ckpt):
             raise UsageError(f"{ckpt}: not a vision-language model, and task {vqa[0]} asks about images (score "
                              "an `mmctl align-vision` output)")
-    run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
-    if not options.force and run_dir.up_to_date():
-        return StageResult(out, run_dir.results(), up_to_date=True)
-    device = pick_device(cfg.run.device)
-    run_dir.start()
+    found = {f"checkpoint:{c}": Path(c) for c in cfg.checkpoints}
+    for task in cfg.tasks:
+        for path in (task.data, task.fewshot_data):
+            if path:
+                p = Path(path)
+                found[f"task:{task.label}:{path}"] = p / "manifest.json" if p.is_dir() else p
+    return found
+
+
+def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
+    """Score every task on every checkpoint (or find the same evaluation finished)."""
+    return Job(STAGE, cfg, options, inputs(cfg)).run(evaluate)
+
+
+def evaluate(cfg: EvalConfig, job: Job) -> dict:
+    from mmctl import checkpoints
+    from mmctl.models import fast_decode
+
+    job.begin()
     results: dict = {"checkpoints": {}}
     samples: list[dict] = []
     for ckpt in cfg.checkpoints:
-        model, tok = transformer.load_with_tokenizer(ckpt, device=device, vision=True, quantized=True)
+        model, tok = checkpoints.load(ckpt, device=job.device, vision=True, quantized=True)
         fast_decode.fuse(model)  # generation tasks decode through the fast step (a language model with plain layers)
-        chat = cfg.eval.chat if cfg.eval.chat is not None else transformer.is_chat_model(ckpt)
-        entry = {"sha256": run_dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
+        chat = cfg.eval.chat if cfg.eval.chat is not None else checkpoints.is_chat_model(ckpt)
+        entry = {"sha256": job.dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
             metrics, task_samples = run_task.score(model, tok, task, cfg.eval, cfg.run.seed, stats, chat)
@@ -95,10 +93,10 @@ def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
             console.print(f"{ckpt}: {task.label}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
                                                                if isinstance(v, float) and not k.endswith("stderr")))
         results["checkpoints"][ckpt] = entry
-    atomic_write_json(out / "results.json", {**results, "config": recipe.to_dict(cfg, STAGE)})
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    run_dir.finish(results, device=device)
-    return StageResult(out, results)
+    atomic_write_json(job.product("results.json"), {**results, "config": recipe.to_dict(cfg, STAGE)})
+    # samples.jsonl is one of the record's logs: a failed run puts back the copy it found
+    atomic_write_text(job.out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    return results
 
 
 def task_from_flag(name: str, data: str | None) -> dict:

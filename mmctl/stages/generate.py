@@ -66,12 +66,13 @@ def read_prompts(path: str) -> list[str]:
 
 def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     """Complete every prompt; a single prompt streams to stdout unless the results go there as JSON."""
+    from mmctl import checkpoints, hf
     from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.generate import generate
-    from mmctl.models import fast_decode, hf, transformer
+    from mmctl.models import fast_decode
     from mmctl.runtime import pick_device
 
-    model, tok = transformer.load_with_tokenizer(cfg.checkpoint, device=pick_device(cfg.device), vision=True,
+    model, tok = checkpoints.load(cfg.checkpoint, device=pick_device(cfg.device), vision=True,
                                                  quantized=True)
     if not fast_decode.fuse(model) and cfg.compile:
         raise UsageError(f"--compile: {cfg.checkpoint} is quantized or a vision-language model; compiled decoding "
@@ -106,14 +107,14 @@ def _record(tok, prompt: str, ids: list[int], completion) -> dict:
 
 def _speculative(cfg: GenerateConfig, model, tok, ids: list[list[int]], stops: list[int]) -> StageResult:
     """Each prompt on its own (batch 1), the draft guessing; the same tokens as plain greedy decoding."""
-    from mmctl import speculative
-    from mmctl.models import fast_decode, transformer
+    from mmctl import checkpoints, speculative
+    from mmctl.models import fast_decode
     from mmctl.models.vlm import VLM
 
     if isinstance(model, VLM):
         raise UsageError(f"--draft: {cfg.checkpoint} is a vision-language model; speculative decoding takes a "
                          "language model")
-    draft, draft_tok = transformer.load_with_tokenizer(cfg.draft, device=model.device, quantized=True)
+    draft, draft_tok = checkpoints.load(cfg.draft, device=model.device, quantized=True)
     fast_decode.fuse(draft)  # its one-token guesses through the fast step
     if draft_tok.sha256 != tok.sha256:
         raise UsageError(f"--draft: {cfg.draft} has another tokenizer than {cfg.checkpoint}; the draft's guesses "

@@ -15,22 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmctl import recipe
-from mmctl.artifacts import Run
 from mmctl.console import console
 from mmctl.errors import DataError, UsageError
 from mmctl.models.config import ModelConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 
 STAGE = "pretrain"
-
-
-@dataclass
-class PretrainRun(RunConfig):
-    out: str = option("out/pretrain", "output directory: model/, checkpoints/, metrics.jsonl, manifest.json")
 
 
 @dataclass
@@ -47,7 +41,8 @@ class EvalSection:
 
 @dataclass
 class PretrainConfig:
-    run: PretrainRun = option(PretrainRun, "output directory, seed and device")
+    run: RunConfig = option(RunConfig("out/pretrain"), "output directory (model/, checkpoints/, metrics.jsonl, "
+                                                       "manifest.json), seed and device")
     data: DataSection = option(DataSection, "the token shards to train on")
     model: ModelConfig = option(ModelConfig, "the architecture (mmctl/models/config.py)")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
@@ -65,77 +60,63 @@ class PretrainConfig:
         return problems
 
 
+def inputs(cfg: PretrainConfig) -> dict[str, Path]:
+    data = Path(cfg.data.path)
+    if not (data / "shards" / "manifest.json").is_file():
+        raise DataError(f"{data}: no finished `mmctl tokenize` output here (data.path resolves against the working "
+                        f"directory, {Path.cwd()}); run the tokenize recipe first")
+    return {"tokenizer": data / "tokenizer" / "tokenizer.json", "shards": data / "shards" / "manifest.json"}
+
+
 def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
     """Train, then write <out>/model/ (and the manifest); or find the same run already finished."""
+    fits(cfg)  # a recipe no machine can run fails before anything is created
+    return Job(STAGE, cfg, options, inputs(cfg), distributed=True, shardable=True).run(pretrain)
+
+
+def pretrain(cfg: PretrainConfig, job: Job) -> dict:
     import torch
 
+    from mmctl import checkpoints
     from mmctl.models.transformer import Transformer
-    from mmctl.runtime import ensure_fits, peak_flops, pick_device, pick_precision, setup_distributed
-    from mmctl.train import checkpoint
-    from mmctl.train.loop import resumable, train
+    from mmctl.runtime import pick_precision
+    from mmctl.train.loop import Parts
 
-    out, data = Path(cfg.run.out), Path(cfg.data.path)
-    tok, shards = _inputs(cfg)
-    dist = setup_distributed(pick_device(cfg.run.device), shardable=True)
-    precision = pick_precision(cfg.train.precision, dist.device)
-    predicted = _predicted(cfg, dist.world, precision)
-    ensure_fits(predicted, dist.device, "model")  # a recipe no machine can run fails now, not mid-allocation
-    resolved = recipe.to_dict(cfg, STAGE)
-    run_dir = Run(out, STAGE, resolved, seed=cfg.run.seed, lock=dist.main,
-                  inputs={"tokenizer": data / "tokenizer" / "tokenizer.json",
-                          "shards": data / "shards" / "manifest.json"})
-    if not options.force and run_dir.up_to_date():
-        return StageResult(out, run_dir.results(), up_to_date=True)
-    fingerprint = {"model": resolved["model"], "data": run_dir.inputs["shards"]["sha256"],
-                   "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
-                   "run.seed": cfg.run.seed}
-    if options.fresh and dist.main:
-        checkpoint.prune(out / "checkpoints", keep=0)
-    dist.barrier()
-    # refuse an incompatible checkpoint before the finished run's manifest is touched
-    resume_step = _step_of(resumable(out / "checkpoints", fingerprint, options.force_resume))
-    if dist.main:
-        run_dir.start(keep_metrics_through=resume_step)
-
+    tok, shards = _data(cfg)
+    precision = pick_precision(cfg.train.precision, job.device)
     torch.manual_seed(cfg.run.seed)
-    model = Transformer(cfg.model).to(dist.device)
-    peak, flops_per_token = peak_flops(dist.device, precision), _flops_per_token(cfg)
+    model = Transformer(cfg.model).to(job.device)
     rss_before, start = _rss_bytes(), time.time()
-    last = train(model, cfg=cfg.train, optim=cfg.optim, batches=_batches(cfg, shards["train"], dist),
-                 loss_fn=next_token_loss, out=out, log=run_dir.log,
-                 evaluate=lambda step: evaluation(model, tok, data / "shards", cfg, dist.device, precision),
-                 export=lambda d: _export(model, tok, d), fingerprint=fingerprint,
-                 force_resume=options.force_resume, precision=precision, dist=dist,
-                 flops_per_token=flops_per_token, peak_flops=peak, shardable=True)
-    if not dist.main:
-        return StageResult(out, {})
-    from mmctl.models.transformer import save_checkpoint
-
-    save_checkpoint(model, out / "model", tok)
-    results = {
+    parts = Parts(model, _batches(cfg, shards["train"], job.dist), next_token_loss,
+                  evaluate=lambda step: evaluation(model, tok, Path(cfg.data.path) / "shards", cfg, job.device,
+                                                   precision),
+                  export=lambda d: _export(model, tok, d), flops_per_token=_flops_per_token(cfg),
+                  fingerprint={"model": recipe.to_dict(cfg.model), "data": job.dir.inputs["shards"]["sha256"],
+                               "train.seq_len": cfg.train.seq_len, "train.batch_size": cfg.train.batch_size,
+                               "run.seed": cfg.run.seed})
+    last = job.train(parts, cfg.train, cfg.optim, precision)
+    if not job.main:
+        return {}
+    checkpoints.save(model, job.product("model"), tok)
+    peak = job.peak_flops
+    return {
         "final": last,
         "params": sum(p.numel() for p in model.parameters()),
         "seconds": time.time() - start,
-        "processes": {"count": dist.world, "fsdp": dist.fsdp if dist.sharded else None},
+        "processes": {"count": job.dist.world, "fsdp": job.dist.fsdp if job.dist.sharded else None},
         "throughput": {"measured_tok_s": last.get("tok_s"), "measured_mfu": last.get("mfu"),
-                       "peak_flops": peak, "train_flops_per_token": flops_per_token,
-                       "tok_s_at_peak": peak / flops_per_token},
-        "memory": {"predicted_peak_bytes": predicted,
-                   "measured_peak_rss_bytes": _rss_bytes() - rss_before},
+                       "peak_flops": peak, "train_flops_per_token": parts.flops_per_token,
+                       "tok_s_at_peak": peak / parts.flops_per_token},
+        "memory": {"predicted_peak_bytes": fits(cfg), "measured_peak_rss_bytes": _rss_bytes() - rss_before},
     }
-    run_dir.finish(results, device=dist.device)
-    return StageResult(out, results)
 
 
-def _inputs(cfg: PretrainConfig):
+def _data(cfg: PretrainConfig):
     """The tokenizer and the train/val shards of `data.path`, checked against each other and the model."""
     from mmctl.tokenizer import bpe
     from mmctl.tokenizer.shards import Shards
 
     data = Path(cfg.data.path)
-    if not (data / "shards" / "manifest.json").is_file():
-        raise DataError(f"{data}: no finished `mmctl tokenize` output here (data.path resolves against the working "
-                        f"directory, {Path.cwd()}); run the tokenize recipe first")
     tok = bpe.load(data / "tokenizer")
     shards = {split: Shards(data / "shards", split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
               for split in ("train", "val")}
@@ -178,10 +159,9 @@ def next_token_loss(model, ids):
 
 def _export(model, tok, directory: Path) -> None:
     """What makes a training checkpoint dir loadable by `mmctl eval` / `generate`: config and tokenizer files."""
-    from mmctl.models import hf
-    from mmctl.models.transformer import checkpoint_files
+    from mmctl import checkpoints, hf
 
-    hf.write_files(directory, None, checkpoint_files(model, tok), tok.files())
+    hf.write_files(directory, None, checkpoints.lm_files(model, tok), tok.files())
 
 
 def evaluation(model, tok, shards_dir: Path, cfg: PretrainConfig, device: str, precision: str) -> dict:
@@ -220,15 +200,23 @@ def _flops_per_token(cfg: PretrainConfig) -> float:
     return formulas.train_flops_per_token(_arch(cfg), cfg.train.seq_len)
 
 
-def _predicted(cfg: PretrainConfig, world: int, precision: str) -> float:
-    """`mmctl account`'s training-memory peak for this run (one process, its micro-batch)."""
+def fits(cfg: PretrainConfig) -> float:
+    """`mmctl account`'s training-memory peak for this run (one process, its micro-batch), refused when it exceeds
+    all the device has."""
+    import os
+
     from mmctl.accounting import formulas, memory
     from mmctl.accounting.formulas import Workload
+    from mmctl.runtime import ensure_fits, pick_device, pick_precision
 
+    device = pick_device(cfg.run.device)
+    world, precision = int(os.environ.get("WORLD_SIZE", "1")), pick_precision(cfg.train.precision, device)
     arch = _arch(cfg)
     total = next(int(x.value) for x in formulas.params(arch) if x.key == "params.total")
     w = Workload(**cfg.train.workload(world, precision))
-    return next(x.value for x in memory.training_memory(arch, w, total) if x.key == "memory.training.peak")
+    peak = next(x.value for x in memory.training_memory(arch, w, total) if x.key == "memory.training.peak")
+    ensure_fits(peak, device, "model")
+    return peak
 
 
 def _rss_bytes() -> int:
@@ -237,10 +225,6 @@ def _rss_bytes() -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _step_of(path: Path | None) -> int | None:
-    return int(path.name.split("-")[1]) if path is not None else None
 
 
 def render(result: StageResult) -> None:

@@ -20,51 +20,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from mmctl import recipe
 from mmctl.console import console
 from mmctl.errors import UsageError
 from mmctl.evals.tasks import TaskConfig
+from mmctl.quant import BNB, MethodConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 
 STAGE = "quantize"
-BNB = ("nf4", "int8-bnb")  # the methods bitsandbytes does
-
-
-@dataclass
-class QuantizeRun(RunConfig):
-    out: str = option("out/quantize", "output directory: <name>/ per method, manifest.json (the report)")
-
-
-@dataclass
-class Method:
-    method: Literal["rtn", "gptq", "nf4", "int8-bnb"] = option(
-        None, "rtn (round-to-nearest) | gptq | nf4 | int8-bnb (the last two: bitsandbytes; bits and group do not "
-              "apply)", required=True)
-    bits: int = option(4, "bits per weight: 8 (rtn: symmetric per row), or 2, 3, 4 (in groups)", ge=2, le=8)
-    group: int = option(64, "inputs per group sharing a scale and zero point (under 8 bits)", ge=8)
-    act_order: bool = option(False, "gptq: quantize the most active inputs first (desc_act)")
-    damp: float = option(0.01, "gptq: dampening added to the Hessian's diagonal, × its mean", gt=0, lt=1)
-    outlier_threshold: float = option(6.0, "int8-bnb: activation columns with a value above this multiply in "
-                                           "16-bit (LLM.int8()); 0: every column in int8", ge=0)
-    name: str | None = option(None, "the output dir and row label; default e.g. gptq-4bit-g64")
-
-    def check(self) -> list[tuple[str, str]]:
-        if self.bits not in (2, 3, 4, 8):
-            return [("bits", f"{self.bits}: expected 2, 3, 4 or 8")]
-        if self.method == "gptq" and self.bits == 8:
-            return [("bits", "gptq quantizes to 2, 3 or 4 bits (8 bits: rtn is within 0.5% already)")]
-        return []
-
-    @property
-    def label(self) -> str:
-        if self.method in BNB:
-            return self.name or self.method
-        return self.name or (f"{self.method}-8bit" if self.bits == 8 else f"{self.method}-{self.bits}bit-g{self.group}"
-                             + ("-act" if self.act_order else ""))
 
 
 @dataclass
@@ -87,9 +52,10 @@ class EvaluationSection:
 
 @dataclass
 class QuantizeConfig:
-    run: QuantizeRun = option(QuantizeRun, "output directory, seed and device")
+    run: RunConfig = option(RunConfig("out/quantize"), "output directory (<name>/ per method, manifest.json with "
+                                                       "the report), seed and device")
     base: str = option(None, "the checkpoint dir to quantize", required=True)
-    methods: list[Method] = option(list, "the methods, one output dir each (fields: method, bits, group, "
+    methods: list[MethodConfig] = option(list, "the methods, one output dir each (fields: method, bits, group, "
                                          "act_order, damp, name)")
     skip: list[str] = option(["lm_head"], "linear layers kept in floating point (names or prefixes)")
     calibration: CalibrationSection = option(CalibrationSection, "GPTQ's calibration data")
@@ -110,71 +76,67 @@ class QuantizeConfig:
         return problems
 
 
+def inputs(cfg: QuantizeConfig) -> dict[str, Path]:
+    shards = cfg.evaluation.data or cfg.calibration.data
+    return {"base": Path(cfg.base), "evaluation": Path(shards) / "manifest.json",
+            **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {}),
+            **{f"task:{t.label}:{p}": Path(p) for t in cfg.evaluation.tasks for p in (t.data, t.fewshot_data) if p}}
+
+
 def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
     """Quantize `base` by every method, write each checkpoint, measure every row of the report."""
-    from mmctl.artifacts import Run
-    from mmctl.models import transformer
-    from mmctl.quant import linear
-    from mmctl.runtime import pick_device
+    return Job(STAGE, cfg, options, inputs(cfg)).run(quantize_all)
 
-    shards = cfg.evaluation.data or cfg.calibration.data
-    inputs = {"base": Path(cfg.base), "evaluation": Path(shards) / "manifest.json",
-              **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {}),
-              **{f"task:{t.label}:{p}": Path(p) for t in cfg.evaluation.tasks for p in (t.data, t.fewshot_data) if p}}
-    run_dir = Run(Path(cfg.run.out), STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs, seed=cfg.run.seed)
-    if not options.force and run_dir.up_to_date():
-        return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
-    device = pick_device(cfg.run.device)
-    base, tok = transformer.load_with_tokenizer(cfg.base, device=device, quantized=True)
-    if getattr(base, "quantization", None):
-        raise UsageError(f"base: {cfg.base} is quantized already; quantize the floating-point checkpoint")
-    for m in cfg.methods:
-        if m.method in BNB:
-            from mmctl.quant import bnb
 
-            bnb.require(f"method {m.method}")
-    chat = transformer.is_chat_model(cfg.base)
+def quantize_all(cfg: QuantizeConfig, job: Job) -> dict:
+    from mmctl import checkpoints
+    from mmctl.quant import linear, quantize
+
+    base, tok = _base(cfg, job.device)
+    chat = checkpoints.is_chat_model(cfg.base)
     names = list(linear.linears(base, tuple(cfg.skip)))  # the linears every method quantizes
     for m in cfg.methods:
         bad = [n for n in names if m.method not in BNB and m.bits != 8 and base.get_submodule(n).in_features % m.group]
         if bad:
             raise UsageError(f"methods: {m.label}: group {m.group} does not divide the inputs of {bad[0]} "
                              f"({base.get_submodule(bad[0]).in_features})")
-    run_dir.start()
-    measure = _measurer(cfg, tok, shards, chat, device)
+    measure = _measurer(cfg, tok, cfg.evaluation.data or cfg.calibration.data, chat, job.device)
+    job.begin()
     rows = [{"name": "unquantized", "method": "none", "bits": _float_bits(base), "quantize_s": 0.0,
              "bytes": _bytes(Path(cfg.base)), **measure(base)}]
     hessians, calibration_s = None, None
     for m in cfg.methods:
-        model = transformer.load_checkpoint(cfg.base, device=device)
+        model = checkpoints.load_lm(cfg.base, device=job.device)
         if m.method == "gptq" and hessians is None:  # once, shared by every gptq row (timed on its own)
             start = time.perf_counter()
-            hessians = _calibrate(model, cfg, tok, device)
+            hessians = _calibrate(model, cfg, tok, job.device)
             calibration_s = time.perf_counter() - start
         start = time.perf_counter()
-        if m.method in BNB:
-            from mmctl.quant import bnb
-
-            nf4 = bnb.QLoRAConfig("nf4", double_quant=True) if m.method == "nf4" else None
-            if nf4:
-                bnb.to_4bit(model, nf4, tuple(cfg.skip))
-            else:
-                bnb.to_int8(model, m.outlier_threshold, tuple(cfg.skip))
-            model.quantization = bnb.checkpoint_config(nf4, tuple(cfg.skip), m.outlier_threshold)
-        else:
-            model.quantization = linear.quantize_model(model, m.method, m.bits, m.group, hessians=hessians,
-                                                       damp=m.damp, act_order=m.act_order, skip=tuple(cfg.skip))
+        config = quantize(model, m, tuple(cfg.skip), hessians)
         seconds = time.perf_counter() - start
-        out = transformer.save_checkpoint(model, run_dir.out / m.label, tok, chat=chat)
+        out = checkpoints.save(model, job.product(m.label), tok, chat=chat, quantization=config)
         rows.append({"name": m.label, "method": m.method, "bits": linear.stored_bits(model, names),
                      "quantize_s": seconds, "bytes": _bytes(out), **measure(model)})
         console.print(f"{m.label}: {_summary(rows[-1], rows[0])}")
         del model
-    results = {"rows": rows, "skip": cfg.skip, "calibration": {"sequences": cfg.calibration.sequences,
-                                                               "seq_len": cfg.calibration.seq_len,
-                                                               "seconds": calibration_s}}
-    run_dir.finish(results, device=device)
-    return StageResult(run_dir.out, results)
+    return {"rows": rows, "skip": cfg.skip, "calibration": {"sequences": cfg.calibration.sequences,
+                                                            "seq_len": cfg.calibration.seq_len,
+                                                            "seconds": calibration_s}}
+
+
+def _base(cfg: QuantizeConfig, device: str):
+    """The floating-point base and its tokenizer; bitsandbytes checked for the methods that need it."""
+    from mmctl import checkpoints
+
+    if Path(cfg.base).is_dir() and checkpoints.quantization_of(cfg.base):
+        raise UsageError(f"base: {cfg.base} is quantized already; quantize the floating-point checkpoint")
+    base, tok = checkpoints.load(cfg.base, device=device)
+    for m in cfg.methods:
+        if m.method in BNB:
+            from mmctl.quant import bnb
+
+            bnb.require(f"method {m.method}")
+    return base, tok
 
 
 def _calibrate(model, cfg: QuantizeConfig, tok, device) -> dict:

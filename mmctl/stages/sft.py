@@ -18,18 +18,19 @@ without training.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from mmctl import finetune
 from mmctl.console import console
+from mmctl.data.sft import ChatSource
 from mmctl.errors import UsageError
 from mmctl.models.lora import LoRAConfig
 from mmctl.quant.bnb import QLoRAConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 from mmctl.train.loop import TrainConfig
 from mmctl.train.optim import OptimConfig
 
@@ -37,38 +38,13 @@ STAGE = "sft"
 
 
 @dataclass
-class SFTRun(RunConfig):
-    out: str = option("out/sft", "output directory: model/ (and adapter/), checkpoints/, metrics.jsonl, manifest.json")
-
-
-@dataclass
-class ChatSource:
-    kind: Literal["jsonl", "datasets", "arithmetic", "story-questions"] = option(
-        None, "jsonl (chat, prompt/completion or alpaca lines) | datasets (a save_to_disk dir with those columns) | "
-              "arithmetic | story-questions (built-in)",
-        required=True)
-    path: str | None = option(None, "jsonl: the file; datasets: the directory")
-    split: str = option("train", "datasets: the split to read")
-    conversations: int | None = option(None, "built-ins: how many to generate; files: read at most this many",
-                                       ge=1, le=10**8)
-
-    def check(self) -> list[tuple[str, str]]:
-        read = self.kind in ("jsonl", "datasets")
-        if read and not self.path:
-            return [("path", f"missing required value: a {self.kind} source needs a path")]
-        if not read and self.path:
-            return [("path", f"a {self.kind} source is built in and takes no path")]
-        if not read and not self.conversations:
-            return [("conversations", f"missing required value: how many {self.kind} conversations to generate")]
-        return []
-
-
-@dataclass
 class DataSection:
-    sources: list[ChatSource] = option(list, "the conversations, mixed (fields: kind, path, split, conversations)")
+    sources: list[ChatSource] = option(list, "the conversations (and replayed text), mixed (fields: kind, path, "
+                                             "split, conversations, weight; mmctl/data/sft.py)")
     train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
     packing: bool = option(True, "several conversations per row (each attends only to itself); false: one per row")
-    val_fraction: float = option(0.05, "share of conversations held out for the validation loss", ge=0, lt=1)
+    val_fraction: float = option(0.05, "share of conversations held out for the validation loss (by content)", ge=0,
+                                 lt=1)
 
     def check(self) -> list[tuple[str, str]]:
         return [] if self.sources else [("sources", "missing required value: at least one source")]
@@ -76,7 +52,8 @@ class DataSection:
 
 @dataclass
 class SFTConfig:
-    run: SFTRun = option(SFTRun, "output directory, seed and device")
+    run: RunConfig = option(RunConfig("out/sft"), "output directory (model/, adapter/, checkpoints/, metrics.jsonl, "
+                                                  "manifest.json), seed and device")
     base: str = option(None, "the checkpoint to fine-tune: an mmctl model/ dir or a local Llama / Qwen2 / SmolLM "
                              "Hugging Face dir", required=True)
     method: Literal["full", "lora", "qlora"] = option("full", finetune.METHOD_HELP)
@@ -85,71 +62,61 @@ class SFTConfig:
     data: DataSection = option(DataSection, "the conversations and how rows are made")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, row length (seq_len), precision, schedules")
-    eval: finetune.EvalSection = option(finetune.EvalSection, "what each evaluation shows")
+    eval: finetune.SampleConfig = option(finetune.SampleConfig, "what each evaluation shows")
 
 
 def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
     """Fine-tune `base`, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
-    import torch
+    # under FSDP every process evaluates the same rows, so a full fine-tune can shard the whole model
+    job = Job(STAGE, cfg, options, finetune.inputs(cfg), distributed=True, shardable=cfg.method == "full")
+    return job.run(sft)
 
+
+def sft(cfg: SFTConfig, job: Job) -> dict:
     from mmctl.runtime import pick_precision
+    from mmctl.train.loop import Parts
 
-    shardable = cfg.method == "full"  # every process evaluates the same rows, so FSDP can shard the whole model
-    run_dir, dist = finetune.open_run(cfg, STAGE, shardable)
-    if not options.force and run_dir.up_to_date():
-        return StageResult(run_dir.out, run_dir.results(), up_to_date=True)
-    model, tok = finetune.load(Path(cfg.base), cfg.method, dist.device, cfg.train.seq_len)
-    train_rows, val_rows, stats, _ = _rows(cfg, tok)
-    torch.manual_seed(cfg.run.seed)  # the adapters' initial A, and dropout
-    finetune.adapt(model, cfg.method, cfg.lora, cfg.qlora)
-    precision = pick_precision(cfg.train.precision, dist.device)
-    results = finetune.train_and_write(
-        cfg, model, tok, run_dir, dist, options, batches=_batches(cfg, train_rows, finetune.pad_id(tok), dist),
-        loss_fn=trained_token_loss, evaluate=lambda step: evaluation(model, tok, val_rows, cfg, dist.device, precision),
-        precision=precision, shardable=shardable)
-    results = {**results, "data": stats} if dist.main else {}
-    if dist.main:
-        run_dir.finish(results, device=dist.device)
-    return StageResult(run_dir.out, results)
+    model, tok = finetune.load(cfg, job.device)
+    train_rows, val_rows, stats, _ = rows(cfg, tok)
+    finetune.adapt(model, cfg)
+    precision = pick_precision(cfg.train.precision, job.device)
+    parts = Parts(model, _batches(cfg, train_rows, finetune.pad_id(tok), job.dist), trained_token_loss,
+                  evaluate=lambda step: evaluation(model, tok, val_rows, cfg, job.device, precision),
+                  export=finetune.exporter(cfg, model, tok), fingerprint=finetune.fingerprint(cfg, job))
+    started = time.time()
+    last = job.train(parts, cfg.train, cfg.optim, precision)
+    return {**finetune.write(cfg, model, tok, job, last, started), "data": stats} if job.main else {}
 
 
-def _rows(cfg: SFTConfig, tok):
-    """(train rows, validation rows, statistics, training conversations): conversations read, shuffled with the
-    seed, split, encoded and packed (or padded) into rows of train.seq_len + 1 tokens."""
-    import random
-
+def rows(cfg: SFTConfig, tok):
+    """(train rows, validation rows, statistics, training items): the mixture of the sources (data/mixture.py),
+    encoded and packed (or padded) into rows of train.seq_len + 1 tokens."""
     from mmctl.data import sft
+    from mmctl.data.mixture import mix
 
-    conversations = []
-    for source in cfg.data.sources:
-        if source.kind in ("jsonl", "datasets"):
-            split = source.split if source.kind == "datasets" else None
-            conversations += sft.read_conversations(source.path, split)[: source.conversations]
-        else:
-            conversations += sft.builtin(source.kind, source.conversations, cfg.run.seed)
-    random.Random(f"sft:{cfg.run.seed}").shuffle(conversations)
-    n_val = round(len(conversations) * cfg.data.val_fraction)
-    examples = [sft.encode(c, tok, cfg.data.train_on_prompt) for c in conversations]
+    items, held_out = mix(cfg.data.sources, lambda source, i: sft.read(source, cfg.run.seed + i, tok),
+                          cfg.run.seed, cfg.data.val_fraction, key=sft.key)
+    train_examples = [sft.encode(c, tok, cfg.data.train_on_prompt) for c in items]
     make = sft.pack if cfg.data.packing else sft.pad
-    train_rows = make(examples[n_val:], cfg.train.seq_len, finetune.pad_id(tok))
-    val_rows = make(examples[:n_val], cfg.train.seq_len, finetune.pad_id(tok))
+    train_rows = make(train_examples, cfg.train.seq_len, finetune.pad_id(tok))
+    val_rows = make([sft.encode(c, tok, cfg.data.train_on_prompt) for c in held_out], cfg.train.seq_len,
+                    finetune.pad_id(tok))
     if not train_rows.ids or not any(any(r) for r in train_rows.trained):
         raise UsageError("data: no training conversation has a trained token (empty assistant turns, or rows too "
                          "short: raise train.seq_len)")
     cells = len(train_rows.ids) * cfg.train.seq_len
     trained = sum(map(sum, train_rows.trained))
-    real = sum(len(e.ids) for e in examples[n_val:]) - sum(max(0, len(e.ids) - cfg.train.seq_len - 1)
-                                                          for e in examples[n_val:])
-    stats = {"conversations": len(conversations), "validation_conversations": n_val, "rows": len(train_rows.ids),
-             "tokens_per_row": cfg.train.seq_len + 1, "real_tokens_per_row": real / len(train_rows.ids),
-             "conversations_per_row": (len(conversations) - n_val) / len(train_rows.ids),
-             "trained_tokens": trained, "trained_fraction": trained / cells,
-             "real_fraction": real / (cells + len(train_rows.ids)), "cut_conversations": train_rows.cut}
-    console.print(f"sft data: {len(conversations):,} conversations ({n_val} held out) in {len(train_rows.ids):,} "
-                  f"rows of {cfg.train.seq_len + 1} tokens ({stats['conversations_per_row']:.1f} conversations "
-                  f"each); {100 * stats['trained_fraction']:.1f}% of positions trained, "
-                  f"{100 * stats['real_fraction']:.1f}% real tokens (the rest padding), {train_rows.cut} cut short")
-    return train_rows, val_rows, stats, conversations[n_val:]
+    real = sum(min(len(e.ids), cfg.train.seq_len + 1) for e in train_examples)
+    n = len(train_rows.ids)
+    stats = {"conversations": len(items) + len(held_out), "validation_conversations": len(held_out), "rows": n,
+             "tokens_per_row": cfg.train.seq_len + 1, "real_tokens_per_row": real / n,
+             "conversations_per_row": len(items) / n, "trained_tokens": trained, "trained_fraction": trained / cells,
+             "real_fraction": real / (cells + n), "cut_conversations": train_rows.cut}
+    console.print(f"sft data: {stats['conversations']:,} conversations ({len(held_out)} held out) in {n:,} rows of "
+                  f"{cfg.train.seq_len + 1} tokens ({stats['conversations_per_row']:.1f} conversations each); "
+                  f"{100 * stats['trained_fraction']:.1f}% of positions trained, {100 * stats['real_fraction']:.1f}% "
+                  f"real tokens (the rest padding), {train_rows.cut} cut short")
+    return train_rows, val_rows, stats, items
 
 
 def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
@@ -170,20 +137,20 @@ def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
 
 
 def inspect(cfg: SFTConfig, n: int) -> dict:
-    """The first `n` rows of the first training batch as step 1 gets them, token by token (`data/inspect.py`),
+    """The first `n` rows of the first training batch as step 1 gets them, token by token (`data/annotate.py`),
     and the data's statistics; nothing is trained and no model is loaded."""
-    from mmctl.data import inspect as annotated
+    from mmctl.data import annotate
     from mmctl.tokenizer import bpe
 
     tok = bpe.load(cfg.base)
-    rows, _, stats, conversations = _rows(cfg, tok)
-    picks = [_pick(cfg, len(rows.ids), 0, r) for r in range(min(n, cfg.train.batch_size))]
-    return {"data": stats, "rows": [{"row": i, "tokens": annotated.annotate(rows, i, conversations, tok)}
+    train_rows, _, stats, items = rows(cfg, tok)
+    picks = [_pick(cfg, len(train_rows.ids), 0, r) for r in range(min(n, cfg.train.batch_size))]
+    return {"data": stats, "rows": [{"row": i, "tokens": annotate.annotate(train_rows, i, items, tok)}
                                     for i in picks]}
 
 
 def render_inspection(inspection: dict) -> None:
-    from mmctl.data import inspect as annotated
+    from mmctl.data import annotate as annotated
 
     styled = console.is_terminal and not console.no_color
     console.print("colour: role (system magenta, user cyan, assistant green); " + (

@@ -16,13 +16,11 @@ from typing import Literal
 
 import numpy as np
 
-from mmctl import recipe
-from mmctl.artifacts import Run, publish_dir
 from mmctl.console import Progress, console
-from mmctl.data.sources import FILE_KINDS, SourceConfig, files, mixture
+from mmctl.data.sources import FILE_KINDS, TextSource, files, mixture
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
-from mmctl.stages import Options, StageResult
+from mmctl.stages import Job, Options, StageResult
 from mmctl.tokenizer import bpe
 from mmctl.tokenizer.shards import Shards, ShardWriter, write_manifest
 
@@ -32,13 +30,8 @@ BATCH = 1024  # documents per encode_batch call: large enough for the Rust threa
 
 
 @dataclass
-class TokenizeRun(RunConfig):
-    out: str = option("out/tokenize", "output directory: tokenizer/, shards/, manifest.json")
-
-
-@dataclass
 class DataSection:
-    sources: list[SourceConfig] = option(list, "the corpora, mixed in order (fields: mmctl/data/sources.py)")
+    sources: list[TextSource] = option(list, "the corpora, mixed in order (fields: mmctl/data/sources.py)")
     val_fraction: float = option(0.05, "share of documents held out for validation", ge=0, lt=1)
 
     def check(self) -> list[tuple[str, str]]:
@@ -64,14 +57,15 @@ class ShardsSection:
 
 @dataclass
 class TokenizeConfig:
-    run: TokenizeRun = option(TokenizeRun, "where the outputs go, and the seed of the generated corpora, the "
-                                                  "train/val split and the mixture sampling")
+    run: RunConfig = option(RunConfig("out/tokenize"), "where the outputs go (tokenizer/, shards/, manifest.json), "
+                                                       "and the seed of the generated corpora, the train/val split and "
+                                                       "the mixture sampling")
     data: DataSection = option(DataSection, "the corpora and the validation split")
     tokenizer: TokenizerSection = option(TokenizerSection, "train a BPE tokenizer, or reuse one")
     shards: ShardsSection = option(ShardsSection, "the token shard files")
 
 
-def inputs_of(cfg: TokenizeConfig) -> dict[str, Path]:
+def inputs(cfg: TokenizeConfig) -> dict[str, Path]:
     """Every input file whose content decides the output (for the manifest and the up-to-date check)."""
     inputs: dict[str, Path] = {}
     for i, source in enumerate(cfg.data.sources):
@@ -85,32 +79,29 @@ def inputs_of(cfg: TokenizeConfig) -> dict[str, Path]:
 
 def run(cfg: TokenizeConfig, options: Options = Options()) -> StageResult:
     """Tokenizer and shards into run.out (or the same run found already finished there)."""
-    out = Path(cfg.run.out)
-    run_dir = Run(out, STAGE, recipe.to_dict(cfg, STAGE), inputs=inputs_of(cfg), seed=cfg.run.seed)
-    if not options.force and run_dir.up_to_date():
-        return StageResult(out, run_dir.results(), up_to_date=True)
-    run_dir.start()
-    tok, train_seconds = make_tokenizer(cfg, out)
-    results = encode(cfg, tok, out)
+    return Job(STAGE, cfg, options, inputs(cfg)).run(tokenize)
+
+
+def tokenize(cfg: TokenizeConfig, job: Job) -> dict:
+    job.begin()
+    tok, train_seconds = make_tokenizer(cfg, job.product("tokenizer"))
+    results = encode(cfg, tok, job.product("shards"))
     results["tokenizer"] = {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": train_seconds,
                             "longest_tokens": bpe.longest_tokens(tok)}
     for split in SPLITS:  # every shard in place and as its manifest says, before the stage's manifest says done
-        Shards(out / "shards", split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
-    run_dir.finish(results)
-    return StageResult(out, results)
+        Shards(job.product("shards"), split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
+    return results
 
 
 def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float | None]:
-    """Train on the training split (or copy the given tokenizer) into <out>/tokenizer/."""
-    staging = out / ".tokenizer.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    """Train on the training split (or copy the given tokenizer) into directory `out`."""
+    out.mkdir(parents=True)
     seconds = None
     if cfg.tokenizer.path:
         source = bpe.load(cfg.tokenizer.path)  # validates it before anything is copied
         for name in bpe.FILES:
             if (source.path / name).is_file():
-                shutil.copy2(source.path / name, staging / name)
+                shutil.copy2(source.path / name, out / name)
     else:
         t = cfg.tokenizer
         docs = (doc for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction)
@@ -119,17 +110,15 @@ def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float
         start = time.perf_counter()
         backend = bpe.train(docs, t.vocab_size, t.min_frequency, t.pattern)
         seconds = time.perf_counter() - start
-        bpe.save(backend, staging, t.max_length)
-    publish_dir(staging, out / "tokenizer")
-    return bpe.load(out / "tokenizer"), seconds
+        bpe.save(backend, out, t.max_length)
+    return bpe.load(out), seconds
 
 
 def encode(cfg: TokenizeConfig, tok: bpe.Tokenizer, out: Path) -> dict:
-    """Encode every document (each followed by <|eos|>) into <out>/shards/, and report on the corpus."""
-    staging = out / ".shards.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    writers = {split: ShardWriter(staging, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
+    """Encode every document (each followed by <|eos|>) into shards in directory `out`, and report on the
+    corpus."""
+    out.mkdir(parents=True)
+    writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
     stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
     seen = np.zeros(tok.vocab_size, dtype=bool)
     encode_seconds, total_bytes = 0.0, 0
@@ -161,8 +150,7 @@ def encode(cfg: TokenizeConfig, tok: bpe.Tokenizer, out: Path) -> dict:
         if batch:
             flush()
     entries = {split: writers[split].close() for split in SPLITS}
-    write_manifest(staging, tok.sha256, tok.vocab_size, tok.eos_id, entries)
-    publish_dir(staging, out / "shards")
+    write_manifest(out, tok.sha256, tok.vocab_size, tok.eos_id, entries)
     train = stats["train"]
     special = len([t for t in bpe.SPECIAL_TOKENS if tok.token_id(t) is not None])
     return {

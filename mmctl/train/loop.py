@@ -130,55 +130,80 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def train(model, *, cfg: TrainConfig, optim: OptimConfig, batches: Callable, loss_fn: Callable, out: Path,
-          log: Callable[[dict], None], fingerprint: dict, evaluate: Callable[[int], dict] | None = None,
-          export: Callable[[Path], None] | None = None, lr_scales: dict[str, float] | None = None,
-          force_resume: bool = False, precision: str = "fp32", dist: Dist | None = None,
-          flops_per_token: float = 0.0, peak_flops: float = 0.0, shardable: bool = False) -> dict:
-    """Train `model` for cfg.steps optimizer steps, resuming from the newest checkpoint in `out`; returns the
-    last logged metrics.
+@dataclass
+class Parts:
+    """What a stage trains and how — the loop's contract (see the module docstring).
 
     fingerprint: what a checkpoint must have been trained with to be resumed (model and data identity); a
-        mismatch is refused, naming the key, unless `force_resume`. The frozen tensors' digest is added
-        (`with_frozen`: a stage that checks `resumable()` before training passes the same).
+        mismatch is refused, naming the key, unless --force-resume. The frozen tensors' digest is added.
     export: writes the files that make a checkpoint directory loadable (config and tokenizer when it holds the
-        whole model, so `mmctl eval out/checkpoints/step-000100` works; what loads the part it holds otherwise).
+        whole model, so `mmctl eval out/checkpoints/step-000100` works).
     lr_scales: parameter-name prefix → learning-rate multiplier (a projector faster than its LM).
-    shardable: the stage runs the same forward passes on every process (batches aside), so FSDP may shard the
-        model (the stage passes the same to `setup_distributed`, which refuses FSDP earlier); under FSDP the main
-        process's `model` ends with its full weights (the others' are left sharded) — its forward is still FSDP's,
-        a collective, so it is for saving, not for running alone.
+    flops_per_token: training FLOPs per token, for MFU (0: not reported).
     """
-    dist = dist or Dist()
-    if dist.sharded and not shardable:
+
+    model: Any
+    batches: Callable[[int, int], list]
+    loss: Callable[[Any, Any], LossOut]
+    evaluate: Callable[[int], dict] | None = None
+    export: Callable[[Path], None] | None = None
+    fingerprint: dict = field(default_factory=dict)
+    lr_scales: dict[str, float] | None = None
+    flops_per_token: float = 0.0
+
+
+@dataclass
+class Session:
+    """Where and how the loop runs (a stage's Job makes it: mmctl/stages/__init__.py).
+
+    shardable: the stage runs the same forward passes on every process (batches aside), so FSDP may shard the
+        model; under FSDP the main process's model ends with its full weights (the others' stay sharded) — its
+        forward is still FSDP's, a collective, so it is for saving, not for running alone.
+    """
+
+    checkpoints: Path
+    log: Callable[[dict], None]
+    dist: Dist = field(default_factory=Dist)
+    precision: str = "fp32"
+    force_resume: bool = False
+    shardable: bool = False
+    peak_flops: float = 0.0  # the device's measured matmul rate, the denominator of MFU (0: not measured)
+
+
+def train(parts: Parts, cfg: TrainConfig, optim: OptimConfig, session: Session) -> dict:
+    """Train `parts.model` for cfg.steps optimizer steps, resuming from the newest checkpoint in
+    `session.checkpoints`; returns the last logged metrics."""
+    dist, model, log = session.dist, parts.model, session.log
+    if dist.sharded and not session.shardable:
         raise UsageError(NOT_SHARDABLE)
-    ckpt_dir = Path(out) / "checkpoints"
-    fingerprint = with_frozen(model, fingerprint)
+    ckpt_dir = Path(session.checkpoints)
+    fingerprint = with_frozen(model, parts.fingerprint)
     trained = _prepare(model, cfg, dist)  # before the optimizer: FSDP replaces the parameters with their shards
-    optimizer = make_optimizer(model, optim, lr_scales)
-    start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, force_resume, dist)
+    optimizer = make_optimizer(model, optim, parts.lr_scales)
+    start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, session.force_resume, dist)
     window = Window()
     with StopRequest() as stop, Progress(cfg.steps, "train") as progress:
         for step in range(start, cfg.steps):
             lr = lr_at(step, cfg.steps, optim)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            result = train_step(trained, model, optimizer, batches(step, dist.rank), loss_fn, optim.grad_clip,
-                                precision, dist, step)
+            result = train_step(trained, model, optimizer, parts.batches(step, dist.rank), parts.loss,
+                                optim.grad_clip, session.precision, dist, step)
             done, seen_tokens = step + 1, seen_tokens + result.tokens
             window.add(result.tokens)
             if done % cfg.log_every == 0 or done == cfg.steps:
                 tok_s = window.rate()
-                mfu = flops_per_token * tok_s / (peak_flops * dist.world) if peak_flops else None  # per device
+                mfu = (parts.flops_per_token * tok_s / (session.peak_flops * dist.world)  # per device
+                       if session.peak_flops and parts.flops_per_token else None)
                 last = {"step": done, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                         "tokens": seen_tokens, "tok_s": tok_s, "mfu": mfu, **result.metrics}
                 if dist.main:
                     log(last)
-            if evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
-                last.update(_evaluate(evaluate, done, log, dist))
+            if parts.evaluate is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                last.update(_evaluate(parts.evaluate, done, log, dist))
             stopping = dist.all_reduce([float(stop.signal is not None)], "max")[0] > 0  # all ranks stop together
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                _save(ckpt_dir, done, model, optimizer, cfg, dist, export,
+                _save(ckpt_dir, done, model, optimizer, cfg, dist, parts.export,
                       {"fingerprint": fingerprint, "last": last, "tokens": seen_tokens})
             if dist.main:
                 progress.update(done, loss=result.loss, lr=lr, tok_s=last.get("tok_s", 0.0))

@@ -4,13 +4,13 @@ a corpus, an eval task file, a prompts file."""
 import pytest
 
 from mmctl.data import jsonl
-from mmctl.data.sources import SourceConfig, read
+from mmctl.data.sources import TextSource, read
 from mmctl.errors import DataError
 from mmctl.evals.tasks import GEN_FIELDS, read_jsonl
 from mmctl.stages.generate import read_prompts
 
 READERS = {
-    "corpus": lambda path: list(read(SourceConfig(kind="jsonl", path=str(path), field="prompt"), 0)),
+    "corpus": lambda path: list(read(TextSource(kind="jsonl", path=str(path), field="prompt"), 0)),
     "task file": lambda path: read_jsonl(path, GEN_FIELDS),
     "prompts file": read_prompts,
 }

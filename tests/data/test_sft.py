@@ -118,7 +118,7 @@ def test_builtin_sets_are_exact_and_never_hold_the_eval_problems():
 
 
 def test_inspection_names_every_tokens_role_and_what_trains(tok):
-    from mmctl.data import inspect
+    from mmctl.data import annotate
 
     system_chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                    {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "What is 2 + 2?"},
@@ -126,7 +126,7 @@ def test_inspection_names_every_tokens_role_and_what_trains(tok):
     chats = [system_chat, [{"role": "user", "content": "Name a fox"}, {"role": "assistant", "content": "Leo"}]]
     rows = sft.pack([sft.encode(c, tok) for c in chats], 64, tok.pad_id)
     assert rows.sources == [[0, 1]]
-    tokens = inspect.annotate(rows, 0, chats, tok)
+    tokens = annotate.annotate(rows, 0, chats, tok)
     assert "".join(t.text for t in tokens if t.role != "padding") == \
         "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello<|end|><|user|>What is 2 + 2?<|end|>" \
         "<|assistant|>4<|end|><|user|>Name a fox<|end|><|assistant|>Leo<|end|>"
@@ -137,7 +137,18 @@ def test_inspection_names_every_tokens_role_and_what_trains(tok):
     assert "".join(by_role[1, "user"]) == "<|user|>Name a fox<|end|>"
     assert "".join(t.text for t in tokens if t.trained) == "Hello<|end|>4<|end|>Leo<|end|>"
     encoded = [sft.encode(c, tok) for c in chats]
-    assert inspect.summary(tokens) == {"tokens": 65, "real": sum(len(e.ids) for e in encoded),
+    assert annotate.summary(tokens) == {"tokens": 65, "real": sum(len(e.ids) for e in encoded),
                                        "trained": sum(sum(e.mask) for e in encoded), "conversations": 2}
-    plain = inspect.text(tokens, styled=False).plain
+    plain = annotate.text(tokens, styled=False).plain
     assert "<|assistant|>⟦Hello<|end|>⟧" in plain and " │ <|user|>Name a fox" in plain and "<|pad|> × " in plain
+
+
+def test_a_replayed_document_is_plain_text_with_every_token_trained(tok):
+    from mmctl.data import annotate
+
+    example = sft.encode("Once upon a time", tok)
+    assert example.ids == tok.encode("Once upon a time") + [tok.eos_id] and set(example.mask) == {1}
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    rows = sft.pack([example, sft.encode(chat, tok)], 64, tok.pad_id)
+    tokens = annotate.annotate(rows, 0, ["Once upon a time", chat], tok)
+    assert {t.role for t in tokens if t.document == rows.sources[0].index(0)} == {"text"}

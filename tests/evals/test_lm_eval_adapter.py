@@ -34,10 +34,10 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def mmctl_model(checkpoint):
-    from mmctl.models import transformer
+    from mmctl import checkpoints
     from mmctl.tokenizer import bpe
 
-    return transformer.load_checkpoint(checkpoint), bpe.load(checkpoint)
+    return checkpoints.load_lm(checkpoint), bpe.load(checkpoint)
 
 
 @pytest.fixture(scope="module")

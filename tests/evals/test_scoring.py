@@ -6,10 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mmctl import checkpoints  # noqa: E402
 from mmctl.evals import multiple_choice, perplexity  # noqa: E402
 from mmctl.evals.scoring import Score, loglikelihoods  # noqa: E402
 from mmctl.evals.tasks import TaskConfig  # noqa: E402
-from mmctl.models import transformer  # noqa: E402
 from mmctl.tokenizer import bpe  # noqa: E402
 
 DOCS = ["Once upon a time, there was a little cat named Tom. " * 6, "Question: What is 3 + 4?\nAnswer: 7",
@@ -18,7 +18,7 @@ DOCS = ["Once upon a time, there was a little cat named Tom. " * 6, "Question: W
 
 def test_perplexity_equals_a_direct_transformers_computation(checkpoint):
     transformers = pytest.importorskip("transformers")
-    model, tok = transformer.load_checkpoint(checkpoint), bpe.load(checkpoint)
+    model, tok = checkpoints.load_lm(checkpoint), bpe.load(checkpoint)
     task = TaskConfig(kind="perplexity", data="x", stride=24)
     metrics, _ = perplexity.evaluate(model, tok, task, DOCS, batch_size=3, seed=0, stats={})
     ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
@@ -53,7 +53,7 @@ def test_rolling_windows_score_every_token_once():
 
 
 def test_scores_do_not_depend_on_the_batch_size(checkpoint):
-    model, tok = transformer.load_checkpoint(checkpoint), bpe.load(checkpoint)
+    model, tok = checkpoints.load_lm(checkpoint), bpe.load(checkpoint)
     requests = [(tok.encode(d[: 20 + 7 * i]), tok.encode(" and then")) for i, d in enumerate(DOCS * 3)]
     one = loglikelihoods(model, requests, batch_size=1)
     eight = loglikelihoods(model, requests, batch_size=8)

@@ -10,10 +10,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mmctl import checkpoints  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402
 from mmctl.generate import SamplingConfig, generate  # noqa: E402
 from mmctl.models import fast_decode  # noqa: E402
-from mmctl.models.transformer import ModelConfig, Transformer, load_checkpoint, save_checkpoint  # noqa: E402
+from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -58,10 +59,10 @@ def test_fusing_holds_no_weight_twice_and_keeps_the_checkpoint(tmp_path):
     assert fused.state_dict().keys() == plain.state_dict().keys()
     for name, t in fused.state_dict().items():
         assert torch.equal(t, plain.state_dict()[name]), name
-    save_checkpoint(fused, tmp_path / "ckpt")
+    checkpoints.save(fused, tmp_path / "ckpt")
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
-        assert torch.equal(load_checkpoint(tmp_path / "ckpt")(ids), plain(ids))
+        assert torch.equal(checkpoints.load_lm(tmp_path / "ckpt")(ids), plain(ids))
 
 
 def test_fused_weights_and_biases_follow_in_place_updates():

@@ -7,8 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mmctl import checkpoints  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402
-from mmctl.models import lora, transformer  # noqa: E402
+from mmctl.models import lora  # noqa: E402
 from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
@@ -62,7 +63,7 @@ def test_peft_loads_mmctl_adapters_and_mmctl_loads_peft_adapters(tmp_path, rslor
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     ours = base()
-    transformer.save_checkpoint(ours, tmp_path / "base")
+    checkpoints.save(ours, tmp_path / "base")
     cfg = lora.LoRAConfig(r=4, alpha=8, rslora=rslora)
     lora.apply_lora(ours, cfg)
     trained_adapters(ours)

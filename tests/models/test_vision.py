@@ -107,18 +107,19 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
     pytest.importorskip("PIL")
     import random
 
+    from mmctl import checkpoints
     from mmctl.data import images, shapes
     from mmctl.data.chat import render
-    from mmctl.models import transformer, vlm
+    from mmctl.models import vlm
     from mmctl.tokenizer import bpe
 
     torch.manual_seed(0)
     tok = bpe.load(checkpoint)
-    lm = transformer.load_checkpoint(checkpoint)
+    lm = checkpoints.load_lm(checkpoint)
     section = vlm.VisionSection(encoder=ViTConfig(image_size=32, patch_size=8, hidden_size=48, intermediate_size=64,
                                                   num_layers=2, num_heads=4))
     model = vlm.VLM(section, lm, tok.token_id(bpe.IMAGE)).eval()
-    out = vlm.save_vlm(model, tmp_path / "llava", tok)
+    out = checkpoints.save_vlm(model, tmp_path / "llava", tok)
 
     processor = transformers.AutoProcessor.from_pretrained(out)
     theirs = transformers.AutoModelForImageTextToText.from_pretrained(out).eval()
@@ -133,8 +134,8 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
     with torch.no_grad():
         ours = model(ids, pixels)
         torch.testing.assert_close(theirs(**inputs).logits, ours, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(vlm.load_vlm(out)(ids, pixels), ours, atol=0, rtol=0)
-    assert vlm.is_vlm(out) and not vlm.is_vlm(checkpoint)
+        torch.testing.assert_close(checkpoints.load_vlm(out)(ids, pixels), ours, atol=0, rtol=0)
+    assert checkpoints.is_vlm(out) and not checkpoints.is_vlm(checkpoint)
 
 
 def test_a_vlm_decodes_with_its_image_as_a_full_forward_pass_would():

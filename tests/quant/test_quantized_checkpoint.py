@@ -10,26 +10,26 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from mmctl import checkpoints  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
-from mmctl.models import transformer  # noqa: E402
 from mmctl.quant import linear  # noqa: E402
 
 
 @pytest.mark.parametrize("method, bits, group, act_order", [("rtn", 8, None, False), ("rtn", 4, 32, False),
                                                             ("gptq", 4, 32, False), ("gptq", 3, 32, True)])
 def test_a_quantized_checkpoint_reloads_to_identical_logits(checkpoint, tmp_path, method, bits, group, act_order):
-    model = transformer.load_checkpoint(checkpoint)
-    dense = transformer.load_checkpoint(checkpoint)
+    model = checkpoints.load_lm(checkpoint)
+    dense = checkpoints.load_lm(checkpoint)
     torch.manual_seed(0)
     ids = torch.randint(0, 512, (4, 32))
     hessians = linear.calibration_hessians(model, [ids[:2], ids[2:]]) if method == "gptq" else None
-    model.quantization = linear.quantize_model(model, method, bits, group, hessians=hessians, act_order=act_order)
+    quantized = linear.quantize_model(model, method, bits, group, hessians=hessians, act_order=act_order)
     layers = [m for m in model.modules() if isinstance(m, linear.QuantLinear)]
     assert len(layers) == 2 * 7 and isinstance(model.lm_head, torch.nn.Linear)  # 7 linears per block, 2 blocks
-    out = transformer.save_checkpoint(model, tmp_path / "q", None)
+    out = checkpoints.save(model, tmp_path / "q", None, quantization=quantized)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (config["method"], config["bits"], config["desc_act"]) == (method, bits, act_order)
-    back = transformer.load_checkpoint(out)
+    back = checkpoints.load_lm(out)
     with torch.no_grad():
         ours, again, reference = model(ids), back(ids), dense(ids)
     assert torch.equal(ours, again)
@@ -42,19 +42,19 @@ def test_a_quantized_checkpoint_reloads_to_identical_logits(checkpoint, tmp_path
 
 
 def test_quantized_checkpoint_mistakes_are_named(checkpoint, tmp_path):
-    model = transformer.load_checkpoint(checkpoint)
-    model.quantization = linear.quantize_model(model, "rtn", 4, 32)
-    out = transformer.save_checkpoint(model, tmp_path / "q", None)
+    model = checkpoints.load_lm(checkpoint)
+    config = linear.quantize_model(model, "rtn", 4, 32)
+    out = checkpoints.save(model, tmp_path / "q", None, quantization=config)
     config = json.loads((out / "config.json").read_text())
     for change, message in (({"quant_method": "awq"}, "not one mmctl reads"), ({"bits": 5}, "bits 2, 3, 4 or 8"),
                             ({"group_size": None}, "group_size"), ({"group_size": 64}, "shape")):
         (out / "config.json").write_text(json.dumps({**config, "quantization_config": {
             **config["quantization_config"], **change}}))
         with pytest.raises(DataError, match=message):
-            transformer.load_checkpoint(out)
+            checkpoints.load_lm(out)
     (out / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "quantization_config"}))
     with pytest.raises(DataError, match="unexpected tensor"):  # a dense config over quantized tensors
-        transformer.load_checkpoint(out)
+        checkpoints.load_lm(out)
 
 
 def test_an_nf4_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(checkpoint, tmp_path):
@@ -62,13 +62,13 @@ def test_an_nf4_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(ch
     transformers = pytest.importorskip("transformers")
     from mmctl.quant import bnb
 
-    model = transformer.load_checkpoint(checkpoint)
+    model = checkpoints.load_lm(checkpoint)
     nf4 = bnb.QLoRAConfig("nf4", double_quant=True)
     bnb.to_4bit(model, nf4)
-    model.quantization = bnb.checkpoint_config(nf4, ("lm_head",))
-    out = transformer.save_checkpoint(model, tmp_path / "nf4", None)
+    config = bnb.checkpoint_config(nf4, ("lm_head",))
+    out = checkpoints.save(model, tmp_path / "nf4", None, quantization=config)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    back = transformer.load_checkpoint(out)
+    back = checkpoints.load_lm(out)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     for m in theirs.modules():  # transformers' layers take the same exact path as mmctl's (see quant/bnb.py)
         if hasattr(m, "support_avx512bf16_for_cpu"):
@@ -86,13 +86,13 @@ def test_an_int8_bnb_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logi
     transformers = pytest.importorskip("transformers")
     from mmctl.quant import bnb
 
-    model = transformer.load_checkpoint(checkpoint)
-    dense = transformer.load_checkpoint(checkpoint)
+    model = checkpoints.load_lm(checkpoint)
+    dense = checkpoints.load_lm(checkpoint)
     bnb.to_int8(model, threshold)
-    model.quantization = bnb.checkpoint_config(None, ("lm_head",), threshold)
-    out = transformer.save_checkpoint(model, tmp_path / "int8", None)
+    config = bnb.checkpoint_config(None, ("lm_head",), threshold)
+    out = checkpoints.save(model, tmp_path / "int8", None, quantization=config)
     ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
-    back = transformer.load_checkpoint(out)
+    back = checkpoints.load_lm(out)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
     assert type(theirs.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"
     assert type(back.model.layers[0].mlp.down_proj).__name__ == "Linear8bitLt"

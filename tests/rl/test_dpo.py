@@ -58,7 +58,7 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from mmctl.models import transformer
+    from mmctl import checkpoints
 
     policy = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
@@ -76,8 +76,8 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
     trainer.train()
     theirs = trainer.state.log_history[0]
 
-    ours_policy, ours_tok = transformer.load_with_tokenizer(checkpoint)
-    ours_ref = transformer.load_checkpoint(tmp_path / "ref")
+    ours_policy, ours_tok = checkpoints.load(checkpoint)
+    ours_ref = checkpoints.load_lm(tmp_path / "ref")
     pairs = [rl_data.pair(p, "test") for p in PAIRS]
     rows = rl_pairs.rows(pairs, ours_tok, ours_ref, 63, ours_tok.eos_id, "fp32", "cpu")
     with torch.no_grad():
@@ -118,12 +118,12 @@ def test_malformed_pairs_name_file_and_line(tmp_path, record, fragment):
 
 
 def test_on_policy_pairs_are_verified(checkpoint):
+    from mmctl import checkpoints
     from mmctl.data.synthetic import held_out
     from mmctl.evals.extract import exact_match, extract
-    from mmctl.models import transformer
     from mmctl.rl.pairs import arithmetic_pairs
 
-    model, tok = transformer.load_with_tokenizer(checkpoint)
+    model, tok = checkpoints.load(checkpoint)
     pairs, stats = arithmetic_pairs(model, tok, 12, seed=0, samples=3)
     assert stats["problems"] == 12 and stats["pairs"] == len(pairs) > 0
     again, _ = arithmetic_pairs(model, tok, 12, seed=0, samples=3)

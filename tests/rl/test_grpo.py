@@ -199,7 +199,7 @@ def test_equal_to_trls_grpo_trainer(checkpoint, tmp_path, loss_type, beta, corre
     from trl import GRPOConfig as TRLConfig
     from trl import GRPOTrainer
 
-    from mmctl.models import transformer
+    from mmctl import checkpoints
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     args = TRLConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4,
@@ -213,7 +213,7 @@ def test_equal_to_trls_grpo_trainer(checkpoint, tmp_path, loss_type, beta, corre
     completion = torch.randint(0, 512, (4, 5), generator=g)
     completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0], [1, 0, 0, 0, 0]])
     adv = torch.tensor([1.2, -0.4, 0.3, -1.1])
-    ours = transformer.load_checkpoint(checkpoint)
+    ours = checkpoints.load_lm(checkpoint)
     ids = torch.cat([prompt, completion], 1)
     with torch.no_grad():  # old and reference log-probs a little away from the model's, so ratios clip and KL > 0
         now = grpo.token_logps(ours(ids[:, :-1]), ids[:, 1:])[:, 6:]

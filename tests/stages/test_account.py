@@ -77,16 +77,16 @@ def test_json_keys_are_stable():
 def test_a_checkpoint_dir_reports_the_bytes_it_stores_and_how(checkpoint, tmp_path):
     """A dense checkpoint's weights on disk in its dtype; a quantized one's with its method (read, not predicted)."""
     pytest.importorskip("torch")
-    from mmctl.models import transformer
+    from mmctl import checkpoints
     from mmctl.quant import linear
     from mmctl.stages import account as stage
 
     dense = stage.on_disk(checkpoint / "config.json")
     assert dense.label == "weights on disk (float32)"
     assert dense.value == sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
-    model = transformer.load_checkpoint(checkpoint)
-    model.quantization = linear.quantize_model(model, "rtn", 4, 32)
-    out = transformer.save_checkpoint(model, tmp_path / "q", None)
+    model = checkpoints.load_lm(checkpoint)
+    config = linear.quantize_model(model, "rtn", 4, 32)
+    out = checkpoints.save(model, tmp_path / "q", None, quantization=config)
     quantized = stage.on_disk(out / "config.json")
     assert quantized.label == "weights on disk (rtn 4-bit g32)" and quantized.value < dense.value / 2
     assert stage.on_disk(None) is None

@@ -13,6 +13,8 @@ pytest.importorskip("PIL")
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted, UsageError  # noqa: E402
+from mmctl.objectives import Answer  # noqa: E402
+from mmctl.stages import Job  # noqa: E402
 from mmctl.stages import align_vision as stage  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
@@ -45,19 +47,19 @@ def metrics(out):
 
 def test_phases_train_what_they_name_and_the_model_loads_in_transformers(checkpoint, tmp_path, monkeypatch):
     transformers = pytest.importorskip("transformers")
-    from mmctl.models import transformer
+    from mmctl import checkpoints
 
-    lm_before = {k: v.clone() for k, v in transformer.load_checkpoint(checkpoint).state_dict().items()}
+    lm_before = {k: v.clone() for k, v in checkpoints.load_lm(checkpoint).state_dict().items()}
     seen = {}
-    real = stage._train_phase
+    real = Job.train
 
-    def spy(cfg, i, model, *args):  # the weights each phase starts from and ends with
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        out = real(cfg, i, model, *args)
-        seen[cfg.phases[i].name] = (before, {k: v.clone() for k, v in model.state_dict().items()})
+    def spy(job, parts, cfg, optim, precision, checkpoints, log):  # the weights each phase starts and ends with
+        before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+        out = real(job, parts, cfg, optim, precision, checkpoints, log)
+        seen[checkpoints.split("/")[1]] = (before, {k: v.clone() for k, v in parts.model.state_dict().items()})
         return out
 
-    monkeypatch.setattr(stage, "_train_phase", spy)
+    monkeypatch.setattr(Job, "train", spy)
     result = stage.run(config(checkpoint, tmp_path / "a"))
     before, after = seen["align"]
     for name in before:  # phase 1 trains the projector only
@@ -81,7 +83,7 @@ def test_phases_train_what_they_name_and_the_model_loads_in_transformers(checkpo
 
 def test_interrupted_in_the_second_phase_resumes_to_the_same_model(checkpoint, tmp_path, monkeypatch):
     stage.run(config(checkpoint, tmp_path / "full", "pixel_shuffle"))
-    real, calls = stage.loss, []
+    real, calls = Answer.loss, []
 
     def interrupting(*args):
         calls.append(1)
@@ -89,17 +91,17 @@ def test_interrupted_in_the_second_phase_resumes_to_the_same_model(checkpoint, t
             signal.raise_signal(signal.SIGTERM)
         return real(*args)
 
-    monkeypatch.setattr(stage, "loss", interrupting)
+    monkeypatch.setattr(Answer, "loss", staticmethod(interrupting))
     with pytest.raises(Interrupted):
         stage.run(config(checkpoint, tmp_path / "part", "pixel_shuffle"))
-    monkeypatch.setattr(stage, "loss", real)
+    monkeypatch.setattr(Answer, "loss", staticmethod(real))
     stage.run(config(checkpoint, tmp_path / "part", "pixel_shuffle"))
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
     full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
     assert (tmp_path / "part" / "model" / "model.safetensors").read_bytes() == full
-    from mmctl.models import vlm
+    from mmctl import checkpoints
 
-    assert vlm.load_vlm(tmp_path / "full" / "model").vision.projector.kind == "pixel_shuffle"
+    assert checkpoints.load_vlm(tmp_path / "full" / "model").vision.projector.kind == "pixel_shuffle"
 
 
 def test_recipe_mistakes_are_named(checkpoint, tmp_path):
@@ -113,7 +115,8 @@ def test_recipe_mistakes_are_named(checkpoint, tmp_path):
 
 
 def test_a_contrastive_phase_trains_the_vit_against_a_text_tower(checkpoint, tmp_path):
-    from mmctl.models import transformer, vlm
+    from mmctl import checkpoints
+    from mmctl.models import vlm
 
     train = {"batch_size": 8, "seq_len": 63, "precision": "fp32", "log_every": 1, "eval_every": 3,
              "checkpoint_every": 3, "steps": 3}
@@ -130,8 +133,8 @@ def test_a_contrastive_phase_trains_the_vit_against_a_text_tower(checkpoint, tmp
     assert len(retrieval) == 1 and 0 <= retrieval[0]["val_r@1_text_to_image"] <= 1
     assert [r["phase"] for r in rows if "loss" in r] == ["siglip"] * 3 + ["instruct"] * 2
     torch.manual_seed(3)  # the stage seeds with run.seed just before making the VLM: the same initial weights
-    fresh = vlm.VLM(cfg.vision, transformer.load_checkpoint(checkpoint), 7)
-    trained = vlm.load_vlm(tmp_path / "c" / "model")
+    fresh = vlm.VLM(cfg.vision, checkpoints.load_lm(checkpoint), 7)
+    trained = checkpoints.load_vlm(tmp_path / "c" / "model")
     before, after = fresh.state_dict(), trained.state_dict()
     for name in after:  # the ViT moved in the siglip phase, the projector in instruct, the LM never
         assert torch.equal(before[name], after[name]) == name.startswith("language_model."), name

@@ -15,10 +15,10 @@ from mmctl.stages import eval as stage  # noqa: E402
 
 @pytest.fixture(scope="module")
 def chat_checkpoint(checkpoint, tmp_path_factory):
-    from mmctl.models import transformer
+    from mmctl import checkpoints
 
-    model, tok = transformer.load_with_tokenizer(checkpoint)
-    return transformer.save_checkpoint(model, tmp_path_factory.mktemp("chat") / "model", tok, chat=True)
+    model, tok = checkpoints.load(checkpoint)
+    return checkpoints.save(model, tmp_path_factory.mktemp("chat") / "model", tok, chat=True)
 
 
 def run(checkpoints, out, **section):
@@ -38,15 +38,15 @@ def by_hand(model, context: list[int], continuation: list[int]) -> float:
 
 
 def test_a_chat_model_is_asked_through_its_template(checkpoint, chat_checkpoint, tmp_path):
+    from mmctl import checkpoints
     from mmctl.data.chat import render
     from mmctl.evals.tasks import builtin_items
-    from mmctl.models import transformer
 
     result = run([checkpoint, chat_checkpoint], tmp_path / "e")
     tasks = {c: result.results["checkpoints"][str(c)]["tasks"] for c in (checkpoint, chat_checkpoint)}
     assert {t["format"] for t in tasks[checkpoint].values()} == {"plain"}
     assert {t["format"] for t in tasks[chat_checkpoint].values()} == {"chat"}
-    model, tok = transformer.load_with_tokenizer(chat_checkpoint)
+    model, tok = checkpoints.load(chat_checkpoint)
     samples = [json.loads(line) for line in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
     asked = [s for s in samples if s["checkpoint"] == str(chat_checkpoint) and s["task"] == "arithmetic-mc"]
     for item, sample in zip(builtin_items("arithmetic-mc", 3), asked, strict=True):

@@ -70,12 +70,12 @@ def test_outputs(shards, tmp_path):
 
 def test_training_checkpoints_are_evaluable(shards, tmp_path):
     """A step dir holds config.json and the tokenizer: `mmctl eval` and `mmctl generate` take it as a model."""
-    from mmctl.models import transformer
+    from mmctl import checkpoints
 
     out = pretrain.run(config(shards, tmp_path / "a")).out
     step = out / "checkpoints" / "step-000006"
-    at_6 = transformer.load_checkpoint(step)
-    final = transformer.load_checkpoint(out / "model")
+    at_6 = checkpoints.load_lm(step)
+    final = checkpoints.load_lm(out / "model")
     assert not torch.equal(at_6.lm_head.weight, final.lm_head.weight)
     run = [sys.executable, "-m", "mmctl"]
     scored = subprocess.run(run + ["eval", str(step), "--task", "stories-ppl", "--limit", "2", "--out",
@@ -89,12 +89,12 @@ def test_training_checkpoints_are_evaluable(shards, tmp_path):
 
 def test_validation_is_evals_perplexity(shards, tmp_path):
     """One bits-per-byte: pretrain's val numbers equal `mmctl eval`'s perplexity over the same documents."""
+    from mmctl import checkpoints
     from mmctl.evals import perplexity
-    from mmctl.models import transformer
     from mmctl.tokenizer import bpe
 
     result = pretrain.run(config(shards, tmp_path / "a"))
-    model, tok = transformer.load_checkpoint(result.out / "model"), bpe.load(result.out / "model")
+    model, tok = checkpoints.load_lm(result.out / "model"), bpe.load(result.out / "model")
     documents = perplexity.shard_documents(shards / "shards", "val", tok, max_tokens=256)
     metrics, _ = perplexity.score(model, tok, documents, max_length=32, stride=32)
     assert result.results["final"]["val_loss"] == pytest.approx(metrics["nats_per_token"], rel=1e-5)

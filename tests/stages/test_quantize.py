@@ -73,10 +73,10 @@ def test_a_quantized_base_is_refused_for_training_and_quantizing(base, shards, t
     quantize.run(config(base, shards, tmp_path / "q", methods=[{"method": "rtn", "bits": 8}]))
     with pytest.raises(UsageError, match="quantized already"):
         quantize.run(config(tmp_path / "q" / "rtn-8bit", shards, tmp_path / "again"))
+    from mmctl import checkpoints
     from mmctl.errors import DataError
-    from mmctl.models import transformer
 
     with pytest.raises(DataError, match="a quantized checkpoint"):
-        transformer.load_with_tokenizer(tmp_path / "q" / "rtn-8bit")
+        checkpoints.load(tmp_path / "q" / "rtn-8bit")
     with pytest.raises(UsageError, match="vqa task"):
         config(base, shards, tmp_path / "v", evaluation={"tasks": [{"builtin": "shapes-vqa"}]})

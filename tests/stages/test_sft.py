@@ -43,7 +43,7 @@ def test_full_fine_tuning(checkpoint, tmp_path):
     assert result.results["params"]["trainable_fraction"] == 1.0
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "model")
     assert model.num_parameters() == result.results["params"]["total"]
-    from mmctl.models.transformer import is_chat_model
+    from mmctl.checkpoints import is_chat_model
 
     assert is_chat_model(tmp_path / "a" / "model") and not is_chat_model(checkpoint)
     assert sft.run(config(checkpoint, tmp_path / "a")).up_to_date
@@ -70,21 +70,22 @@ def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path):
 
 def test_qlora_merges_its_adapter_into_the_dequantized_base(checkpoint, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from mmctl.models import lora, transformer
+    from mmctl import checkpoints
+    from mmctl.models import lora
     from mmctl.quant import bnb
 
     result = sft.run(config(checkpoint, tmp_path / "q", method="qlora"))
     assert result.results["method"] == "qlora" and 0 < result.results["params"]["trainable_fraction"] < 0.5
     full = sft.run(config(checkpoint, tmp_path / "f", steps=1)).results["params"]["total"]
     assert result.results["params"]["total"] == full + result.results["params"]["trainable"]  # base + adapters
-    base = transformer.load_checkpoint(checkpoint)
+    base = checkpoints.load_lm(checkpoint)
     bnb.to_4bit(base, bnb.QLoRAConfig())  # the base the adapters were trained on, as the recipe quantized it
     lora.load_adapter(bnb.to_dense(base), tmp_path / "q" / "adapter")
-    merged = transformer.load_checkpoint(tmp_path / "q" / "model")
+    merged = checkpoints.load_lm(tmp_path / "q" / "model")
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (base(ids) - merged(ids)).abs().max() <= 1e-4
-        assert (merged(ids) - transformer.load_checkpoint(checkpoint)(ids)).abs().max() > 1e-3
+        assert (merged(ids) - checkpoints.load_lm(checkpoint)(ids)).abs().max() > 1e-3
 
 
 def test_qlora_without_bitsandbytes_says_how_to_install_it(checkpoint, tmp_path, monkeypatch):

@@ -18,16 +18,18 @@ from tests.test_cli import mmctl  # noqa: E402
 @pytest.fixture(scope="module")
 def vlm_dir(checkpoint, tmp_path_factory):
     """An untrained VLM (a 16-px ViT in front of the test LM) saved in Llava's layout."""
-    from mmctl.models import transformer, vlm
+    from mmctl import checkpoints
+    from mmctl.models import vlm
     from mmctl.models.projector import ProjectorConfig
     from mmctl.models.vit import ViTConfig
     from mmctl.tokenizer.bpe import IMAGE
 
-    lm, tok = transformer.load_with_tokenizer(checkpoint)
+    lm, tok = checkpoints.load(checkpoint)
     torch.manual_seed(0)
     section = vlm.VisionSection(encoder=ViTConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
                                                   num_layers=2, num_heads=2), projector=ProjectorConfig("mlp"))
-    return vlm.save_vlm(vlm.VLM(section, lm, tok.token_id(IMAGE)), tmp_path_factory.mktemp("vlm") / "model", tok)
+    return checkpoints.save_vlm(vlm.VLM(section, lm, tok.token_id(IMAGE)), tmp_path_factory.mktemp("vlm") / "model",
+                                tok)
 
 
 def test_scores_per_type_hallucination_and_composition(monkeypatch):
@@ -82,16 +84,16 @@ def test_a_language_model_is_refused_for_images_and_a_vlm_for_text_training(chec
     (tmp_path / "cat.png").write_bytes(b"")
     out = mmctl("generate", str(checkpoint), "--image", str(tmp_path / "cat.png"), "-p", "What is it?")
     assert out.returncode == 2 and "--image" in out.stderr and "language model" in out.stderr, out.stderr
+    from mmctl import checkpoints
     from mmctl.errors import DataError
-    from mmctl.models import transformer
 
     with pytest.raises(DataError, match="vision-language model"):
-        transformer.load_with_tokenizer(vlm_dir)
+        checkpoints.load(vlm_dir)
 
 
 def test_generate_answers_about_an_image_as_eval_does(vlm_dir, tmp_path):
+    from mmctl import checkpoints
     from mmctl.data import images
-    from mmctl.models import transformer
 
     scene = [shapes.Shape("circle", "red", "large", 0, 0), shapes.Shape("square", "blue", "small", 2, 2)]
     shapes.render(scene, 16).save(tmp_path / "scene.png")
@@ -99,7 +101,7 @@ def test_generate_answers_about_an_image_as_eval_does(vlm_dir, tmp_path):
                 "--max-new-tokens", "8", "--json")
     assert out.returncode == 0, out.stderr
     said = json.loads(out.stdout)["completions"][0]["completion"].strip()
-    model, tok = transformer.load_with_tokenizer(vlm_dir, vision=True)
+    model, tok = checkpoints.load(vlm_dir, vision=True)
     pixels = images.pixels(images.load(tmp_path / "scene.png"), 16)
     assert said == vqa_eval.answers(model, tok, [pixels], ["How many shapes are there?"])[0]
     for image, fragment in ((tmp_path / "none.png", "image not found"), (tmp_path, "not a readable image")):

@@ -43,7 +43,7 @@ def test_what_mmctl_does_not_do_is_refused(monkeypatch, key, value, fragment):
 
 def test_a_stage_that_cannot_shard_refuses_fsdp(tmp_path, monkeypatch):
     from mmctl.runtime import setup_distributed
-    from mmctl.train.loop import TrainConfig, train
+    from mmctl.train.loop import Parts, Session, TrainConfig, train
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
@@ -52,8 +52,8 @@ def test_a_stage_that_cannot_shard_refuses_fsdp(tmp_path, monkeypatch):
     from mmctl.train.optim import OptimConfig
 
     with pytest.raises(UsageError, match="--multi_gpu"):  # before any collective: no process group needed
-        train(torch.nn.Linear(2, 2), cfg=TrainConfig(steps=1), optim=OptimConfig(), batches=None, loss_fn=None,
-              out=tmp_path, log=print, fingerprint={}, dist=Dist(0, 2, "cpu", "FULL_SHARD"))
+        train(Parts(torch.nn.Linear(2, 2), None, None), TrainConfig(steps=1), OptimConfig(),
+              Session(tmp_path, print, Dist(0, 2, "cpu", "FULL_SHARD")))
 
 
 def test_each_process_holds_what_account_predicts_for_zero_3(tmp_path):

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 from mmctl.errors import Interrupted, NonFiniteError, UsageError  # noqa: E402
 from mmctl.runtime import Dist  # noqa: E402
 from mmctl.train import checkpoint  # noqa: E402
-from mmctl.train.loop import LossOut, TrainConfig, train, train_step  # noqa: E402
+from mmctl.train.loop import LossOut, Parts, Session, TrainConfig, train, train_step  # noqa: E402
 from mmctl.train.optim import OptimConfig  # noqa: E402
 
 V, T = 32, 8
@@ -48,13 +48,20 @@ def loss_fn(model, ids):
     return LossOut(loss, targets.numel(), inputs.numel(), {"first_logit": (model(inputs)[:, 0, 0].sum(), 2)})
 
 
+def fit(model, *, cfg, optim, batches, loss_fn, out, log, fingerprint, export=None, lr_scales=None,
+        force_resume=False, dist=None):
+    """`train` with its checkpoints in `out`/checkpoints, as a stage's Job sets it up."""
+    parts = Parts(model, batches, loss_fn, export=export, fingerprint=fingerprint, lr_scales=lr_scales)
+    return train(parts, cfg, optim, Session(out / "checkpoints", log, dist or Dist(), force_resume=force_resume))
+
+
 def run(out, steps=12, log=None, loss=loss_fn, **train_kw):
     torch.set_num_threads(1)
     model = Toy()
     records = [] if log is None else log
     cfg = TrainConfig(steps=steps, batch_size=4, micro_batch_size=2, seq_len=T, log_every=1, checkpoint_every=4,
                       keep_checkpoints=2)
-    train(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=2), batches=batches, loss_fn=loss,
+    fit(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=2), batches=batches, loss_fn=loss,
           out=out, log=records.append, fingerprint={"model": "toy"}, **train_kw)
     return model, records
 
@@ -135,7 +142,7 @@ def test_changed_fingerprint_is_refused(tmp_path):
     model = Toy()
     cfg = TrainConfig(steps=8, batch_size=4, seq_len=T, checkpoint_every=4)
     with pytest.raises(UsageError, match="cannot resume: model changed"):
-        train(model, cfg=cfg, optim=OptimConfig(), batches=batches, loss_fn=loss_fn, out=tmp_path, log=print,
+        fit(model, cfg=cfg, optim=OptimConfig(), batches=batches, loss_fn=loss_fn, out=tmp_path, log=print,
               fingerprint={"model": "other"})
 
 
@@ -265,7 +272,7 @@ def test_frozen_parameters_are_fingerprinted_not_checkpointed(tmp_path):
 
     cfg = TrainConfig(steps=2, batch_size=4, micro_batch_size=2, seq_len=T, checkpoint_every=2)
     model = frozen_norm()
-    train(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
+    fit(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
           log=lambda r: None, fingerprint={"model": "toy"})
     latest = checkpoint.latest(tmp_path / "checkpoints")
     from safetensors.torch import load_file
@@ -276,13 +283,13 @@ def test_frozen_parameters_are_fingerprinted_not_checkpointed(tmp_path):
     with torch.no_grad():
         other.norm.weight.mul_(2)  # another frozen base
     with pytest.raises(UsageError, match="cannot resume: frozen changed"):
-        train(other, cfg=TrainConfig(steps=4, batch_size=4, micro_batch_size=2, seq_len=T), optim=OptimConfig(),
+        fit(other, cfg=TrainConfig(steps=4, batch_size=4, micro_batch_size=2, seq_len=T), optim=OptimConfig(),
               batches=batches, loss_fn=loss_fn, out=tmp_path, log=lambda r: None, fingerprint={"model": "toy"})
 
 
 def test_an_export_makes_the_checkpoint_dir_carry_more_files(tmp_path):
     cfg = TrainConfig(steps=2, batch_size=4, micro_batch_size=2, seq_len=T, checkpoint_every=2)
-    train(Toy(), cfg=cfg, optim=OptimConfig(warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
+    fit(Toy(), cfg=cfg, optim=OptimConfig(warmup_steps=1), batches=batches, loss_fn=loss_fn, out=tmp_path,
           log=lambda r: None, fingerprint={}, export=lambda d: (d / "config.json").write_text("{}"))
     assert (checkpoint.latest(tmp_path / "checkpoints") / "config.json").read_text() == "{}"
 
@@ -374,7 +381,7 @@ def test_lora_training_resumes_bit_exactly_and_checkpoints_only_adapters(tmp_pat
         model = lora_toy()
         cfg = TrainConfig(steps=8, batch_size=4, micro_batch_size=2, seq_len=T, log_every=1, checkpoint_every=2)
         records = []
-        train(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=1), batches=batches, loss_fn=loss, out=out,
+        fit(model, cfg=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=1), batches=batches, loss_fn=loss, out=out,
               log=records.append, fingerprint={"model": "toy+lora"})
         return model, losses(records)
 

@@ -9,24 +9,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "padding": "bright_black"}
+STYLES = {"system": "magenta", "user": "cyan", "assistant": "green", "text": "yellow", "padding": "bright_black"}
 
 
 @dataclass
 class Token:
     text: str
-    role: str  # the message's role, or "padding"
+    role: str  # the message's role, "text" (a plain document replayed), or "padding"
     trained: bool
     document: int  # which conversation of the row (packing), from 0
 
 
-def annotate(rows, i: int, conversations: list[list[dict]], tok) -> list[Token]:
-    """Row `i` of `rows` (made from `conversations` by data.sft.pack or pad) as annotated tokens."""
+def annotate(rows, i: int, items: list, tok) -> list[Token]:
+    """Row `i` of `rows` (made from `items` — conversations, or plain documents — by data.sft.pack or pad) as
+    annotated tokens."""
     from mmctl.data.chat import roles
+    from mmctl.data.sft import encode
 
     role_of = []
     for document, c in enumerate(rows.sources[i]):
-        role_of += [(r, document) for r in roles(conversations[c], tok)]
+        item = items[c]
+        kinds = ["text"] * len(encode(item, tok).ids) if isinstance(item, str) else roles(item, tok)
+        role_of += [(r, document) for r in kinds]
     ids = rows.ids[i]
     padding = ("padding", len(rows.sources[i]))
     role_of = (role_of + [padding] * len(ids))[: len(ids)]

@@ -1,7 +1,7 @@
 """HF interop against transformers itself: the same weights give the same logits both ways, fp32, within 1e-5.
 
-mmctl → save_checkpoint → `AutoModelForCausalLM.from_pretrained`, and transformers `save_pretrained` →
-load_checkpoint → mmctl, on random small configs (Llama GQA untied, Llama MQA tied, Qwen2 with biases and an
+mmctl → checkpoints.save → `AutoModelForCausalLM.from_pretrained`, and transformers `save_pretrained` →
+checkpoints.load_lm → mmctl, on random small configs (Llama GQA untied, Llama MQA tied, Qwen2 with biases and an
 explicit head_dim, Llama 3.1 RoPE scaling, Mistral); plus the refusals (pickle, missing/mismatched tensors,
 unsupported families) and the checkpoint dir's tokenizer files.
 """
@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from mmctl import checkpoints, hf  # noqa: E402
 from mmctl.errors import DataError, UnsafeInputError, UsageError  # noqa: E402
-from mmctl.models import hf, transformer  # noqa: E402
 from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 from mmctl.tokenizer import bpe  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
@@ -81,7 +81,7 @@ def hf_model(cfg: ModelConfig):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_mmctl_checkpoint_loads_in_transformers_with_the_same_logits(name, tmp_path):
     ours = random_model(CONFIGS[name])
-    transformer.save_checkpoint(ours, tmp_path / "model")
+    checkpoints.save(ours, tmp_path / "model")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
     assert type(theirs).__name__ == ("Qwen2ForCausalLM" if ours.cfg.qkv_bias else "LlamaForCausalLM")
     assert_same_logits(ours, theirs)
@@ -91,7 +91,7 @@ def test_mmctl_checkpoint_loads_in_transformers_with_the_same_logits(name, tmp_p
 def test_transformers_checkpoint_loads_in_mmctl_with_the_same_logits(name, tmp_path):
     theirs = hf_model(CONFIGS[name])
     theirs.save_pretrained(tmp_path / "model")
-    ours = transformer.load_checkpoint(tmp_path / "model")
+    ours = checkpoints.load_lm(tmp_path / "model")
     assert ours.cfg == CONFIGS[name]
     assert set(ours.state_dict()) == set(theirs.state_dict())
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == ours.cfg.tie_embeddings
@@ -102,7 +102,7 @@ def test_sharded_checkpoint(tmp_path):
     theirs = hf_model(CONFIGS["llama-gqa-untied"])
     theirs.save_pretrained(tmp_path / "model", max_shard_size="100KB")
     assert (tmp_path / "model" / "model.safetensors.index.json").is_file()
-    assert_same_logits(transformer.load_checkpoint(tmp_path / "model"), theirs)
+    assert_same_logits(checkpoints.load_lm(tmp_path / "model"), theirs)
 
 
 def test_mistral_loads_with_its_window_as_the_context(tmp_path):
@@ -112,7 +112,7 @@ def test_mistral_loads_with_its_window_as_the_context(tmp_path):
                                         max_position_embeddings=4096)
     theirs = transformers.MistralForCausalLM(config).eval()
     theirs.save_pretrained(tmp_path / "model")
-    ours = transformer.load_checkpoint(tmp_path / "model")
+    ours = checkpoints.load_lm(tmp_path / "model")
     assert ours.cfg.max_position_embeddings == 64
     assert_same_logits(ours, theirs)
 
@@ -127,30 +127,30 @@ def test_pickle_weights_are_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["llama-gqa-untied"].to_hf()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04 not unpickled, ever")
     with pytest.raises(UnsafeInputError, match=r"pytorch_model\.bin: refusing a pickle checkpoint") as e:
-        transformer.load_checkpoint(tmp_path)
+        checkpoints.load_lm(tmp_path)
     assert e.value.exit_code == 4
 
 
 def test_missing_and_mismatched_tensors_are_data_errors(tmp_path):
-    path = transformer.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
+    path = checkpoints.save(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
     tensors = load_file(path / "model.safetensors")
     save_file({k: v for k, v in tensors.items() if k != "model.layers.1.mlp.up_proj.weight"},
               path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DataError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is missing \(expected shape "
                                         r"\[96, 128\]\)"):
-        transformer.load_checkpoint(path)
+        checkpoints.load_lm(path)
 
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 64}))
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(DataError, match=r"gate_proj\.weight has shape \[96, 128\], config.json implies \[64, 128\]"):
-        transformer.load_checkpoint(path)
+        checkpoints.load_lm(path)
 
     (path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read safetensors"):
-        transformer.load_checkpoint(path)
+        checkpoints.load_lm(path)
     with pytest.raises(DataError, match="checkpoint dir not found"):
-        transformer.load_checkpoint(tmp_path / "nowhere")
+        checkpoints.load_lm(tmp_path / "nowhere")
 
 
 def test_unsupported_families_and_features_are_usage_errors():
@@ -183,7 +183,7 @@ def write_tokenizer(path: Path) -> None:
 def test_checkpoint_dir_carries_the_tokenizer_and_special_ids(tmp_path):
     write_tokenizer(tmp_path / "tok")
     cfg = ModelConfig(**{**SMALL, "vocab_size": 320}, num_kv_heads=2)
-    path = transformer.save_checkpoint(random_model(cfg), tmp_path / "model", bpe.load(tmp_path / "tok"))
+    path = checkpoints.save(random_model(cfg), tmp_path / "model", bpe.load(tmp_path / "tok"))
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                       "tokenizer.json", "tokenizer_config.json"]
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
@@ -192,13 +192,13 @@ def test_checkpoint_dir_carries_the_tokenizer_and_special_ids(tmp_path):
     generation = transformers.GenerationConfig.from_pretrained(path)
     assert (generation.bos_token_id, generation.pad_token_id) == (0, 2)
     with pytest.raises(DataError, match="no tokenizer.json"):  # the tokenizer is read before anything is written
-        transformer.save_checkpoint(random_model(cfg), tmp_path / "other", bpe.load(tmp_path))
+        checkpoints.save(random_model(cfg), tmp_path / "other", bpe.load(tmp_path))
     assert not (tmp_path / "other").exists()
 
 
 def test_a_failed_save_leaves_the_old_checkpoint_alone(tmp_path, monkeypatch):
     model = random_model(CONFIGS["llama-gqa-untied"])
-    path = transformer.save_checkpoint(model, tmp_path / "model")
+    path = checkpoints.save(model, tmp_path / "model")
     before = {p.name: p.read_bytes() for p in path.iterdir()}
 
     def killed(*args, **kwargs):
@@ -208,7 +208,7 @@ def test_a_failed_save_leaves_the_old_checkpoint_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
-        transformer.save_checkpoint(model, path)
+        checkpoints.save(model, path)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp dir left beside it
 
@@ -242,21 +242,21 @@ def test_a_fifo_config_is_refused_not_read(tmp_path):
 
     os.mkfifo(tmp_path / "config.json")
     with pytest.raises(DataError, match="not a regular file"):
-        transformer.load_checkpoint(tmp_path)
+        checkpoints.load_lm(tmp_path)
 
 
 def test_a_config_far_larger_than_its_weights_is_refused_before_building(tmp_path):
-    path = transformer.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
+    path = checkpoints.save(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "vocab_size": 10**9, "intermediate_size": 10**7}))
     with pytest.raises(DataError, match="more than twice what the weight files hold"):
-        transformer.load_checkpoint(path)
+        checkpoints.load_lm(path)
 
 
 def test_a_hub_cache_snapshot_loads(tmp_path):
     """The Hugging Face cache links snapshots/<rev>/model.safetensors to ../../blobs/<hash>: that is allowed,
     a link anywhere else is not."""
-    source = transformer.save_checkpoint(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
+    source = checkpoints.save(random_model(CONFIGS["llama-gqa-untied"]), tmp_path / "model")
     repo = tmp_path / "models--org--name"
     (repo / "blobs").mkdir(parents=True)
     snapshot = repo / "snapshots" / "abc123"
@@ -265,19 +265,19 @@ def test_a_hub_cache_snapshot_loads(tmp_path):
         blob = repo / "blobs" / f"hash-{f.name}"
         blob.write_bytes(f.read_bytes())
         (snapshot / f.name).symlink_to(Path("../../blobs") / blob.name)
-    loaded = transformer.load_checkpoint(snapshot)
-    assert torch.equal(loaded.lm_head.weight, transformer.load_checkpoint(source).lm_head.weight)
+    loaded = checkpoints.load_lm(snapshot)
+    assert torch.equal(loaded.lm_head.weight, checkpoints.load_lm(source).lm_head.weight)
     (snapshot / "model.safetensors").unlink()
     (snapshot / "model.safetensors").symlink_to(source / "model.safetensors")  # outside the repository
     with pytest.raises(UnsafeInputError, match="outside the checkpoint dir"):
-        transformer.load_checkpoint(snapshot)
+        checkpoints.load_lm(snapshot)
 
 
 def test_recorded_attention_weights_are_transformers_output_attentions(tmp_path):
     """`Attention.record` (what `mmctl report` draws) keeps the softmax weights: transformers' eager attention's
     `output_attentions`, layer by layer and head by head, with and without left padding; logits unchanged."""
     ours = random_model(CONFIGS["llama-gqa-untied"])
-    transformer.save_checkpoint(ours, tmp_path / "model")
+    checkpoints.save(ours, tmp_path / "model")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="eager").eval()
     ids, mask = inputs()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
