@@ -1,7 +1,8 @@
 # The README's two commands. Each makes a virtual environment in .venv (Python ≥ 3.11 and pip, no GPU, no
 # network but the package registry) and installs what it needs:
 #   make demo    install mmctl (with bitsandbytes, for QLoRA) and run the tiny end-to-end pipeline and its report
-#   make test    install mmctl with its test extras and run the test suite
+#   make test    install mmctl with its test extras, run ruff and the test suite (`.venv/bin/pytest -m "not slow"`
+#                leaves out the multi-process and kill -9 tests: the quick loop while developing)
 #   make bench   every benchmark in one run (benchmarks/README.md), after the tiny models it decodes with
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,6 +15,7 @@ demo: $(BIN)/mmctl
 	@echo "the report: recipes/tiny/out/report/report.md"
 
 test: $(VENV)/.dev
+	$(BIN)/ruff check mmctl tests benchmarks
 	$(BIN)/python -m pytest
 
 $(BIN)/mmctl: pyproject.toml

@@ -72,7 +72,7 @@ def main(repeats: int = 3, vocab_size: int = 8192) -> None:
         data = {"run": {"out": str(tmp / "out")}, "data": {"sources": [{"kind": "jsonl", "path": str(path)}],
                                                           "val_fraction": 0.0},
                 "tokenizer": {"vocab_size": vocab_size}, "shards": {"shard_tokens": 10_000_000}}
-        cfg = recipe.build(tokenize.TokenizeConfig, data, recipe.Source("bench", {}, set()))
+        cfg = recipe.build(tokenize.TokenizeRecipe, data, recipe.Source("bench", {}, set()))
         train_mmctl, train_raw, enc_mmctl, enc_raw = [], [], [], []
         for _ in range(repeats):
             start = time.perf_counter()

@@ -30,14 +30,14 @@ app = typer.Typer(
 # stage name → (module, config class): what `mmctl validate` reads a recipe's `stage:` against. `rl` is two units,
 # chosen by the recipe's `algorithm:` (dpo when absent).
 STAGES = {
-    "account": ("mmctl.stages.account", "AccountConfig"),
-    "tokenize": ("mmctl.stages.tokenize", "TokenizeConfig"),
-    "pretrain": ("mmctl.stages.pretrain", "PretrainConfig"),
-    "sft": ("mmctl.stages.sft", "SFTConfig"),
+    "account": ("mmctl.stages.account", "AccountRecipe"),
+    "tokenize": ("mmctl.stages.tokenize", "TokenizeRecipe"),
+    "pretrain": ("mmctl.stages.pretrain", "PretrainRecipe"),
+    "sft": ("mmctl.stages.sft", "SFTRecipe"),
     "rl": {"dpo": ("mmctl.stages.dpo", "DPORecipe"), "grpo": ("mmctl.stages.grpo", "GRPORecipe")},
-    "align-vision": ("mmctl.stages.align_vision", "AlignVisionConfig"),
-    "quantize": ("mmctl.stages.quantize", "QuantizeConfig"),
-    "eval": ("mmctl.stages.eval", "EvalConfig"),
+    "align-vision": ("mmctl.stages.align_vision", "AlignVisionRecipe"),
+    "quantize": ("mmctl.stages.quantize", "QuantizeRecipe"),
+    "eval": ("mmctl.stages.eval", "EvalRecipe"),
 }
 COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
 
@@ -130,15 +130,53 @@ SET = typer.Option([], "--set", help=SET_HELP)
 DRY_RUN = typer.Option(False, "--dry-run", help="Print the resolved recipe and stop.")
 FORCE = typer.Option(False, "--force", help="Re-run even if the output is up to date.")
 JSON = typer.Option(False, "--json", help="Print the results as one JSON object on stdout.")
-DEVICE = typer.Option(None, "--device", help="auto | cpu | cuda | mps (default: the recipe's, else auto).")
 FRESH = typer.Option(False, "--fresh", help="Discard the checkpoints in the output directory and start from step 0.")
 FORCE_RESUME = typer.Option(False, "--force-resume", help="Resume even though the model or data changed since the "
                                                           "checkpoint.")
 
 
-def _flags(flags: dict) -> list[str]:
-    """Command-line flags that were given, as `--set` overrides of the fields they name."""
-    return [f"{key}={_yaml_value(value)}" for key, value in flags.items() if value is not None]
+def fields(cls, prefix: str = "", **flags: str):
+    """Give a command one option per recipe field: `--name` for each `name="field.path"` of class `cls`, typed and
+    documented by the field itself (its doc is the flag's help, so the two cannot drift). The command receives the
+    options given as `overrides` (`prefix.field.path=value`, what `--set` takes): one validator checks them all."""
+    import inspect
+
+    from mmctl import recipe
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "overrides"]
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+                 for name, path in flags.items() for annotation, default in [_option(name, *recipe.field(cls, path))]]
+
+        @functools.wraps(command)
+        def wrapper(*args, overrides=(), **kwargs):
+            given = {f"{prefix}.{path}" if prefix else path: kwargs.pop(name) for name, path in flags.items()}
+            overrides = [*overrides, *(f"{path}={_yaml_value(v)}" for path, v in given.items() if v not in (None, []))]
+            return command(*args, overrides=overrides, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *added])
+        return wrapper
+
+    return decorate
+
+
+def _option(name: str, typ, default, doc: str):
+    """(annotation, typer.Option) of a flag for a field of type `typ`: given or not (None: the recipe's value,
+    else the field's default), checked by the recipe like any value."""
+    import types
+    import typing
+
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    flag = "--" + name.replace("_", "-")
+    if typing.get_origin(typ) is list:
+        return list[str], typer.Option([], flag, help=doc + " (repeatable)")
+    if typ is bool:
+        return bool | None, typer.Option(None, f"{flag}/--no-{flag[2:]}", help=doc, show_default=False)
+    if typing.get_origin(typ) is typing.Literal:
+        typ = str
+    return typ | None, typer.Option(None, flag, help=doc, show_default=False)
 
 
 def _report(result, as_json: bool, render, always_render: bool = False) -> None:
@@ -154,29 +192,27 @@ def _report(result, as_json: bool, render, always_render: bool = False) -> None:
         console.print(f"up to date: {written} (--force re-runs)" if result.up_to_date else f"wrote: {written}")
 
 
+def _account_recipe():
+    from mmctl.stages.account import AccountRecipe
+
+    return AccountRecipe
+
+
 @app.command()
 @reports_errors
+@fields(_account_recipe(), seq_len="train.seq_len", batch="train.batch_size", tokens="train.tokens",
+        gpu="hardware.gpu", num_gpus="hardware.num_gpus", mfu="hardware.mfu", precision="train.precision",
+        zero="train.zero", activation_checkpointing="train.activation_checkpointing", attention="train.attention")
 def account(
     target: str | None = typer.Argument(
         None, help="A preset name (llama-7b), a Hugging Face config.json or a directory holding one (a "
                    "checkpoint), an account recipe, or a training recipe (its model, context and micro-batch)."),
-    seq_len: int | None = typer.Option(None, "--seq-len", help="Context length T in tokens."),
-    batch: int | None = typer.Option(None, "--batch", help="Sequences per GPU per micro-step."),
-    tokens: float | None = typer.Option(None, "--tokens", help="Training tokens D (default: 20·N)."),
-    gpu: str | None = typer.Option(None, "--gpu", help="Accelerator preset, e.g. h100-sxm, a100."),
-    num_gpus: int | None = typer.Option(None, "--num-gpus", help="Data-parallel GPUs."),
-    mfu: float | None = typer.Option(None, "--mfu", help="Model FLOPs utilization for the time estimate."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 | bf16-mixed | fp16-mixed | bf16-true."),
-    zero: int | None = typer.Option(None, "--zero", help="ZeRO stage 0-3."),
-    activation_checkpointing: str | None = typer.Option(
-        None, "--activation-checkpointing", help="none | selective | full."),
-    attention: str | None = typer.Option(None, "--attention", help="flash | eager (eager keeps T×T scores)."),
     set_: list[str] = SET,
     explain: bool = typer.Option(False, "--explain", help="Show each number's formula and source."),
     verify: bool = typer.Option(False, "--verify", help="Check against transformers on the meta device and "
                                                         "torch's FlopCounterMode (needs torch)."),
     list_: bool = typer.Option(False, "--list", help="List the model and hardware presets."),
-    as_json: bool = JSON, dry_run: bool = DRY_RUN, force: bool = FORCE,
+    as_json: bool = JSON, dry_run: bool = DRY_RUN, force: bool = FORCE, overrides: list[str] = (),
 ) -> None:
     """Parameters, FLOPs, memory, training time and scaling for a model: `mmctl account llama-7b`."""
     from mmctl.stages import Options
@@ -186,9 +222,7 @@ def account(
         return stage.list_presets()
     if target is None:
         raise UsageError("account: give a preset name, a config.json, or a recipe (or --list)")
-    flags = dict(seq_len=seq_len, batch=batch, tokens=tokens, gpu=gpu, num_gpus=num_gpus, mfu=mfu,
-                 precision=precision, zero=zero, activation_checkpointing=activation_checkpointing, attention=attention)
-    cfg = stage.load_config(target, flags, set_)
+    cfg = stage.load_config(target, [*overrides, *set_])
     if dry_run:
         return _print_resolved(cfg, "account")
     result = stage.run(cfg, Options(force=force, json=as_json), verify=verify)
@@ -197,80 +231,77 @@ def account(
         raise typer.Exit(1)
 
 
-@app.command()
-@reports_errors
-def tokenize(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
-             as_json: bool = JSON) -> None:
-    """Train a byte-level BPE tokenizer and encode corpora into verified token shards."""
-    _run_stage("tokenize", str(recipe_path), set_, dry_run, force=force, json=as_json)
+def _stage_command(name: str, help: str, *, device: bool = True, training: bool = False, body=None) -> None:
+    """Register `mmctl NAME RECIPE`: the options every stage command shares (--set, --dry-run, --force, --json; a
+    stage that runs a model: --device; a training stage: --fresh, --force-resume), then `_run_stage`."""
+    import inspect
+
+    def command(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN,
+                force: bool = FORCE, as_json: bool = JSON, fresh: bool = FRESH, force_resume: bool = FORCE_RESUME,
+                overrides: list[str] = (), **extra) -> None:
+        if body is not None and body(str(recipe_path), [*overrides, *set_], as_json, **extra):
+            return
+        options = {"fresh": fresh, "force_resume": force_resume} if training else {}
+        _run_stage(name, str(recipe_path), [*overrides, *set_], dry_run, force=force, json=as_json, **options)
+
+    params = list(inspect.signature(command, eval_str=True).parameters.values())
+    keep = [p for p in params if p.kind is not p.VAR_KEYWORD and (training or p.name not in ("fresh", "force_resume"))]
+    if body is not None:
+        keep += [p for p in inspect.signature(body, eval_str=True).parameters.values()][3:]
+    command.__signature__ = inspect.Signature(keep)
+    command.__doc__ = help
+    if device:
+        from mmctl.runtime import RunConfig
+
+        command = fields(RunConfig, "run", device="device")(command)
+    app.command(name)(reports_errors(command))
 
 
-@app.command()
-@reports_errors
-def pretrain(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
-             as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
-             force_resume: bool = FORCE_RESUME) -> None:
-    """Train a Llama-style decoder from scratch; resumes from the newest checkpoint in the output directory."""
-    _run_stage("pretrain", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
-               json=as_json, fresh=fresh, force_resume=force_resume)
+def _sft_inspect(recipe_path: str, overrides: list[str], as_json: bool,
+                 inspect: bool = typer.Option(False, "--inspect", help="Show the first batch's rows token by token "
+                                                                      "(role, conversation, trained or not) and exit."),
+                 rows: int = typer.Option(2, "--rows", min=1, help="With --inspect: how many rows.")) -> bool:
+    """`mmctl sft --inspect`: the rows, not a run (True when it was asked for)."""
+    if not inspect:
+        return False
+    from mmctl.console import emit_json
+    from mmctl.stages import sft as stage
+
+    inspection = stage.inspect(_load("sft", recipe_path, overrides)[1], rows)
+    if as_json:
+        emit_json({**inspection, "rows": [{"row": r["row"], "tokens": [vars(t) for t in r["tokens"]]}
+                                          for r in inspection["rows"]]})
+    else:
+        stage.render_inspection(inspection)
+    return True
 
 
-@app.command()
-@reports_errors
-def sft(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
-        as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
-        force_resume: bool = FORCE_RESUME,
-        inspect: bool = typer.Option(False, "--inspect", help="Show the first batch's rows token by token (role, "
-                                                             "conversation, trained or not) and exit."),
-        rows: int = typer.Option(2, "--rows", min=1, help="With --inspect: how many rows.")) -> None:
-    """Fine-tune a checkpoint on conversations (full, LoRA or QLoRA), the loss on the assistant's tokens; resumes."""
-    if inspect:
-        from mmctl.console import emit_json
-        from mmctl.stages import sft as stage
-
-        inspection = stage.inspect(_load("sft", str(recipe_path), _flags({"run.device": device}) + set_)[1], rows)
-        if as_json:
-            return emit_json({**inspection, "rows": [{"row": r["row"], "tokens": [vars(t) for t in r["tokens"]]}
-                                                     for r in inspection["rows"]]})
-        return stage.render_inspection(inspection)
-    _run_stage("sft", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
-               fresh=fresh, force_resume=force_resume)
+_stage_command("tokenize", "Train a byte-level BPE tokenizer and encode corpora into verified token shards.",
+               device=False)
+_stage_command("pretrain", "Train a Llama-style decoder from scratch; resumes from the newest checkpoint in the "
+                           "output directory.", training=True)
+_stage_command("sft", "Fine-tune a checkpoint on conversations (full, LoRA or QLoRA), the loss on the assistant's "
+                      "tokens; resumes.", training=True, body=_sft_inspect)
+_stage_command("rl", "Preference optimisation (DPO) or RL with verifiable rewards (GRPO) of a chat model — the "
+                     "recipe's `algorithm` — full, LoRA or QLoRA; resumes.", training=True)
+_stage_command("align-vision", "Train a vision-language model — a ViT and a projector in front of a chat model — in "
+                               "phases on image–text data; per-question-type accuracy on held-out images; resumes.",
+               training=True)
+_stage_command("quantize", "Post-training quantization (round-to-nearest, GPTQ, NF4, LLM.int8()) by several methods "
+                           "at once: one checkpoint each, and a table of size, perplexity, task scores and decode "
+                           "speed against the unquantized model.")
 
 
-@app.command()
-@reports_errors
-def rl(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
-       as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
-       force_resume: bool = FORCE_RESUME) -> None:
-    """Preference optimisation (DPO) or RL with verifiable rewards (GRPO) of a chat model; full, LoRA or QLoRA;
-    resumes."""
-    _run_stage("rl", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force, json=as_json,
-               fresh=fresh, force_resume=force_resume)
+def _eval_recipe():
+    from mmctl.stages.eval import EvalRecipe
 
-
-@app.command("align-vision")
-@reports_errors
-def align_vision(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN,
-                 force: bool = FORCE, as_json: bool = JSON, device: str | None = DEVICE, fresh: bool = FRESH,
-                 force_resume: bool = FORCE_RESUME) -> None:
-    """Train a vision-language model — a ViT and a projector in front of a chat model — in phases on image–text
-    data; per-question-type accuracy on held-out images; resumes."""
-    _run_stage("align-vision", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
-               json=as_json, fresh=fresh, force_resume=force_resume)
-
-
-@app.command()
-@reports_errors
-def quantize(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
-             as_json: bool = JSON, device: str | None = DEVICE) -> None:
-    """Post-training quantization (round-to-nearest, GPTQ) by several methods at once: one checkpoint each, and a
-    table of size, perplexity, task scores and decode speed against the unquantized model."""
-    _run_stage("quantize", str(recipe_path), _flags({"run.device": device}) + set_, dry_run, force=force,
-               json=as_json)
+    return EvalRecipe
 
 
 @app.command("eval")
 @reports_errors
+@fields(_eval_recipe(), limit="eval.limit", samples="eval.samples", batch_size="eval.batch_size", out="run.out",
+        chat="eval.chat", device="run.device")
 def eval_(
     targets: list[str] = typer.Argument(..., metavar="RECIPE | CHECKPOINT...",
                                         help="An eval recipe, or one or more checkpoint directories (a `model/` "
@@ -279,68 +310,47 @@ def eval_(
                                                       "stories-ppl, story-questions, shapes-vqa), ppl / mc / gen / vqa "
                                                       "with --data, or a task YAML file."),
     data: str | None = typer.Option(None, "--data", help="The task data for --task ppl / mc / gen / vqa."),
-    limit: int | None = typer.Option(None, "--limit", help="Score at most N items per task."),
-    samples: int | None = typer.Option(None, "--samples", help="Generation tasks: also sample N answers per item "
-                                       "and report pass@k and maj@k (test-time compute)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Sequences per forward pass."),
-    out: str | None = typer.Option(None, "--out", help="Output directory (default out/eval)."),
-    chat: bool | None = typer.Option(None, "--chat/--no-chat", help="Ask generation and multiple-choice tasks "
-                                                                     "through the chat template (default: for chat "
-                                                                     "models)."),
-    device: str | None = DEVICE, set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE,
-    as_json: bool = JSON,
+    set_: list[str] = SET, dry_run: bool = DRY_RUN, force: bool = FORCE, as_json: bool = JSON,
+    overrides: list[str] = (),
 ) -> None:
     """Score checkpoints on perplexity, multiple choice and generation tasks; several checkpoints side by side."""
     from mmctl.stages import eval as stage
 
     is_recipe = len(targets) == 1 and targets[0].endswith((".yaml", ".yml"))
-    overrides = [] if is_recipe else [f"checkpoints={_yaml_value(targets)}"]
+    head = [] if is_recipe else [f"checkpoints={_yaml_value(targets)}"]
     if task:
-        overrides.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
+        head.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
-    overrides += _flags({"eval.limit": limit, "eval.samples": samples, "eval.batch_size": batch_size, "run.out": out,
-                         "run.device": device, "eval.chat": chat})
-    _run_stage("eval", targets[0] if is_recipe else None, overrides + set_, dry_run, force=force, json=as_json)
+    _run_stage("eval", targets[0] if is_recipe else None, [*head, *overrides, *set_], dry_run, force=force,
+               json=as_json)
+
+
+def _generate_config():
+    from mmctl.stages.generate import GenerateConfig
+
+    return GenerateConfig
 
 
 @app.command()
 @reports_errors
+@fields(_generate_config(), max_new_tokens="sampling.max_new_tokens", temperature="sampling.temperature",
+        top_k="sampling.top_k", top_p="sampling.top_p", repetition_penalty="sampling.repetition_penalty",
+        stop="sampling.stop_strings", seed="sampling.seed", chat="chat", image="image", draft="draft",
+        draft_tokens="draft_tokens", compile="compile", device="device")
 def generate(
     checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint directory."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable)."),
     prompts: str | None = typer.Option(None, "--prompts", help="A file of prompts: one per line, or jsonl with "
                                                                 "a \"prompt\" field."),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Tokens to generate at most."),
-    temperature: float | None = typer.Option(None, "--temperature", help="0 = greedy (the default)."),
-    top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k most likely tokens."),
-    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold."),
-    repetition_penalty: float | None = typer.Option(None, "--repetition-penalty", help="1 = off."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop at this string (repeatable)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of the sampler."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap each prompt in the checkpoint's chat template."),
-    image: str | None = typer.Option(None, "--image", help="Ask each prompt about this image (a vision-language "
-                                                           "model, from align-vision)."),
-    draft: str | None = typer.Option(None, "--draft", help="A small checkpoint with the same tokenizer: "
-                                                           "speculative decoding (greedy; the same tokens, fewer "
-                                                           "target forwards)."),
-    draft_tokens: int | None = typer.Option(None, "--draft-tokens", help="Tokens the draft guesses per check "
-                                                                         "(default 4)."),
-    compile: bool = typer.Option(False, "--compile", help="Decode through torch.compile: a 3-12 s compile, "
-                                                          "then faster steps (pays off over thousands of tokens)."),
-    device: str | None = DEVICE, as_json: bool = JSON,
+    as_json: bool = JSON, overrides: list[str] = (),
 ) -> None:
     """Sample from a checkpoint (KV cache; batched prompts are left-padded); output streams to the terminal."""
     from mmctl.stages import generate as stage
 
     texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
-    overrides = _flags({"checkpoint": checkpoint, "prompts": texts, "chat": chat, "image": image, "device": device,
-                        "draft": draft, "draft_tokens": draft_tokens, "compile": compile or None,
-                        "sampling.max_new_tokens": max_new_tokens, "sampling.temperature": temperature,
-                        "sampling.top_k": top_k, "sampling.top_p": top_p,
-                        "sampling.repetition_penalty": repetition_penalty, "sampling.seed": seed,
-                        "sampling.stop_strings": stop or None})
-    _run_stage("generate", None, overrides, False, json=as_json)
+    given = [f"checkpoint={_yaml_value(checkpoint)}", f"prompts={_yaml_value(texts)}"]
+    _run_stage("generate", None, [*given, *overrides], False, json=as_json)
 
 
 @app.command()

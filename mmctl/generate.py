@@ -12,17 +12,19 @@ mmctl/speculative.py).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from mmctl.data.batches import left_pad
 from mmctl.errors import UsageError
-from mmctl.models import fast_decode
-from mmctl.models.transformer import Transformer
 from mmctl.recipe import option
+
+if TYPE_CHECKING:  # torch is imported where it is used: a config of this module must not load it (the CLI reads
+    import torch  # SamplingConfig's fields for its flags, and `mmctl --help` stays instant)
+
+    from mmctl.models.transformer import Transformer
 
 
 @dataclass
@@ -63,6 +65,8 @@ def process_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.T
 
     `seen` (B, V) marks tokens already in each row's prompt or completion, for the repetition penalty.
     """
+    import torch
+
     if seen is not None and sampling.repetition_penalty != 1.0:
         # CTRL (Keskar et al. 2019): dividing a negative logit would raise it, so those are multiplied instead
         p = sampling.repetition_penalty
@@ -85,13 +89,27 @@ def process_logits(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.T
 def pick(logits: torch.Tensor, sampling: SamplingConfig, seen: torch.Tensor | None,
          generator: torch.Generator) -> torch.Tensor:
     """One token per row (B,): argmax when greedy, else a draw from the processed distribution."""
+    import torch
+
     scores = process_logits(logits, sampling, seen)
     if sampling.temperature == 0:
         return scores.argmax(-1)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
 
 
-@torch.inference_mode()
+def _inference_mode(fn):
+    """torch.inference_mode() around `fn`, torch imported only when it runs."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_inference_mode
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: SamplingConfig | None = None, *,
              stop_token_ids: Sequence[int] = (), decode: Callable[[list[int]], str] | None = None,
              on_tokens: Callable[[list[int | None]], None] | None = None, pixels=None,
@@ -110,6 +128,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], sampling: Sam
     A model prepared by `fast_decode.fuse` decodes through the fast step (mmctl/models/fast_decode.py), any other
     through its forward; both give the same tokens.
     """
+    import torch
+
+    from mmctl.data.batches import left_pad
+    from mmctl.models import fast_decode
+
     sampling = sampling or SamplingConfig()
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UsageError("every prompt needs at least one token")

@@ -480,3 +480,22 @@ def _type_name(typ: Any) -> str:
     if origin is list:
         return f"list[{_type_name(args[0])}]"
     return getattr(typ, "__name__", str(typ))
+
+
+def field(cls: type, path: str) -> tuple[Any, Any, str]:
+    """(type, default, doc) of the field at `path` (`train.seq_len`) of recipe class `cls`: what a command-line flag
+    that sets the field is made from (mmctl/cli.py), so the flag's help is the field's doc."""
+    defaults = None
+    *sections, name = path.split(".")
+    for part in [*sections, name]:
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in known:
+            raise KeyError(f"{cls.__name__} has no field {part!r} ({path})")
+        f = known[part]
+        default = getattr(defaults, part) if defaults is not None else (
+            f.default_factory() if f.default_factory is not MISSING else f.default)
+        if part == name:
+            return hints[part], default, f.metadata.get("doc", "")
+        cls, defaults = hints[part], default
+    raise KeyError(path)  # pragma: no cover

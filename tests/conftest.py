@@ -11,7 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """A small random Llama checkpoint dir with a trained tokenizer, as `mmctl pretrain` writes one."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from mmctl import checkpoints
     from mmctl.data.synthetic import arithmetic, stories
     from mmctl.models.transformer import ModelConfig, Transformer

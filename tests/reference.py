@@ -5,10 +5,8 @@ Kept apart from mmctl/accounting/verify.py on purpose: the tests must not grade 
 
 from __future__ import annotations
 
-import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 

@@ -32,6 +32,7 @@ def test_atomic_write_leaves_no_temp_and_survives_a_failed_replace(tmp_path, mon
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "weights.bin"
     target.write_bytes(b"old")
@@ -133,8 +134,9 @@ def test_begin_removes_what_a_killed_publish_left(tmp_path):
 
 
 def test_tensor_files_honour_the_umask(tmp_path):
-    torch = pytest.importorskip("torch")
     import os
+
+    import torch
 
     from mmctl.artifacts import save_tensors
 

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mmctl import checkpoints, hf  # noqa: E402

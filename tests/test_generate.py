@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 from transformers.generation.logits_process import (  # noqa: E402
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,

@@ -163,10 +163,10 @@ def test_set_overrides_are_typed_and_named(tmp_path):
 def test_set_reaches_into_a_list_item():
     from pathlib import Path
 
-    from mmctl.stages.align_vision import AlignVisionConfig
+    from mmctl.stages.align_vision import AlignVisionRecipe
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "align-vision.yaml"
-    cfg = recipe.load(path, AlignVisionConfig, ["phases[0].train.steps=7", "phases[-1].sources[0].items=9",
+    cfg = recipe.load(path, AlignVisionRecipe, ["phases[0].train.steps=7", "phases[-1].sources[0].items=9",
                                                 "phases[0].trainable={language_model: 0.5}"], stage="align-vision")
     assert (cfg.phases[0].train.steps, cfg.phases[0].sources[0].items) == (7, 9)
     assert cfg.phases[0].trainable == {"language_model": 0.5}
@@ -174,7 +174,7 @@ def test_set_reaches_into_a_list_item():
                               ("vision[0].x=1", "vision has no item 0"), ("phases[0].name.x=1", "not a section"),
                               ("phases[0].sources[0].items.x=1", "not a section")):
         with pytest.raises(UsageError, match=re.escape(message)):
-            recipe.load(path, AlignVisionConfig, [override], stage="align-vision")
+            recipe.load(path, AlignVisionRecipe, [override], stage="align-vision")
 
 
 def test_floats_without_a_dot_and_ints_for_floats(tmp_path):
@@ -200,6 +200,7 @@ def test_every_field_is_documented():
 
     from mmctl.cli import STAGES
 
-    for module, cls in STAGES.values():
+    units = [u for unit in STAGES.values() for u in (unit.values() if isinstance(unit, dict) else [unit])]
+    for module, cls in units:
         for path, _, _, doc in recipe.describe(getattr(importlib.import_module(module), cls)):
             assert doc, f"{module}.{cls}: {path} has no doc"

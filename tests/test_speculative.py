@@ -4,8 +4,7 @@ target (every guess kept), an unrelated random draft (most rejected), several k,
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import speculative  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402

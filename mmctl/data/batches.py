@@ -11,7 +11,7 @@ micro-batches and two processes taking one each train on exactly the same rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -46,6 +46,21 @@ def pick_row(seed: int, step: int, row: int, n_rows: int) -> int:
     """Which of `n_rows` examples fills position `row` of step `step`'s batch: a function of (seed, step, row)
     only, so a resumed run draws what an uninterrupted one would, on any number of processes."""
     return int(np.random.default_rng([seed, step, row]).integers(n_rows))
+
+
+def row_batches(n_rows: int, seed: int, cfg, dist, make) -> Callable[[int, int], list]:
+    """`batches(step, rank)` (the training loop's) for data held as `n_rows` rows: this process's micro-batches of
+    `cfg` (a TrainConfig), each row drawn by `pick_row` — so one process with 2 micro-batches and 2 processes with 1
+    train on the same rows — and `make(row indices)` the batch the loss takes."""
+    from mmctl.train.loop import micro_batches
+
+    per_micro, accum = micro_batches(cfg, dist.world)
+
+    def batches(step: int, rank: int) -> list:
+        firsts = [(rank * accum + m) * per_micro for m in range(accum)]
+        return [make([pick_row(seed, step, r, n_rows) for r in range(first, first + per_micro)]) for first in firsts]
+
+    return batches
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int = 0):

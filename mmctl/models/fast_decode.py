@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctl.models.transformer import KVCache, Transformer, apply_rotary
+from mmctl.models.transformer import KVCache, Transformer, apply_rotary, attend
 
 
 def _input_major(weight: torch.Tensor) -> torch.Tensor:
@@ -108,11 +108,10 @@ def step(model: Transformer, token: torch.Tensor, positions: torch.Tensor, slot:
         attn, mlp = block.self_attn, block.mlp
         qkv = F.linear(block.input_layernorm(x), attn.qkv_weight, attn.qkv_bias)
         q, k, v = qkv.split([H * D, K * D, K * D], dim=-1)
-        # the G query heads of a group are G "query positions" against their one key/value head: GQA in one SDPA
-        q, k = apply_rotary(q.view(B, K, H // K, D), k.view(B, K, 1, D), cos, sin)
+        q, k = apply_rotary(q.view(B, H, 1, D), k.view(B, K, 1, D), cos, sin)
         keys[i].index_copy_(2, slot, k)
         values[i].index_copy_(2, slot, v.view(B, K, 1, D))
-        y = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask)  # (B, K, G, D)
+        y = attend(q, keys[i], values[i], mask)  # (B, H, 1, D): the model's own attention
         x = x + attn.o_proj(y.reshape(B, H * D))
         gate, up = F.linear(block.post_attention_layernorm(x), mlp.gate_up_weight).chunk(2, dim=-1)
         x = x + mlp.down_proj(F.silu(gate) * up)

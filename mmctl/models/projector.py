@@ -57,20 +57,47 @@ def pixel_unshuffle(x: torch.Tensor, r: int) -> torch.Tensor:
     return grid.reshape(B, M * r * r, C)
 
 
-class Projector(nn.Module):
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's: Linear(C_vit → C_lm) → GELU → Linear(C_lm → C_lm); transformers' LlavaMultiModalProjector."""
+
     def __init__(self, cfg: ProjectorConfig, vision_size: int, text_size: int):
         super().__init__()
-        self.cfg = cfg
-        if cfg.kind == "pixel_shuffle":
-            self.proj = nn.Linear(vision_size * cfg.scale_factor**2, text_size, bias=False)
-        else:
-            self.linear_1 = nn.Linear(vision_size, text_size)
-            if cfg.kind == "mlp":
-                self.linear_2 = nn.Linear(text_size, text_size)
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.linear_2 = nn.Linear(text_size, text_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, N, C_vit) → (B, tokens, C_lm)."""
-        if self.cfg.kind == "pixel_shuffle":
-            return self.proj(pixel_shuffle(features, self.cfg.scale_factor))
-        x = self.linear_1(features)
-        return self.linear_2(F.gelu(x)) if self.cfg.kind == "mlp" else x
+        """(B, N, C_vit) → (B, N, C_lm)."""
+        return self.linear_2(F.gelu(self.linear_1(features)))
+
+
+class LinearProjector(nn.Module):
+    """LLaVA-1's: one Linear(C_vit → C_lm)."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_size: int, text_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_size, text_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C_vit) → (B, N, C_lm)."""
+        return self.linear_1(features)
+
+
+class PixelShuffleProjector(nn.Module):
+    """Idefics3's / nanoVLM's: r × r neighbouring patches folded into one vector, then Linear(r² · C_vit → C_lm)."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_size: int, text_size: int):
+        super().__init__()
+        self.scale_factor = cfg.scale_factor
+        self.proj = nn.Linear(vision_size * cfg.scale_factor**2, text_size, bias=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, N, C_vit) → (B, N / r², C_lm)."""
+        return self.proj(pixel_shuffle(features, self.scale_factor))
+
+
+PROJECTORS = {"mlp": MLPProjector, "linear": LinearProjector, "pixel_shuffle": PixelShuffleProjector}
+
+
+def make(cfg: ProjectorConfig, vision_size: int, text_size: int) -> nn.Module:
+    """The projector `cfg.kind` names (its parameters carry transformers' names: linear_1, linear_2; proj)."""
+    return PROJECTORS[cfg.kind](cfg, vision_size, text_size)

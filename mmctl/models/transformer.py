@@ -165,35 +165,46 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.H, self.K, self.D
-        decode = cache is not None and T == 1
-        if decode:
-            # One new token per row: the G query heads of a group become G "query positions" against their one
-            # key/value head, so a single SDPA call does GQA without repeating keys. (B, 1, H·D) → (B, K, G, D)
-            q = self.q_proj(x).view(B, K, H // K, D)
-            k = self.k_proj(x).view(B, K, 1, D)  # (B, K, T=1, D)
-            v = self.v_proj(x).view(B, K, 1, D)
-        else:
-            q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-            k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-            v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D)
-        if decode:
-            # every cached key is in the past: no causal mask, only the padding mask (if any)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, K, G, D)
+        if self.record and not (cache is not None and T == 1):  # the weights written out, to be kept (B, H, T, S)
+            self.weights = attention_weights(q, k, mask)
+            y = self.weights @ (v.repeat_interleave(H // K, dim=1) if K != H else v)
         else:
-            if K != H:  # each key/value head serves G consecutive query heads
-                k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
-            if self.record:  # what SDPA computes, written out, so the weights can be kept: (B, H, T, S)
-                allowed = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                scores = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf"))
-                self.weights = scores.softmax(-1)
-                y = self.weights @ v
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-            y = y.transpose(1, 2)  # (B, T, H, D)
-        return self.o_proj(y.reshape(B, T, H * D))
+            y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H·D)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped-query attention: queries (B, H, T, D) against keys and values (B, K, S, D), each key/value head
+    serving G = H / K consecutive query heads → (B, H, T, D). `mask`: True where a query may attend (broadcast to
+    (B, H, T, S)), or None for plain causal attention. The one attention every forward uses — the model's, with a
+    cache or without, and the fast decode step's (mmctl/models/fast_decode.py).
+
+    One query per row (decoding against a cache) attends to every cached key, so it needs no causal mask, and its
+    G query heads become G "query positions" against their one key/value head: GQA in one SDPA call without
+    repeating the keys."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    if T == 1:
+        y = F.scaled_dot_product_attention(q.view(B, K, H // K, D), k, v, attn_mask=mask)  # (B, K, G, D)
+        return y.view(B, H, 1, D)
+    if K != H:
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, S, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ / √D) over the allowed keys, written out (B, H, T, S): what `attend` computes inside SDPA, kept
+    for looking at (mmctl report draws it); queries (B, H, T, D), keys (B, K, S, D)."""
+    H, K, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    k = k.repeat_interleave(H // K, dim=1) if K != H else k
+    allowed = mask if mask is not None else torch.ones(T, k.shape[2], dtype=torch.bool, device=q.device).tril()
+    return (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf")).softmax(-1)
 
 
 class MLP(nn.Module):

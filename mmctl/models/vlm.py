@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from mmctl.errors import UsageError
+from mmctl.models import projector
 from mmctl.models.config import ModelConfig
-from mmctl.models.projector import Projector, ProjectorConfig
+from mmctl.models.projector import ProjectorConfig
 from mmctl.models.transformer import Transformer
 from mmctl.models.vit import ViT, ViTConfig, init_weights, load_pretrained
 from mmctl.recipe import option
@@ -76,8 +77,8 @@ class VLM(nn.Module):
             self.vision_tower = ViT(vision.encoder)
         self.vision = vision
         self.image_token_id = image_token_id
-        self.multi_modal_projector = Projector(vision.projector, vision.encoder.hidden_size,
-                                               language_model.cfg.hidden_size)
+        self.multi_modal_projector = projector.make(vision.projector, vision.encoder.hidden_size,
+                                                 language_model.cfg.hidden_size)
         init_weights(self.multi_modal_projector)
         self.language_model = language_model
 

@@ -75,18 +75,9 @@ def rows(pairs: list[Pair], tok, model, seq_len: int, pad_id: int, precision: st
 
 def batches(rows: dict, seed: int, train_cfg, dist):
     """batches(step, rank) → micro-batches of pairs drawn as a function of (seed, step, pair)."""
-    from mmctl.data.batches import pick_row
-    from mmctl.train.loop import micro_batches
+    from mmctl.data.batches import row_batches
 
-    per_micro, accum = micro_batches(train_cfg, dist.world)
-    n = len(rows["chosen"].ids)
-
-    def batches(step: int, rank: int) -> list:
-        firsts = [(rank * accum + m) * per_micro for m in range(accum)]
-        return [tensors(rows, [pick_row(seed, step, r, n) for r in range(f, f + per_micro)], dist.device)
-                for f in firsts]
-
-    return batches
+    return row_batches(len(rows["chosen"].ids), seed, train_cfg, dist, lambda picks: tensors(rows, picks, dist.device))
 
 
 def tensors(rows: dict, picks: list[int], device) -> dict:

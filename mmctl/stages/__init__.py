@@ -1,6 +1,6 @@
 """The pipeline stages, one file per `mmctl` subcommand, all of one shape:
 
-    <Stage>Config          the recipe's dataclass; its `run:` section is a `mmctl.runtime.RunConfig`
+    <Stage>Recipe          the recipe's dataclass (its sections: RunConfig, TrainConfig, …)
     inputs(cfg)            the files whose content decides the output (hashed into the manifest)
     run(cfg, options)      → StageResult: `Job(...).run(body)` — the body does the stage's work, the Job the rest
     render(result)         the human summary on stderr (`--json` prints `result.results` on stdout instead)

@@ -1,7 +1,7 @@
 """`mmctl account`: what does this model cost — parameters, FLOPs, memory, time — before you run it.
 
 The target is a preset name (`llama-7b`), a Hugging Face config.json (or a directory holding one, such as a
-checkpoint dir), or an account recipe. All three become one `AccountConfig`; command-line flags are overrides
+checkpoint dir), or an account recipe. All three become one `AccountRecipe`; command-line flags are overrides
 of its fields, so they are validated like the recipe is.
 """
 
@@ -76,7 +76,7 @@ class HardwareSection:
 
 
 @dataclass
-class AccountConfig:
+class AccountRecipe:
     run: RunConfig = option(RunConfig, "where results go: unset out prints only; set, account.json and "
                                        "manifest.json are written there")
     model: ModelSection = option(ModelSection, "the architecture to account for")
@@ -96,15 +96,10 @@ class AccountConfig:
         return problems
 
 
-# command-line flag → the AccountConfig field it sets
-FLAGS = {"seq_len": "train.seq_len", "batch": "train.batch_size", "tokens": "train.tokens", "gpu": "hardware.gpu",
-         "num_gpus": "hardware.num_gpus", "mfu": "hardware.mfu", "precision": "train.precision", "zero": "train.zero",
-         "activation_checkpointing": "train.activation_checkpointing", "attention": "train.attention"}
-
-
-def load_config(target: str, flags: dict, overrides: list[str]) -> AccountConfig:
-    """`mmctl account TARGET [flags]` → AccountConfig. TARGET is a preset name, a config.json (or a directory
-    holding one), an account recipe, or a training recipe (its model, context and micro-batch)."""
+def load_config(target: str, overrides: list[str]) -> AccountRecipe:
+    """`mmctl account TARGET [flags]` → AccountRecipe. TARGET is a preset name, a config.json (or a directory
+    holding one), an account recipe, or a training recipe (its model, context and micro-batch); `overrides` (the
+    flags', then --set's) apply over what TARGET selects."""
     path = Path(target)
     selects: list[str] | None
     if path.suffix in (".yaml", ".yml"):
@@ -114,11 +109,10 @@ def load_config(target: str, flags: dict, overrides: list[str]) -> AccountConfig
         selects = [f"model.config={json.dumps(target, ensure_ascii=False)}"]
     else:
         selects = [f"model.preset={json.dumps(target, ensure_ascii=False)}"]
-    given = [f"{FLAGS[k]}={json.dumps(v, ensure_ascii=False)}" for k, v in flags.items() if v is not None]
-    overrides = (selects or []) + given + list(overrides)
+    overrides = (selects or []) + list(overrides)
     if selects is None:
-        return recipe.load(path, AccountConfig, overrides, stage=STAGE)
-    return recipe.build(AccountConfig, {}, recipe.Source("(command line)", {}, set()), overrides, stage=STAGE)
+        return recipe.load(path, AccountRecipe, overrides, stage=STAGE)
+    return recipe.build(AccountRecipe, {}, recipe.Source("(command line)", {}, set()), overrides, stage=STAGE)
 
 
 @dataclass
@@ -158,7 +152,7 @@ def resolve_arch(model: ModelSection) -> tuple[Arch, Path | None]:
     return from_hf_config(config, name or "model", str(path)), path
 
 
-def run(cfg: AccountConfig, options: Options = Options(), verify: bool = False) -> StageResult:
+def run(cfg: AccountRecipe, options: Options = Options(), verify: bool = False) -> StageResult:
     """Account for the model under the workload (and with `verify`, check the numbers against transformers and
     torch's FLOP counter); if run.out is set, write account.json and the manifest."""
     arch, source = resolve_arch(cfg.model)
@@ -179,7 +173,7 @@ def run(cfg: AccountConfig, options: Options = Options(), verify: bool = False) 
         results["verify"] = [c.__dict__ for c in checks]
     up_to_date = False
     if cfg.run.out:
-        def write(cfg: AccountConfig, job: Job) -> dict:
+        def write(cfg: AccountRecipe, job: Job) -> dict:
             job.begin()
             atomic_write_json(job.product("account.json"), results)
             return {"params.total": results["params"]["total"], "params.active": results["params"]["active"]}
@@ -215,7 +209,7 @@ def disagrees(result: StageResult) -> bool:
     return any(c.ok is False for c in result.detail["checks"] or [])
 
 
-def to_json(sections: dict[str, list[Line]], arch: Arch, cfg: AccountConfig) -> dict:
+def to_json(sections: dict[str, list[Line]], arch: Arch, cfg: AccountRecipe) -> dict:
     """The documented `--json` object (README: "mmctl account --json")."""
     body = nest([line for lines in sections.values() for line in lines])
     return {

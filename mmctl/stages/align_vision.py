@@ -82,7 +82,7 @@ class VQAEvalConfig:
 
 
 @dataclass
-class AlignVisionConfig:
+class AlignVisionRecipe:
     run: RunConfig = option(RunConfig("out/align-vision"), "output directory (model/, phases/<name>/checkpoints/, "
                                                            "metrics.jsonl, manifest.json), seed and device")
     base: str = option(None, "the language model: a chat model dir (an sft output)", required=True)
@@ -99,18 +99,18 @@ class AlignVisionConfig:
         return problems
 
 
-def inputs(cfg: AlignVisionConfig) -> dict[str, Path]:
+def inputs(cfg: AlignVisionRecipe) -> dict[str, Path]:
     return {"base": Path(cfg.base), **{f"phases[{i}].sources[{j}]": Path(s.path) for i, p in enumerate(cfg.phases)
                                        for j, s in enumerate(p.sources) if s.path},
             **({"vision.pretrained": Path(cfg.vision.pretrained)} if cfg.vision.pretrained else {})}
 
 
-def run(cfg: AlignVisionConfig, options: Options = Options()) -> StageResult:
+def run(cfg: AlignVisionRecipe, options: Options = Options()) -> StageResult:
     """Train the VLM phase by phase, evaluate it per question type, write <out>/model/."""
     return Job(STAGE, cfg, options, inputs(cfg), distributed=True).run(align)
 
 
-def align(cfg: AlignVisionConfig, job: Job) -> dict:
+def align(cfg: AlignVisionRecipe, job: Job) -> dict:
     import torch
 
     from mmctl import checkpoints
@@ -199,18 +199,10 @@ def _rows(cfg, i: int, model, objective):
 
 def _batches(cfg, i: int, rows, dist):
     """batches(step, rank) → micro-batches drawn as a function of (seed, phase, step, row)."""
-    from mmctl.data.batches import pick_row
-    from mmctl.train.loop import micro_batches
+    from mmctl.data.batches import row_batches
 
-    per_micro, accum = micro_batches(cfg.phases[i].train, dist.world)
-    n, seed = len(rows.ids), cfg.run.seed + 7919 * i
-
-    def batches(step: int, rank: int) -> list[dict]:
-        firsts = [(rank * accum + m) * per_micro for m in range(accum)]
-        return [vqa.batch(rows, [pick_row(seed, step, r, n) for r in range(f, f + per_micro)], dist.device)
-                for f in firsts]
-
-    return batches
+    return row_batches(len(rows.ids), cfg.run.seed + 7919 * i, cfg.phases[i].train, dist,
+                       lambda picks: vqa.batch(rows, picks, dist.device))
 
 
 def _heldout(cfg, size: int) -> dict:

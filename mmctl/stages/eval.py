@@ -15,8 +15,7 @@ from mmctl import recipe
 from mmctl.artifacts import atomic_write_json, atomic_write_text
 from mmctl.console import console
 from mmctl.errors import DataError, UsageError
-from mmctl.evals import run as run_task
-from mmctl.evals.run import EvalSection
+from mmctl.evals import ScoringConfig, score
 from mmctl.evals.tasks import TaskConfig
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
@@ -26,12 +25,12 @@ STAGE = "eval"
 
 
 @dataclass
-class EvalConfig:
+class EvalRecipe:
     run: RunConfig = option(RunConfig("out/eval"), "output directory (results.json, samples.jsonl, manifest.json), "
                                                    "seed (of the few-shot example choice) and device")
     checkpoints: list[str] = option(list, "checkpoint directories (mmctl's, or local Hugging Face ones)")
     tasks: list[TaskConfig] = option(list, "the tasks (fields: mmctl/evals/tasks.py)")
-    eval: EvalSection = option(EvalSection, "batching and limits")
+    eval: ScoringConfig = option(ScoringConfig, "batching, limits and sampling")
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -45,7 +44,7 @@ class EvalConfig:
         return problems
 
 
-def inputs(cfg: EvalConfig) -> dict[str, Path]:
+def inputs(cfg: EvalRecipe) -> dict[str, Path]:
     """The checkpoints (each whole dir: weights, tokenizer, template) and the task files; every checkpoint is
     checked before anything is hashed or scored."""
     from mmctl.checkpoints import is_vlm
@@ -67,12 +66,12 @@ def inputs(cfg: EvalConfig) -> dict[str, Path]:
     return found
 
 
-def run(cfg: EvalConfig, options: Options = Options()) -> StageResult:
+def run(cfg: EvalRecipe, options: Options = Options()) -> StageResult:
     """Score every task on every checkpoint (or find the same evaluation finished)."""
     return Job(STAGE, cfg, options, inputs(cfg)).run(evaluate)
 
 
-def evaluate(cfg: EvalConfig, job: Job) -> dict:
+def evaluate(cfg: EvalRecipe, job: Job) -> dict:
     from mmctl import checkpoints
     from mmctl.models import fast_decode
 
@@ -86,7 +85,7 @@ def evaluate(cfg: EvalConfig, job: Job) -> dict:
         entry = {"sha256": job.dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
         for task in cfg.tasks:
             stats: dict = {}
-            metrics, task_samples = run_task.score(model, tok, task, cfg.eval, cfg.run.seed, stats, chat)
+            metrics, task_samples = score(model, tok, task, cfg.eval, cfg.run.seed, stats, chat)
             metrics["throughput"] = throughput(stats)
             entry["tasks"][task.label] = metrics
             samples += [{"checkpoint": ckpt, "task": task.label, **s} for s in task_samples]

@@ -28,26 +28,26 @@ STAGE = "pretrain"
 
 
 @dataclass
-class DataSection:
+class PretrainData:
     path: str = option(None, "a `mmctl tokenize` output directory (holding tokenizer/ and shards/)", required=True)
 
 
 @dataclass
-class EvalSection:
+class PretrainEval:
     tokens: int = option(65536, "validation tokens scored at each evaluation", ge=1)
     sample_prompt: str = option("Once upon a time", "prompt of the greedy sample logged at each evaluation")
     sample_tokens: int = option(48, "tokens of that sample", ge=1)
 
 
 @dataclass
-class PretrainConfig:
+class PretrainRecipe:
     run: RunConfig = option(RunConfig("out/pretrain"), "output directory (model/, checkpoints/, metrics.jsonl, "
                                                        "manifest.json), seed and device")
-    data: DataSection = option(DataSection, "the token shards to train on")
+    data: PretrainData = option(PretrainData, "the token shards to train on")
     model: ModelConfig = option(ModelConfig, "the architecture (mmctl/models/config.py)")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, precision and schedules (mmctl/train/loop.py)")
-    eval: EvalSection = option(EvalSection, "what each evaluation measures")
+    eval: PretrainEval = option(PretrainEval, "what each evaluation measures")
 
     def check(self) -> list[tuple[str, str]]:
         problems = []
@@ -60,7 +60,7 @@ class PretrainConfig:
         return problems
 
 
-def inputs(cfg: PretrainConfig) -> dict[str, Path]:
+def inputs(cfg: PretrainRecipe) -> dict[str, Path]:
     data = Path(cfg.data.path)
     if not (data / "shards" / "manifest.json").is_file():
         raise DataError(f"{data}: no finished `mmctl tokenize` output here (data.path resolves against the working "
@@ -68,13 +68,13 @@ def inputs(cfg: PretrainConfig) -> dict[str, Path]:
     return {"tokenizer": data / "tokenizer" / "tokenizer.json", "shards": data / "shards" / "manifest.json"}
 
 
-def run(cfg: PretrainConfig, options: Options = Options()) -> StageResult:
+def run(cfg: PretrainRecipe, options: Options = Options()) -> StageResult:
     """Train, then write <out>/model/ (and the manifest); or find the same run already finished."""
     fits(cfg)  # a recipe no machine can run fails before anything is created
     return Job(STAGE, cfg, options, inputs(cfg), distributed=True, shardable=True).run(pretrain)
 
 
-def pretrain(cfg: PretrainConfig, job: Job) -> dict:
+def pretrain(cfg: PretrainRecipe, job: Job) -> dict:
     import torch
 
     from mmctl import checkpoints
@@ -111,7 +111,7 @@ def pretrain(cfg: PretrainConfig, job: Job) -> dict:
     }
 
 
-def _data(cfg: PretrainConfig):
+def _data(cfg: PretrainRecipe):
     """The tokenizer and the train/val shards of `data.path`, checked against each other and the model."""
     from mmctl.tokenizer import bpe
     from mmctl.tokenizer.shards import Shards
@@ -129,7 +129,7 @@ def _data(cfg: PretrainConfig):
     return tok, shards
 
 
-def _batches(cfg: PretrainConfig, train_shards, dist):
+def _batches(cfg: PretrainRecipe, train_shards, dist):
     """batches(step, rank) → this process's micro-batches of random windows (each row a function of seed, step,
     row: one process with 2 micro-batches and 2 processes with 1 train on the same rows)."""
     import torch
@@ -164,7 +164,7 @@ def _export(model, tok, directory: Path) -> None:
     hf.write_files(directory, None, checkpoints.lm_files(model, tok), tok.files())
 
 
-def evaluation(model, tok, shards_dir: Path, cfg: PretrainConfig, device: str, precision: str) -> dict:
+def evaluation(model, tok, shards_dir: Path, cfg: PretrainRecipe, device: str, precision: str) -> dict:
     """Validation loss (nats/token) and bits per byte over the val split's first documents holding `eval.tokens`
     tokens, in windows of train.seq_len — `mmctl eval`'s perplexity code, so the two agree — and a greedy
     sample."""
@@ -186,21 +186,21 @@ def evaluation(model, tok, shards_dir: Path, cfg: PretrainConfig, device: str, p
             "sample": cfg.eval.sample_prompt + tok.decode(sample)}
 
 
-def _arch(cfg: PretrainConfig):
+def _arch(cfg: PretrainRecipe):
     """The model as mmctl.accounting sees it (one set of formulas for `mmctl account` and for MFU)."""
     from mmctl.accounting.arch import from_hf_config
 
     return from_hf_config(cfg.model.to_hf())
 
 
-def _flops_per_token(cfg: PretrainConfig) -> float:
+def _flops_per_token(cfg: PretrainRecipe) -> float:
     """Training FLOPs per token at train.seq_len (`mmctl account`'s formula)."""
     from mmctl.accounting import formulas
 
     return formulas.train_flops_per_token(_arch(cfg), cfg.train.seq_len)
 
 
-def fits(cfg: PretrainConfig) -> float:
+def fits(cfg: PretrainRecipe) -> float:
     """`mmctl account`'s training-memory peak for this run (one process, its micro-batch), refused when it exceeds
     all the device has."""
     import os

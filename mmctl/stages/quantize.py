@@ -51,7 +51,7 @@ class EvaluationSection:
 
 
 @dataclass
-class QuantizeConfig:
+class QuantizeRecipe:
     run: RunConfig = option(RunConfig("out/quantize"), "output directory (<name>/ per method, manifest.json with "
                                                        "the report), seed and device")
     base: str = option(None, "the checkpoint dir to quantize", required=True)
@@ -76,19 +76,19 @@ class QuantizeConfig:
         return problems
 
 
-def inputs(cfg: QuantizeConfig) -> dict[str, Path]:
+def inputs(cfg: QuantizeRecipe) -> dict[str, Path]:
     shards = cfg.evaluation.data or cfg.calibration.data
     return {"base": Path(cfg.base), "evaluation": Path(shards) / "manifest.json",
             **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {}),
             **{f"task:{t.label}:{p}": Path(p) for t in cfg.evaluation.tasks for p in (t.data, t.fewshot_data) if p}}
 
 
-def run(cfg: QuantizeConfig, options: Options = Options()) -> StageResult:
+def run(cfg: QuantizeRecipe, options: Options = Options()) -> StageResult:
     """Quantize `base` by every method, write each checkpoint, measure every row of the report."""
     return Job(STAGE, cfg, options, inputs(cfg)).run(quantize_all)
 
 
-def quantize_all(cfg: QuantizeConfig, job: Job) -> dict:
+def quantize_all(cfg: QuantizeRecipe, job: Job) -> dict:
     from mmctl import checkpoints
     from mmctl.quant import linear, quantize
 
@@ -124,7 +124,7 @@ def quantize_all(cfg: QuantizeConfig, job: Job) -> dict:
                                                             "seconds": calibration_s}}
 
 
-def _base(cfg: QuantizeConfig, device: str):
+def _base(cfg: QuantizeRecipe, device: str):
     """The floating-point base and its tokenizer; bitsandbytes checked for the methods that need it."""
     from mmctl import checkpoints
 
@@ -139,7 +139,7 @@ def _base(cfg: QuantizeConfig, device: str):
     return base, tok
 
 
-def _calibrate(model, cfg: QuantizeConfig, tok, device) -> dict:
+def _calibrate(model, cfg: QuantizeRecipe, tok, device) -> dict:
     """Hessians of every linear's inputs over `calibration.sequences` random windows of the shards (measured
     once, on the unquantized model)."""
     import torch
@@ -158,15 +158,14 @@ def _calibrate(model, cfg: QuantizeConfig, tok, device) -> dict:
                                        tuple(cfg.skip))
 
 
-def _measurer(cfg: QuantizeConfig, tok, shards: str, chat: bool, device):
+def _measurer(cfg: QuantizeRecipe, tok, shards: str, chat: bool, device):
     """model → the report's measurements: held-out perplexity and bits per byte, the tasks, decode speed."""
-    from mmctl.evals import perplexity
-    from mmctl.evals import run as run_task
+    from mmctl.evals import ScoringConfig, perplexity, score
     from mmctl.generate import SamplingConfig, generate
 
     e = cfg.evaluation
     documents = perplexity.shard_documents(shards, e.split, tok, e.tokens)
-    scoring = run_task.EvalSection(batch_size=e.batch_size)
+    scoring = ScoringConfig(batch_size=e.batch_size)
     prompt = tok.encode("Once upon a time")
 
     def measure(model) -> dict:
@@ -175,7 +174,7 @@ def _measurer(cfg: QuantizeConfig, tok, shards: str, chat: bool, device):
                                   batch_size=e.batch_size)
         tasks = {}
         for task in e.tasks:
-            metrics, _ = run_task.score(model, tok, task, scoring, cfg.run.seed, {}, chat)
+            metrics, _ = score(model, tok, task, scoring, cfg.run.seed, {}, chat)
             tasks[task.label] = {k: v for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
         speed = generate(model, [prompt], SamplingConfig(max_new_tokens=e.decode_tokens)).decode_tokens_per_s
         return {"perplexity": ppl["token_perplexity"], "bits_per_byte": ppl["bits_per_byte"], "tasks": tasks,

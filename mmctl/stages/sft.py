@@ -38,7 +38,7 @@ STAGE = "sft"
 
 
 @dataclass
-class DataSection:
+class SFTData:
     sources: list[ChatSource] = option(list, "the conversations (and replayed text), mixed (fields: kind, path, "
                                              "split, conversations, weight; mmctl/data/sft.py)")
     train_on_prompt: bool = option(False, "train on every token, not only the assistant's")
@@ -51,7 +51,7 @@ class DataSection:
 
 
 @dataclass
-class SFTConfig:
+class SFTRecipe:
     run: RunConfig = option(RunConfig("out/sft"), "output directory (model/, adapter/, checkpoints/, metrics.jsonl, "
                                                   "manifest.json), seed and device")
     base: str = option(None, "the checkpoint to fine-tune: an mmctl model/ dir or a local Llama / Qwen2 / SmolLM "
@@ -59,20 +59,20 @@ class SFTConfig:
     method: Literal["full", "lora", "qlora"] = option("full", finetune.METHOD_HELP)
     lora: LoRAConfig = option(LoRAConfig, finetune.LORA_HELP)
     qlora: QLoRAConfig = option(QLoRAConfig, finetune.QLORA_HELP)
-    data: DataSection = option(DataSection, "the conversations and how rows are made")
+    data: SFTData = option(SFTData, "the conversations and how rows are made")
     optim: OptimConfig = option(OptimConfig, "AdamW and the learning-rate schedule (mmctl/train/optim.py)")
     train: TrainConfig = option(TrainConfig, "steps, batch, row length (seq_len), precision, schedules")
     eval: finetune.SampleConfig = option(finetune.SampleConfig, "what each evaluation shows")
 
 
-def run(cfg: SFTConfig, options: Options = Options()) -> StageResult:
+def run(cfg: SFTRecipe, options: Options = Options()) -> StageResult:
     """Fine-tune `base`, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
     # under FSDP every process evaluates the same rows, so a full fine-tune can shard the whole model
     job = Job(STAGE, cfg, options, finetune.inputs(cfg), distributed=True, shardable=cfg.method == "full")
     return job.run(sft)
 
 
-def sft(cfg: SFTConfig, job: Job) -> dict:
+def sft(cfg: SFTRecipe, job: Job) -> dict:
     from mmctl.runtime import pick_precision
     from mmctl.train.loop import Parts
 
@@ -88,7 +88,7 @@ def sft(cfg: SFTConfig, job: Job) -> dict:
     return {**finetune.write(cfg, model, tok, job, last, started), "data": stats} if job.main else {}
 
 
-def rows(cfg: SFTConfig, tok):
+def rows(cfg: SFTRecipe, tok):
     """(train rows, validation rows, statistics, training items): the mixture of the sources (data/mixture.py),
     encoded and packed (or padded) into rows of train.seq_len + 1 tokens."""
     from mmctl.data import sft
@@ -119,24 +119,15 @@ def rows(cfg: SFTConfig, tok):
     return train_rows, val_rows, stats, items
 
 
-def _batches(cfg: SFTConfig, rows, pad_id: int, dist):
+def _batches(cfg: SFTRecipe, rows, pad_id: int, dist):
     """batches(step, rank) → micro-batches of rows drawn as a function of (seed, step, row), as pretrain's are."""
-    from mmctl.train.loop import micro_batches
+    from mmctl.data.batches import row_batches
 
-    per_micro, accum = micro_batches(cfg.train, dist.world)
-
-    def batches(step: int, rank: int) -> list:
-        out = []
-        for m in range(accum):
-            first = (rank * accum + m) * per_micro
-            picks = [_pick(cfg, len(rows.ids), step, r) for r in range(first, first + per_micro)]
-            out.append(_tensors(rows, picks, pad_id, dist.device))
-        return out
-
-    return batches
+    return row_batches(len(rows.ids), cfg.run.seed, cfg.train, dist,
+                       lambda picks: _tensors(rows, picks, pad_id, dist.device))
 
 
-def inspect(cfg: SFTConfig, n: int) -> dict:
+def inspect(cfg: SFTRecipe, n: int) -> dict:
     """The first `n` rows of the first training batch as step 1 gets them, token by token (`data/annotate.py`),
     and the data's statistics; nothing is trained and no model is loaded."""
     from mmctl.data import annotate
@@ -168,7 +159,7 @@ def render_inspection(inspection: dict) -> None:
                   f"{100 * d['trained_fraction']:.1f}% of positions trained, {d['cut_conversations']} cut short")
 
 
-def _pick(cfg: SFTConfig, n_rows: int, step: int, r: int) -> int:
+def _pick(cfg: SFTRecipe, n_rows: int, step: int, r: int) -> int:
     from mmctl.data.batches import pick_row
 
     return pick_row(cfg.run.seed, step, r, n_rows)
@@ -195,7 +186,7 @@ def trained_token_loss(model, batch):
     return LossOut(loss, batch["trained"].sum(), batch["real"])
 
 
-def evaluation(model, tok, val_rows, cfg: SFTConfig, device: str, precision: str) -> dict:
+def evaluation(model, tok, val_rows, cfg: SFTRecipe, device: str, precision: str) -> dict:
     """Validation loss per trained token over the held-out conversations, and a greedy answer to the sample."""
     import torch
 

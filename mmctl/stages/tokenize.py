@@ -30,7 +30,7 @@ BATCH = 1024  # documents per encode_batch call: large enough for the Rust threa
 
 
 @dataclass
-class DataSection:
+class TokenizeData:
     sources: list[TextSource] = option(list, "the corpora, mixed in order (fields: mmctl/data/sources.py)")
     val_fraction: float = option(0.05, "share of documents held out for validation", ge=0, lt=1)
 
@@ -56,16 +56,16 @@ class ShardsSection:
 
 
 @dataclass
-class TokenizeConfig:
+class TokenizeRecipe:
     run: RunConfig = option(RunConfig("out/tokenize"), "where the outputs go (tokenizer/, shards/, manifest.json), "
                                                        "and the seed of the generated corpora, the train/val split and "
                                                        "the mixture sampling")
-    data: DataSection = option(DataSection, "the corpora and the validation split")
+    data: TokenizeData = option(TokenizeData, "the corpora and the validation split")
     tokenizer: TokenizerSection = option(TokenizerSection, "train a BPE tokenizer, or reuse one")
     shards: ShardsSection = option(ShardsSection, "the token shard files")
 
 
-def inputs(cfg: TokenizeConfig) -> dict[str, Path]:
+def inputs(cfg: TokenizeRecipe) -> dict[str, Path]:
     """Every input file whose content decides the output (for the manifest and the up-to-date check)."""
     inputs: dict[str, Path] = {}
     for i, source in enumerate(cfg.data.sources):
@@ -77,12 +77,12 @@ def inputs(cfg: TokenizeConfig) -> dict[str, Path]:
     return inputs
 
 
-def run(cfg: TokenizeConfig, options: Options = Options()) -> StageResult:
+def run(cfg: TokenizeRecipe, options: Options = Options()) -> StageResult:
     """Tokenizer and shards into run.out (or the same run found already finished there)."""
     return Job(STAGE, cfg, options, inputs(cfg)).run(tokenize)
 
 
-def tokenize(cfg: TokenizeConfig, job: Job) -> dict:
+def tokenize(cfg: TokenizeRecipe, job: Job) -> dict:
     job.begin()
     tok, train_seconds = make_tokenizer(cfg, job.product("tokenizer"))
     results = encode(cfg, tok, job.product("shards"))
@@ -93,7 +93,7 @@ def tokenize(cfg: TokenizeConfig, job: Job) -> dict:
     return results
 
 
-def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float | None]:
+def make_tokenizer(cfg: TokenizeRecipe, out: Path) -> tuple[bpe.Tokenizer, float | None]:
     """Train on the training split (or copy the given tokenizer) into directory `out`."""
     out.mkdir(parents=True)
     seconds = None
@@ -114,7 +114,7 @@ def make_tokenizer(cfg: TokenizeConfig, out: Path) -> tuple[bpe.Tokenizer, float
     return bpe.load(out), seconds
 
 
-def encode(cfg: TokenizeConfig, tok: bpe.Tokenizer, out: Path) -> dict:
+def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, out: Path) -> dict:
     """Encode every document (each followed by <|eos|>) into shards in directory `out`, and report on the
     corpus."""
     out.mkdir(parents=True)

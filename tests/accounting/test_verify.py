@@ -2,13 +2,9 @@
 
 import dataclasses
 
-import pytest
-
 from mmctl.accounting import Workload, account
 from mmctl.accounting.arch import from_hf_config
 from mmctl.accounting.verify import verify
-
-pytest.importorskip("transformers")
 
 CONFIG = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 96,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

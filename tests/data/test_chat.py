@@ -24,7 +24,7 @@ def tok_dir(tmp_path_factory):
 @pytest.mark.parametrize("messages", CHATS)
 @pytest.mark.parametrize("prompt", [False, True])
 def test_render_equals_transformers(tok_dir, messages, prompt):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
     ours = render(messages, bpe.load(tok_dir).chat_template, add_generation_prompt=prompt)
     assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
@@ -41,9 +41,9 @@ def test_bad_messages_and_missing_template(tok_dir):
 @pytest.mark.parametrize("messages", CHATS)
 def test_ids_and_assistant_mask_equal_transformers(tok_dir, messages):
     """The assistant mask from the template's {% generation %} spans, as transformers computes it."""
-    from mmctl.data.chat import tokenize
+    import transformers
 
-    transformers = pytest.importorskip("transformers")
+    from mmctl.data.chat import tokenize
     hf = transformers.AutoTokenizer.from_pretrained(tok_dir)
     theirs = hf.apply_chat_template(messages, tokenize=True, return_assistant_tokens_mask=True, return_dict=True)
     ids, mask = tokenize(messages, bpe.load(tok_dir))

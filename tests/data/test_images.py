@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-pytest.importorskip("PIL")
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl.data import images, shapes  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
@@ -13,9 +11,9 @@ from mmctl.models.vit import processor_config  # noqa: E402
 
 
 def test_pixels_equal_siglips_processor():
-    transformers = pytest.importorskip("transformers")
     import random
 
+    import transformers
     from PIL import Image
 
     processor = transformers.SiglipImageProcessorPil(**{k: v for k, v in processor_config(24).items()

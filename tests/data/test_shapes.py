@@ -6,10 +6,6 @@ import random
 import re
 from collections import Counter
 
-import pytest
-
-pytest.importorskip("PIL")
-
 from mmctl.data import shapes  # noqa: E402
 
 

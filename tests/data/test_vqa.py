@@ -7,9 +7,6 @@ import json
 
 import pytest
 
-pytest.importorskip("PIL")
-torch = pytest.importorskip("torch")
-
 from mmctl.data import shapes, vqa  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
 from mmctl.tokenizer import bpe  # noqa: E402

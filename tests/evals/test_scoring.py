@@ -3,8 +3,7 @@
 import math
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import checkpoints  # noqa: E402
 from mmctl.evals import multiple_choice, perplexity  # noqa: E402
@@ -17,7 +16,7 @@ DOCS = ["Once upon a time, there was a little cat named Tom. " * 6, "Question: W
 
 
 def test_perplexity_equals_a_direct_transformers_computation(checkpoint):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model, tok = checkpoints.load_lm(checkpoint), bpe.load(checkpoint)
     task = TaskConfig(kind="perplexity", data="x", stride=24)
     metrics, _ = perplexity.evaluate(model, tok, task, DOCS, batch_size=3, seed=0, stats={})

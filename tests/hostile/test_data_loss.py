@@ -5,22 +5,13 @@ Each case runs the command as a user would and compares every file before and af
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-torch = pytest.importorskip("torch")
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def mmctl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmctl", *args], capture_output=True, text=True, timeout=600,
-                          env=ENV)
+from tests.cli import mmctl
 
 
 def snapshot(root: Path) -> dict:

@@ -3,7 +3,6 @@ no machine has: one line naming the path or field, the documented exit code, not
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,12 +10,7 @@ import time
 
 import pytest
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def mmctl(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmctl", *args], capture_output=True, text=True, timeout=300,
-                          env=ENV, cwd=cwd)
+from tests.cli import ENV, mmctl
 
 
 @pytest.mark.parametrize("out", ["{file}", "{file}/sub", "/proc/mmctl-out", "/dev/null/x", "/sys/kernel/mmctl"])
@@ -44,14 +38,13 @@ def test_sigterm_during_start_up_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    pytest.importorskip("torch")
     from mmctl import recipe
     from mmctl.stages import tokenize
 
     out = tmp_path_factory.mktemp("absurd") / "tokenize"
     cfg = {"run": {"out": str(out)}, "data": {"sources": [{"kind": "stories", "documents": 200}]},
            "tokenizer": {"vocab_size": 320}}
-    tokenize.run(recipe.build(tokenize.TokenizeConfig, cfg, recipe.Source("t", {}, set())))
+    tokenize.run(recipe.build(tokenize.TokenizeRecipe, cfg, recipe.Source("t", {}, set())))
     return out
 
 

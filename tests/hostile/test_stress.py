@@ -1,4 +1,4 @@
-"""Stress (marked `stress`; the default test run includes it, so CI runs it once): kill -9 a pretraining run at
+"""Stress (marked `slow`; the default test run includes it, so CI runs it once): kill -9 a pretraining run at
 random moments — inside checkpoint saves too — twenty times, resuming after each; the final weights and metrics
 equal an uninterrupted run's. And two runs on one output directory: the second is refused at once."""
 
@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch  # noqa: E402
 import yaml
 
-pytestmark = pytest.mark.stress
-torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.slow
 
 from mmctl import recipe  # noqa: E402
 from mmctl.stages import tokenize  # noqa: E402
@@ -30,7 +30,7 @@ def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("stress") / "tokenize"
     cfg = {"run": {"out": str(out)}, "data": {"sources": [{"kind": "stories", "documents": 300}]},
            "tokenizer": {"vocab_size": 320}}
-    tokenize.run(recipe.build(tokenize.TokenizeConfig, cfg, recipe.Source("t", {}, set())))
+    tokenize.run(recipe.build(tokenize.TokenizeRecipe, cfg, recipe.Source("t", {}, set())))
     return out
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import checkpoints  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402

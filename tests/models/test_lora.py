@@ -4,8 +4,7 @@ adapters cross between mmctl and PEFT (same logits on the transformers base mode
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import checkpoints  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402
@@ -60,8 +59,8 @@ def test_unknown_target_is_a_recipe_error():
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_peft_loads_mmctl_adapters_and_mmctl_loads_peft_adapters(tmp_path, rslora):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft
+    import transformers
     ours = base()
     checkpoints.save(ours, tmp_path / "base")
     cfg = lora.LoRAConfig(r=4, alpha=8, rslora=rslora)

@@ -9,8 +9,7 @@ import math
 from dataclasses import dataclass
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402

@@ -4,10 +4,9 @@ Idefics3's (and its inverse), the whole VLM as LlavaForConditionalGeneration."""
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from mmctl.models.projector import Projector, ProjectorConfig, pixel_shuffle, pixel_unshuffle  # noqa: E402
+from mmctl.models.projector import ProjectorConfig, make, pixel_shuffle, pixel_unshuffle  # noqa: E402
 from mmctl.models.vit import ViT, ViTConfig  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
 
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_equal_to_transformers_siglip_vision_model():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4)
     theirs = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**{
         k: v for k, v in cfg.to_hf().items() if k != "model_type"})).eval()
@@ -37,7 +36,7 @@ def test_equal_to_transformers_siglip_vision_model():
 
 
 def test_pixel_shuffle_is_idefics3s_and_inverts():
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
     x = torch.randn(2, 64, 5)  # an 8 × 8 grid of 5-channel patches
@@ -56,16 +55,16 @@ def test_pixel_shuffle_is_idefics3s_and_inverts():
 @pytest.mark.parametrize(("kind", "tokens"), [("mlp", 64), ("linear", 64), ("pixel_shuffle", 16)])
 def test_projector_shapes(kind, tokens):
     cfg = ProjectorConfig(kind=kind, scale_factor=2)
-    out = Projector(cfg, vision_size=24, text_size=40)(torch.randn(3, 64, 24))
+    out = make(cfg, vision_size=24, text_size=40)(torch.randn(3, 64, 24))
     assert out.shape == (3, tokens, 40) and cfg.tokens(64) == tokens
 
 
 def test_a_vlm_equals_transformers_llava_with_the_same_weights(tmp_path):
     """mmctl's VLM saved under Llava's names loads in LlavaForConditionalGeneration with the same logits; the
     placeholder expands to one slot per image token, and no label ever targets an image slot."""
-    transformers = pytest.importorskip("transformers")
     import json
 
+    import transformers
     from safetensors.torch import save_file
 
     from mmctl.models import vlm
@@ -103,9 +102,9 @@ def test_a_vlm_equals_transformers_llava_with_the_same_weights(tmp_path):
 def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpoint, tmp_path):
     """save_vlm → AutoProcessor expands <|image|> to the image's tokens and preprocesses as mmctl does, and
     AutoModelForImageTextToText gives mmctl's logits; load_vlm reads the dir back to the same model."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("PIL")
     import random
+
+    import transformers
 
     from mmctl import checkpoints
     from mmctl.data import images, shapes
@@ -197,7 +196,8 @@ def test_the_text_tower_pools_only_the_captions_tokens():
 def test_a_pretrained_siglip_dir_loads_as_the_vit(tmp_path):
     """SiglipVisionModel's and SiglipModel's save_pretrained dirs both load (the text tower and pooling head left
     out) to the same features as transformers; a VLM built on one takes its config."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from mmctl.errors import DataError
     from mmctl.models.projector import ProjectorConfig
     from mmctl.models.transformer import ModelConfig, Transformer

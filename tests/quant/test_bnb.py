@@ -4,8 +4,8 @@ products at any shape and in eval mode, a dense round trip, and QLoRA training o
 from __future__ import annotations
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
 from torch import nn  # noqa: E402

@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import checkpoints  # noqa: E402
 from mmctl.errors import DataError  # noqa: E402
@@ -59,7 +58,8 @@ def test_quantized_checkpoint_mistakes_are_named(checkpoint, tmp_path):
 
 def test_an_nf4_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(checkpoint, tmp_path):
     pytest.importorskip("bitsandbytes")
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from mmctl.quant import bnb
 
     model = checkpoints.load_lm(checkpoint)
@@ -83,7 +83,8 @@ def test_an_nf4_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(ch
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
 def test_an_int8_bnb_checkpoint_loads_in_mmctl_and_transformers_to_the_same_logits(checkpoint, tmp_path, threshold):
     pytest.importorskip("bitsandbytes")
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from mmctl.quant import bnb
 
     model = checkpoints.load_lm(checkpoint)

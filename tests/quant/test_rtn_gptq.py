@@ -5,8 +5,7 @@ inputs are correlated, which is what it exploits)."""
 from __future__ import annotations
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl.quant import gptq, linear, rtn  # noqa: E402
 

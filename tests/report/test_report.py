@@ -158,7 +158,8 @@ def test_a_bad_floors_file_is_a_usage_error(out, tmp_path):
 
 
 def test_attention_of_a_checkpoint_on_its_prompt(checkpoint):
-    torch = pytest.importorskip("torch")
+    import torch
+
     from mmctl.report import attention
 
     maps = attention.language_model(checkpoint, "Once upon a time")

@@ -7,8 +7,7 @@ import json
 import math
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import recipe  # noqa: E402
 from mmctl.data import rl as rl_data  # noqa: E402
@@ -53,7 +52,6 @@ PAIRS = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
 @pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
 def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
     """The same policy, reference and four pairs: TRL's first logged step and mmctl's loss and metrics agree."""
-    pytest.importorskip("trl")
     import transformers
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer

@@ -6,8 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl.errors import DataError, UsageError  # noqa: E402
 from mmctl.rl import grpo, rewards  # noqa: E402
@@ -193,7 +192,6 @@ def test_python_rewards_need_opt_in_and_fail_in_one_line(tmp_path, monkeypatch):
 def test_equal_to_trls_grpo_trainer(checkpoint, tmp_path, loss_type, beta, corrected):
     """The same model, rows, advantages, old and reference log-probs: TRL's GRPOTrainer._compute_loss and mmctl's
     batch loss agree in value and in gradient (prompts of one length: TRL left-pads, mmctl right-pads)."""
-    pytest.importorskip("trl")
     import transformers
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig

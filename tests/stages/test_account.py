@@ -10,16 +10,16 @@ from mmctl.stages import account
 
 
 def load(data: dict):
-    return recipe.build(account.AccountConfig, data, recipe.Source("r.yaml", {}, set()), stage="account")
+    return recipe.build(account.AccountRecipe, data, recipe.Source("r.yaml", {}, set()), stage="account")
 
 
 def test_targets():
-    assert account.load_config("recipes/tiny/account.yaml", {}, []).model.hf["model_type"] == "llama"
-    assert account.load_config("llama-7b", {"seq_len": 512}, []).model.preset == "llama-7b"
-    assert account.load_config("llama-7b", {"seq_len": 512}, []).train.seq_len == 512
-    assert account.load_config("ckpt/config.json", {}, []).model.config == "ckpt/config.json"
-    assert account.load_config("runs/pretrain/model", {}, []).model.config == "runs/pretrain/model"
-    tiny = account.load_config("recipes/tiny/pretrain.yaml", {}, [])  # a training recipe: its model and run
+    assert account.load_config("recipes/tiny/account.yaml", []).model.hf["model_type"] == "llama"
+    assert account.load_config("llama-7b", ["train.seq_len=512"]).model.preset == "llama-7b"
+    assert account.load_config("llama-7b", ["train.seq_len=512"]).train.seq_len == 512
+    assert account.load_config("ckpt/config.json", []).model.config == "ckpt/config.json"
+    assert account.load_config("runs/pretrain/model", []).model.config == "runs/pretrain/model"
+    tiny = account.load_config("recipes/tiny/pretrain.yaml", [])  # a training recipe: its model and run
     assert tiny.model.hf["hidden_size"] == 256 and tiny.train.seq_len == 256 and tiny.train.batch_size == 16
 
 
@@ -76,7 +76,6 @@ def test_json_keys_are_stable():
 
 def test_a_checkpoint_dir_reports_the_bytes_it_stores_and_how(checkpoint, tmp_path):
     """A dense checkpoint's weights on disk in its dtype; a quantized one's with its method (read, not predicted)."""
-    pytest.importorskip("torch")
     from mmctl import checkpoints
     from mmctl.quant import linear
     from mmctl.stages import account as stage

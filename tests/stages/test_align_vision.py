@@ -7,9 +7,7 @@ import json
 import signal
 
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("PIL")
+import torch
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted, UsageError  # noqa: E402
@@ -37,7 +35,7 @@ def config(checkpoint, out, projector="mlp", **changes):
             "eval": {"items": 12, "composition_items": 6}}
     for key, value in changes.items():
         data[key] = value
-    return recipe.build(stage.AlignVisionConfig, data, recipe.Source("r", {}, set()))
+    return recipe.build(stage.AlignVisionRecipe, data, recipe.Source("r", {}, set()))
 
 
 def metrics(out):
@@ -46,7 +44,8 @@ def metrics(out):
 
 
 def test_phases_train_what_they_name_and_the_model_loads_in_transformers(checkpoint, tmp_path, monkeypatch):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from mmctl import checkpoints
 
     lm_before = {k: v.clone() for k, v in checkpoints.load_lm(checkpoint).state_dict().items()}

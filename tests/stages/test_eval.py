@@ -6,8 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import recipe  # noqa: E402
 from mmctl.stages import eval as stage  # noqa: E402
@@ -26,7 +25,7 @@ def run(checkpoints, out, **section):
             "tasks": [{"builtin": "arithmetic-mc", "items": 3}, {"builtin": "arithmetic", "items": 2,
                                                                  "max_new_tokens": 3}],
             "eval": {"batch_size": 2, **section}}
-    return stage.run(recipe.build(stage.EvalConfig, data, recipe.Source("r", {}, set())))
+    return stage.run(recipe.build(stage.EvalRecipe, data, recipe.Source("r", {}, set())))
 
 
 def by_hand(model, context: list[int], continuation: list[int]) -> float:
@@ -92,7 +91,7 @@ def test_samples_per_item_give_pass_and_majority_from_the_recorded_answers(check
     task = {"kind": "generation", "data": str(items), "extract": "regex:([a-z])", "max_new_tokens": 6}
     data = {"run": {"out": str(tmp_path / "s"), "device": "cpu"}, "checkpoints": [str(checkpoint)], "tasks": [task],
             "eval": {"batch_size": 8, "samples": 8, "temperature": 1.5}}
-    result = stage.run(recipe.build(stage.EvalConfig, data, recipe.Source("r", {}, set())))
+    result = stage.run(recipe.build(stage.EvalRecipe, data, recipe.Source("r", {}, set())))
     metrics = result.results["checkpoints"][str(checkpoint)]["tasks"]["letters"]
     records = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 16 and all(len(r["samples"]) == 8 for r in records)

@@ -9,8 +9,7 @@ import subprocess
 import sys
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted  # noqa: E402
@@ -28,7 +27,7 @@ def shards(tmp_path_factory):
     data = {"run": {"out": str(out)}, "data": {"sources": [{"kind": "stories", "documents": 300},
                                                            {"kind": "arithmetic", "documents": 200}]},
             "tokenizer": {"vocab_size": 320}}
-    tokenize.run(recipe.build(tokenize.TokenizeConfig, data, recipe.Source("t", {}, set())))
+    tokenize.run(recipe.build(tokenize.TokenizeRecipe, data, recipe.Source("t", {}, set())))
     return out
 
 
@@ -46,7 +45,7 @@ def recipe_data(shards, out, **train):
 
 
 def config(shards, out, **train):
-    return recipe.build(pretrain.PretrainConfig, recipe_data(shards, out, **train), recipe.Source("r", {}, set()))
+    return recipe.build(pretrain.PretrainRecipe, recipe_data(shards, out, **train), recipe.Source("r", {}, set()))
 
 
 def metrics(out):
@@ -60,7 +59,7 @@ def test_outputs(shards, tmp_path):
     assert results["final"]["step"] == 8 and results["final"]["val_loss"] > 0
     assert results["memory"]["predicted_peak_bytes"] > 0 and results["throughput"]["measured_tok_s"] > 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
-    transformers = pytest.importorskip("transformers")
+    import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
     tok = transformers.AutoTokenizer.from_pretrained(out / "model")
     assert model.num_parameters() == results["params"]
@@ -138,7 +137,7 @@ def test_changed_model_refuses_to_resume(shards, tmp_path):
     (tmp_path / "x" / "manifest.json").unlink()
     data = recipe_data(shards, tmp_path / "x", steps=10)
     data["model"]["intermediate_size"] = 96
-    cfg = recipe.build(pretrain.PretrainConfig, data, recipe.Source("r", {}, set()))
+    cfg = recipe.build(pretrain.PretrainRecipe, data, recipe.Source("r", {}, set()))
     from mmctl.errors import UsageError
 
     with pytest.raises(UsageError, match="cannot resume: model changed"):
@@ -167,8 +166,8 @@ def test_nonfinite_loss_exits_5_and_keeps_a_complete_checkpoint(shards, tmp_path
     assert latest is not None and not (tmp_path / "nan" / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_train_on_the_whole_global_batch(shards, tmp_path):
-    pytest.importorskip("accelerate")
     one = write_recipe(shards, tmp_path, "one", micro_batch_size=2, eval_every=100)
     two = write_recipe(shards, tmp_path, "two", eval_every=100)
     env = {"OMP_NUM_THREADS": "1", "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1"}
@@ -199,11 +198,11 @@ def launch(*flags) -> list[str]:
             "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
 
+@pytest.mark.slow
 def test_fsdp_on_two_processes_trains_resumes_and_saves_as_one_process_does(shards, tmp_path):
     """FULL_SHARD through `accelerate launch --use_fsdp`: sharded steps, evaluation on every process, a checkpoint
     gathered and then resumed into shards (4 steps, then on to 8) — the same losses, evaluations and weights as one
     process running the same two commands."""
-    pytest.importorskip("accelerate")
     env = {"OMP_NUM_THREADS": "1", "PATH": __import__("os").environ["PATH"], "HF_HUB_OFFLINE": "1"}
     runs = {"one": [sys.executable, "-m", "mmctl", "pretrain"],
             "fsdp": launch("--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD") + ["-m", "mmctl", "pretrain"]}
@@ -243,5 +242,5 @@ def test_force_after_a_finished_run_and_a_refused_resume_keep_the_results(shards
     from mmctl.errors import UsageError
 
     with pytest.raises(UsageError, match="cannot resume: model changed"):
-        pretrain.run(recipe.build(pretrain.PretrainConfig, data, recipe.Source("r", {}, set())))
+        pretrain.run(recipe.build(pretrain.PretrainRecipe, data, recipe.Source("r", {}, set())))
     assert json.loads((out / "manifest.json").read_text())["recipe"] == json.loads(manifest)["recipe"]

@@ -7,8 +7,6 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import UsageError  # noqa: E402
 from mmctl.stages import pretrain, quantize  # noqa: E402
@@ -33,7 +31,7 @@ def config(base, shards, out, **changes):  # noqa: F811
             "calibration": {"data": str(shards / "shards"), "sequences": 8, "seq_len": 32},
             "evaluation": {"tokens": 300, "decode_tokens": 4,
                            "tasks": [{"builtin": "arithmetic-mc", "items": 8}]}, **changes}
-    return recipe.build(quantize.QuantizeConfig, data, recipe.Source("r", {}, set()))
+    return recipe.build(quantize.QuantizeRecipe, data, recipe.Source("r", {}, set()))
 
 
 def test_a_row_per_method_and_each_checkpoint_is_what_its_row_measured(base, shards, tmp_path):  # noqa: F811

@@ -8,8 +8,7 @@ import json
 import signal
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl import recipe  # noqa: E402
 from mmctl.errors import Interrupted  # noqa: E402
@@ -27,7 +26,7 @@ def config(checkpoint, out, method="full", **train):
             "train": {"steps": 6, "batch_size": 4, "seq_len": 48, "precision": "fp32", "log_every": 1,
                       "eval_every": 3, "checkpoint_every": 2, **train},
             "eval": {"sample_tokens": 4}}
-    return recipe.build(sft.SFTConfig, data, recipe.Source("r", {}, set()))
+    return recipe.build(sft.SFTRecipe, data, recipe.Source("r", {}, set()))
 
 
 def metrics(out):
@@ -36,7 +35,7 @@ def metrics(out):
 
 
 def test_full_fine_tuning(checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     result = sft.run(config(checkpoint, tmp_path / "a"))
     final = result.results["final"]
     assert final["step"] == 6 and final["val_loss"] > 0 and "→" in final["sample"]
@@ -52,8 +51,8 @@ def test_full_fine_tuning(checkpoint, tmp_path):
 
 
 def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    import peft
+    import transformers
     result = sft.run(config(checkpoint, tmp_path / "l", method="lora"))
     assert 0 < result.results["params"]["trainable_fraction"] < 0.5
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -2,8 +2,6 @@
 to date, a failed encode leaves nothing that looks finished, and errors have the right exit codes."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +10,7 @@ from mmctl.data.sources import mixture
 from mmctl.stages import tokenize
 from mmctl.tokenizer import bpe
 from mmctl.tokenizer.shards import Shards
+from tests.cli import mmctl
 
 
 def config(tmp_path, out="out", **tokenizer):
@@ -26,7 +25,7 @@ def config(tmp_path, out="out", **tokenizer):
         "tokenizer": {"vocab_size": 400, **tokenizer},
         "shards": {"shard_tokens": 3000},
     }
-    return recipe.build(tokenize.TokenizeConfig, data, recipe.Source("r.yaml", {}, set()), stage="tokenize")
+    return recipe.build(tokenize.TokenizeRecipe, data, recipe.Source("r.yaml", {}, set()), stage="tokenize")
 
 
 def test_shards_decode_back_to_the_documents(tmp_path):
@@ -95,8 +94,6 @@ def test_a_failed_encode_leaves_nothing_that_looks_finished(tmp_path, monkeypatc
     assert not (out / ".shards.tmp" / "manifest.json").exists()
 
 
-def mmctl(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "mmctl", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
 @pytest.mark.parametrize("sources, code, fragment", [

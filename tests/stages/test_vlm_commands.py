@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("PIL")
+import torch
 
 from mmctl.data import shapes, vqa  # noqa: E402
 from mmctl.evals import vqa as vqa_eval  # noqa: E402

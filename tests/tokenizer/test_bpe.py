@@ -47,7 +47,7 @@ def test_vocab_and_coverage_of_bytes(tok):
 
 
 def test_transformers_autotokenizer_gives_identical_ids(tok):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoTokenizer.from_pretrained(tok.path)
     for text in TRICKY[:-3] + list(stories(20, 1)):
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
@@ -59,7 +59,7 @@ def test_transformers_autotokenizer_gives_identical_ids(tok):
 
 
 def test_chat_template_through_transformers(tok):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     hf = transformers.AutoTokenizer.from_pretrained(tok.path)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!"}]

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl.errors import UsageError  # noqa: E402
 from mmctl.models.config import ModelConfig  # noqa: E402
@@ -56,11 +55,11 @@ def test_a_stage_that_cannot_shard_refuses_fsdp(tmp_path, monkeypatch):
               Session(tmp_path, print, Dist(0, 2, "cpu", "FULL_SHARD")))
 
 
+@pytest.mark.slow
 def test_each_process_holds_what_account_predicts_for_zero_3(tmp_path):
     """FULL_SHARD after an optimizer step: each process holds half of every parameter, gradient and AdamW moment,
     what ZeRO-3 over 2 GPUs predicts."""
     strategy = "FULL_SHARD"
-    pytest.importorskip("accelerate")
     cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=192, num_layers=2, num_heads=4,
                       num_kv_heads=2, max_position_embeddings=128)
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))

@@ -9,8 +9,7 @@ import json
 import signal
 
 import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 from mmctl.errors import Interrupted, NonFiniteError, UsageError  # noqa: E402
 from mmctl.runtime import Dist  # noqa: E402
@@ -154,6 +153,7 @@ def test_checkpoint_files_are_safetensors_and_json(tmp_path):
     assert state["step"] == 4 and state["extra"]["fingerprint"] == {"model": "toy"}
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_never_leaves_a_resumable_checkpoint(tmp_path):
     import subprocess
     import sys
@@ -229,6 +229,7 @@ def test_accumulated_micro_batches_equal_one_batch_with_uneven_masks():
     assert relative(means, one["head.weight"]) > 1e-2
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
     """2 gloo ranks × 2 micro-batches with uneven masks give the gradient of one process holding all 16 rows."""
     import os
@@ -236,7 +237,6 @@ def test_two_processes_equal_one(tmp_path):
     import sys
     from pathlib import Path
 
-    pytest.importorskip("accelerate")
     worker = Path(__file__).with_name("ddp_worker.py")
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

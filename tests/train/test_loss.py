@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402

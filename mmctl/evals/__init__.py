@@ -1,18 +1,17 @@
-"""One task on one model: read its items, hand them to the scorer of its kind (perplexity, multiple choice,
-generation, vqa) and return (metrics, samples). `mmctl eval` runs it per checkpoint and task; `mmctl quantize`
-per quantized model."""
+"""Evaluation: `score(model, tok, task, …)` runs one task on one model — its items handed to the scorer of its kind
+(perplexity.py, multiple_choice.py, generation.py, vqa.py) — and returns (metrics, samples). `mmctl eval` calls it
+per checkpoint and task, `mmctl quantize` per quantized model. What a task is: tasks.py."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmctl.evals.tasks import TaskConfig, items_of
 from mmctl.recipe import option
 
 
 @dataclass
-class EvalSection:
+class ScoringConfig:
     batch_size: int = option(8, "sequences per forward pass (scores do not depend on it)", ge=1)
     limit: int | None = option(None, "score at most this many items per task", ge=1)
     chat: bool | None = option(None, "ask generation and multiple-choice tasks through the chat template; unset: "
@@ -23,10 +22,11 @@ class EvalSection:
     temperature: float = option(1.0, "the sampling temperature of those answers", gt=0)
 
 
-def score(model, tok, task: TaskConfig, options: EvalSection, seed: int, stats: dict, chat: bool = False
+def score(model, tok, task, options: ScoringConfig, seed: int, stats: dict, chat: bool = False
           ) -> tuple[dict, list[dict]]:
-    """(metrics, samples) of `task` on `model`, batched and limited as `options` (an EvalSection) says."""
+    """(metrics, samples) of `task` on `model`, batched and limited as `options` (a ScoringConfig) says."""
     from mmctl.evals import generation, multiple_choice, perplexity
+    from mmctl.evals.tasks import items_of
 
     kind = task.task_kind
     if kind == "vqa":
@@ -46,7 +46,7 @@ def score(model, tok, task: TaskConfig, options: EvalSection, seed: int, stats: 
                            **extra)
 
 
-def _vqa(model, tok, task: TaskConfig, options: EvalSection) -> tuple[dict, list[dict]]:
+def _vqa(model, tok, task, options: ScoringConfig) -> tuple[dict, list[dict]]:
     """Questions about images: the built-in shapes set at the model's image size (fresh scenes, and scenes with
     colour–kind pairs training never shows), or a jsonl of {image, question, answer, type}."""
     from mmctl.data import vqa
