@@ -126,6 +126,10 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", vision: bool =
         raise DataError(f"{path}: the tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
                         f"({model.cfg.vocab_size})")
     _ = tok.eos_id, hf.eos_token_ids(path)  # the document separator must exist; generation_config must parse
+    if isinstance(model, VLM) and (model.image_token_id in (tok.eos_id, tok.pad_id, tok.bos_id)
+                                   or model.image_token_id not in tok.backend.get_added_tokens_decoder()):
+        raise DataError(f"{Path(path) / 'config.json'}: image_token_index {model.image_token_id} is "
+                        f"{tok.decode([model.image_token_id])!r}, not an image placeholder token of the tokenizer")
     return model, tok
 
 
@@ -172,6 +176,8 @@ def load_vlm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
     cfg = hf.read_json(path / "config.json")
     where = path / "config.json"
     vision_hf, text_hf = cfg.get("vision_config") or {}, cfg.get("text_config") or {}
+    if not isinstance(vision_hf, dict) or not isinstance(text_hf, dict):
+        raise DataError(f"{where}: vision_config and text_config must be mappings")
     if cfg.get("model_type") not in ("llava", OWN) or vision_hf.get("model_type") != "siglip_vision_model":
         raise DataError(f"{where}: not a VLM with a SigLIP vision tower (Llava's layout or mmctl's)")
     if cfg["model_type"] == "llava":
@@ -187,14 +193,18 @@ def load_vlm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: st
         if p.get("kind") not in ("mlp", "linear", "pixel_shuffle") or not isinstance(p.get("scale_factor", 2), int):
             raise DataError(f"{where}: projector is not one of mlp, linear, pixel_shuffle")
         projector = ProjectorConfig(p["kind"], p.get("scale_factor", 2))
-    try:
-        encoder = ViTConfig.from_hf(vision_hf)
-    except KeyError as e:
-        raise DataError(f"{where}: vision_config lacks {e}") from None
-    section = VisionSection(encoder=encoder, projector=projector, feature_layer=cfg.get("vision_feature_layer", -2))
+    section = VisionSection(encoder=ViTConfig.from_hf(vision_hf, f"{where}: vision_config"), projector=projector,
+                            feature_layer=cfg.get("vision_feature_layer", -2))
+    problems = section.check()
+    if problems:
+        raise DataError(*(f"{where}: {name}: {message}" for name, message in problems))
     text = ModelConfig.from_hf({"tie_word_embeddings": cfg.get("tie_word_embeddings", False), **text_hf}, str(where))
+    image = cfg.get("image_token_index", cfg.get("image_token_id"))
+    if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < text.vocab_size:
+        raise DataError(f"{where}: image_token_index must be a token id below the text vocab_size "
+                        f"({text.vocab_size}), got {image!r}")
     with torch.device("meta"):
-        model = VLM(section, Transformer(text), int(cfg.get("image_token_index", cfg.get("image_token_id", -1))))
+        model = VLM(section, Transformer(text), image)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     if text.tie_embeddings:
         expected.pop("language_model.lm_head.weight")

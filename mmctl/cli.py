@@ -121,8 +121,23 @@ def validate(
     if not isinstance(stage, str) or stage not in STAGES:
         raise UsageError(f"{recipe_path}: stage: expected one of {', '.join(STAGES)} (the command the recipe is "
                          f"for), got {stage!r}")
-    _load(stage, str(recipe_path), set_)
+    module, cfg = _load(stage, str(recipe_path), set_)
+    _check_inputs(module, cfg, recipe_path)
     console.print(f"ok: {recipe_path} is a valid `mmctl {stage}` recipe")
+
+
+def _check_inputs(module, cfg, recipe_path) -> None:
+    """The recipe's inputs exist and are of their kind (a checkpoint dir, a tokenize output): what the stage would
+    find first, found before it runs — each problem one line naming the recipe (exit 3)."""
+    from mmctl.errors import DataError
+
+    try:
+        found = module.inputs(cfg) if hasattr(module, "inputs") else {}
+    except MmctlError as e:
+        raise type(e)(*(f"{recipe_path}: {p}" for p in e.problems)) from None
+    missing = [f"{recipe_path}: {name}: {path} not found" for name, path in found.items() if not Path(path).exists()]
+    if missing:
+        raise DataError(*missing)
 
 
 RECIPE_ARG = typer.Argument(..., metavar="RECIPE", help="The stage's recipe (YAML).")

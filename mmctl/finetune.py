@@ -27,7 +27,11 @@ class SampleConfig:
 
 
 def inputs(cfg) -> dict[str, Path]:
-    """The base checkpoint and every source file (what the manifest hashes)."""
+    """The base checkpoint and every source file (what the manifest hashes); a base that is no checkpoint dir is
+    named before anything is hashed."""
+    from mmctl import hf
+
+    hf.checkpoint_dir(cfg.base, "base")
     return {"base": Path(cfg.base),
             **{f"sources[{i}]": Path(s.path) for i, s in enumerate(cfg.data.sources) if s.path}}
 

@@ -31,8 +31,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: a config of this module
 class SamplingConfig:
     """How to pick tokens; usable directly as a recipe section."""
 
-    max_new_tokens: int = option(128, "tokens to generate per prompt, at most", ge=1)
-    temperature: float = option(0.0, "softmax temperature; 0 means greedy (always the most likely token)", ge=0)
+    max_new_tokens: int = option(128, "tokens to generate per prompt, at most", ge=1, le=2**20)
+    temperature: float = option(0.0, "softmax temperature; 0 means greedy (always the most likely token)", ge=0,
+                                 le=100)
     top_k: int = option(0, "sample only from the k most likely tokens; 0 means no limit", ge=0)
     top_p: float = option(1.0, "sample only from the most likely tokens whose probabilities sum to p (nucleus); "
                                "1 means no limit", gt=0, le=1)
@@ -40,6 +41,15 @@ class SamplingConfig:
                                             "this factor; 1 means off", gt=0)
     stop_strings: list[str] = option(list, "stop a completion once its text contains one of these")
     seed: int = option(0, "seed of the sampling random number generator")
+
+    def check(self) -> list[tuple[str, str]]:
+        if 0 < self.temperature < 1e-3:  # logits ÷ 1e-300 are infinite, and their softmax NaN
+            return [("temperature", f"{self.temperature:g} is neither 0 (greedy) nor at least 0.001")]
+        if self.top_p < 1e-3:
+            return [("top_p", f"{self.top_p:g}: at least 0.001 (1 keeps every token)")]
+        if not 0.01 <= self.repetition_penalty <= 100:
+            return [("repetition_penalty", f"{self.repetition_penalty:g}: between 0.01 and 100 (1 is off)")]
+        return []
 
 
 @dataclass

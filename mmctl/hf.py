@@ -176,3 +176,11 @@ def eos_token_ids(path: str | Path) -> list[int]:
                 raise DataError(f"{path / name}: eos_token_id must be a token id or a list of them, got {eos!r}")
             return list(ids)
     return []
+
+
+def checkpoint_dir(path: str, field: str) -> Path:
+    """`path`, which must be a checkpoint dir (holding config.json): DataError naming the field otherwise."""
+    if not (Path(path) / "config.json").is_file():
+        raise DataError(f"{field}: {path} is not a checkpoint directory (no config.json"
+                        + ("" if Path(path).exists() else "; it does not exist") + ")")
+    return Path(path)

@@ -386,12 +386,21 @@ def _convert(value: Any, typ: Any, path: str, source: Source, problems: list[str
             return _BAD
         problems.append(f"{where}: expected a number, got {_describe(value)}")
     elif typ is str:
-        if isinstance(value, str):
+        if isinstance(value, str) and _is_text(value):
             return value
-        problems.append(f"{where}: expected a string, got {_describe(value)}")
+        problems.append(f"{where}: expected a string, got {_describe(value)}" if not isinstance(value, str) else
+                        f"{where}: holds a lone UTF-16 surrogate, which is not text")
     else:  # pragma: no cover - a config declared a type this module does not know
         raise TypeError(f"recipe field {path} has unsupported type {typ!r}")
     return _BAD
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_range(value: Any, f: dataclasses.Field, path: str, source: Source, problems: list[str]) -> None:

@@ -9,8 +9,10 @@ the matmul rate that MFU is relative to. torch is imported inside the functions:
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -194,3 +196,31 @@ def peak_flops(device: str, precision: str, sizes: tuple[int, ...] = (512, 1024,
                 torch.cuda.synchronize()
             best = max(best, 2 * size**3 / (time.perf_counter() - t))
     return best
+
+
+class TimeLimit(Exception):
+    """Raised inside code that ran past its `time_limit`."""
+
+
+@contextmanager
+def time_limit(seconds: float, what: str):
+    """Raise TimeLimit in the code run inside once `seconds` have passed — for code mmctl runs but did not write (a
+    reward function, a chat template): a SIGALRM timer, so the main thread only (elsewhere no limit), and an outer
+    timer is put back with the time it had left."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum, frame):
+        raise TimeLimit(f"{what} took more than {seconds:g} s")
+
+    started = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, expired)
+    old_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_left:
+            signal.setitimer(signal.ITIMER_REAL, max(old_left - (time.monotonic() - started), 1e-3))

@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mmctl import checkpoints, hf  # noqa: E402
-from mmctl.errors import DataError, UnsafeInputError, UsageError  # noqa: E402
+from mmctl.errors import DataError, UnsafeInputError  # noqa: E402
 from mmctl.models.transformer import ModelConfig, Transformer  # noqa: E402
 from mmctl.tokenizer import bpe  # noqa: E402
 from tests.models import one_thread  # noqa: E402,F401
@@ -152,13 +152,14 @@ def test_missing_and_mismatched_tensors_are_data_errors(tmp_path):
         checkpoints.load_lm(tmp_path / "nowhere")
 
 
-def test_unsupported_families_and_features_are_usage_errors():
+def test_unsupported_families_and_features_are_data_errors():
+    """A checkpoint's config.json is input data: what mmctl cannot load is exit 3, naming the file."""
     fields = CONFIGS["llama-gqa-untied"].to_hf()
-    with pytest.raises(UsageError, match=r"model_type 'gpt2' is not supported \(supported: llama, mistral, qwen2\)"):
+    with pytest.raises(DataError, match=r"model_type 'gpt2' is not supported \(supported: llama, mistral, qwen2\)"):
         ModelConfig.from_hf({**fields, "model_type": "gpt2"})
-    with pytest.raises(UsageError, match="attention_bias"):
+    with pytest.raises(DataError, match="attention_bias"):
         ModelConfig.from_hf({**fields, "attention_bias": True})
-    with pytest.raises(UsageError, match="rope type 'yarn'"):
+    with pytest.raises(DataError, match="rope type 'yarn'"):
         ModelConfig.from_hf({**fields, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None})
 
 

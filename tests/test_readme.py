@@ -46,3 +46,6 @@ def test_reliability_counts():
     from tests.hostile.test_task_files import CASES
 
     assert f"{len(CASES)} hostile eval task, chat data and prompt files" in README
+    from tests.hostile.inputs import cases as input_cases
+
+    assert f"`tests/hostile/test_inputs.py` holds {len(input_cases())} more cases" in README

@@ -7,26 +7,40 @@ exported processor (transformers' `SiglipImageProcessorPil`) see the same number
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from mmctl.artifacts import regular_file
 from mmctl.errors import DataError
 from mmctl.models.vit import MEAN, STD
 
+MAX_PIXELS = 50_000_000  # an image claiming more (a 7,000 × 7,000 photo) is refused from its header, undecoded
 
-def load(path: str | Path):
-    """A PIL image, fully decoded (a truncated file fails here, not later in a batch)."""
+
+def load(path: str | Path | io.BytesIO, name: str | None = None):
+    """A PIL image, fully decoded (a truncated file fails here, not later in a batch). A path must be a regular
+    file (a FIFO or a device would block forever); an image whose header claims more than MAX_PIXELS is refused
+    before it is decoded (a decompression bomb). `name`: what errors call an in-memory image."""
     from PIL import Image, UnidentifiedImageError
 
+    name = name or str(path)
+    if not isinstance(path, io.BytesIO):
+        if not Path(path).exists():
+            raise DataError(f"{name}: image not found")
+        path = regular_file(path)
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise Image.DecompressionBombError(f"{width} × {height}")
             image.load()
             return image.copy()
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: image too large to decode safely ({e})") from None
+    except Image.DecompressionBombError as e:  # (PIL raises it itself, from the header, past twice its own limit)
+        size = str(e) if "×" in str(e) else "more"
+        raise DataError(f"{name}: the image claims {size} pixels, more than the {MAX_PIXELS:,} mmctl decodes (a "
+                        "decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as e:
+        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def pixels(image, size: int):

@@ -39,6 +39,8 @@ def records(path: str | Path) -> Iterator[tuple[str, dict]]:
                 raise DataError(f"{where}: nested too deeply") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if "\\u" in line and not _is_text(record):  # (only an escape can make a lone surrogate)
+                raise DataError(f"{where}: holds a lone UTF-16 surrogate (\\ud800–\\udfff), which is not text")
             yield where, record
 
 
@@ -51,6 +53,14 @@ def field(record: dict, name: str, kind: type | tuple[type, ...], where: str):
         raise DataError(f"{where}: field {name!r} is {type(value).__name__}, expected "
                         f"{' or '.join(t.__name__ for t in _types(kind))}")
     return value
+
+
+def _is_text(record) -> bool:
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:

@@ -65,6 +65,7 @@ def _messages(record: dict, where: str) -> list[dict]:
 
 
 BUILTINS = ("arithmetic", "story-questions")
+MAX_BUILTIN = 1_000_000  # conversations a built-in set may be asked for
 
 
 @dataclass
@@ -83,6 +84,9 @@ class ChatSource(Source):
     def check(self) -> list[tuple[str, str]]:
         if self.kind == "shards" and not self.conversations:
             return [("conversations", "missing required value: how many documents to draw from the shards")]
+        if self.kind in BUILTINS and (self.conversations or 0) > MAX_BUILTIN:
+            return [("conversations", f"{self.conversations:,}: the built-in sets make at most {MAX_BUILTIN:,} (they "
+                                      "are held in memory); a larger set belongs in a file")]
         return super().check()
 
 

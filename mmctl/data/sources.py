@@ -12,6 +12,7 @@ on one side, and weights as repetition counts of the training documents.
 from __future__ import annotations
 
 import glob
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +133,11 @@ def _datasets(source: TextSource) -> Iterator[str]:
     data = open_dataset(source.path, source.split)
     if source.field not in data.column_names:
         raise DataError(f"{source.path}: no column {source.field!r} (has: {', '.join(data.column_names)})")
-    for row in data.select_columns([source.field]):
-        yield row[source.field]
+    for where, row in _rows(data.select_columns([source.field]), f"{source.path}[{source.split}]"):
+        text = row[source.field]
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{where}: column {source.field!r} is {type(text).__name__}, expected text")
+        yield text
 
 
 def open_dataset(path: str, split: str):
@@ -146,7 +150,10 @@ def open_dataset(path: str, split: str):
         return datasets.load_dataset(path[3:], split=split)
     if not Path(path).is_dir():
         raise DataError(f"{path}: not a datasets save_to_disk directory")
-    data = datasets.load_from_disk(path)
+    try:
+        data = datasets.load_from_disk(path)
+    except Exception as e:  # noqa: BLE001 - datasets and pyarrow raise a dozen types for a damaged directory
+        raise DataError(f"{path}: not a readable datasets save_to_disk directory ({_error(e)})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{path}: no split {split!r} (has: {', '.join(data)})")
@@ -154,11 +161,34 @@ def open_dataset(path: str, split: str):
     return data
 
 
-def dataset_records(path: str, split: str) -> Iterator[tuple[str, dict]]:
+def dataset_records(path: str, split: str, undecoded: str | None = None) -> Iterator[tuple[str, dict]]:
     """(where, row) for every row of a datasets split, `where` naming it (`dir[train][12]`) as jsonl.records names
-    a line: what sft and rl read conversations and pairs from."""
-    for i, row in enumerate(open_dataset(path, split)):
-        yield f"{path}[{split}][{i}]", row
+    a line: what sft and rl read conversations and pairs from. `undecoded`: an image column handed over as its
+    bytes or path, for mmctl to decode with its own checks (data/images.py), not by `datasets`."""
+    import datasets
+
+    data = open_dataset(path, split)
+    if undecoded in data.column_names and isinstance(data.features[undecoded], datasets.Image):
+        data = data.cast_column(undecoded, datasets.Image(decode=False))
+    yield from _rows(data, f"{path}[{split}]")
+
+
+def _rows(data, name: str) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a dataset, a row that cannot be read one error naming it."""
+    rows = iter(data)
+    for i in itertools.count():
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a truncated or corrupt arrow file fails as it is read
+            raise DataError(f"{name}[{i}]: cannot be read ({_error(e)})") from None
+        yield f"{name}[{i}]", row
+
+
+def _error(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:160]}" + ("…" if len(text) > 160 else "")
 
 
 def mixture(sources: list[TextSource], seed: int, val_fraction: float) -> Iterator[tuple[str, int, str]]:

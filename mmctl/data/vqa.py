@@ -38,6 +38,11 @@ class ImageSource(Source):
 
     COUNT: ClassVar[str] = "items"
 
+    def check(self) -> list[tuple[str, str]]:
+        if self.kind == "shapes" and (self.items or 0) > 100_000:  # rendered and held in memory, as every image is
+            return [("items", f"{self.items:,}: the built-in shapes set makes at most 100,000")]
+        return super().check()
+
 
 def read(source: ImageSource, seed: int, size: int) -> list[Example]:
     """A source's examples, their images at `size` pixels."""
@@ -109,10 +114,7 @@ def read_dataset(path: str, split: str, size: int, limit: int | None = None, ima
     `answers`: the most common of them)."""
     from mmctl.data.sources import dataset_records
 
-    try:
-        return _read(dataset_records(path, split), Path(path), size, limit, path, image_column)
-    except (OSError, ValueError, SyntaxError) as e:  # an image `datasets` itself failed to decode
-        raise DataError(f"{path}: a row's image cannot be decoded ({e})") from None
+    return _read(dataset_records(path, split, undecoded=image_column), Path(path), size, limit, path, image_column)
 
 
 def _read(records, base: Path, size: int, limit: int | None, name, image_column: str = "image") -> list[Example]:
@@ -169,23 +171,26 @@ def _image(record: dict, column: str, base: Path, where: str):
     value = record[column]
     if isinstance(value, Image.Image):
         return value
-    if isinstance(value, dict) and value.get("bytes"):
-        try:
-            return images.load(io.BytesIO(value["bytes"]))
-        except DataError as e:  # (the message would name a BytesIO object)
-            raise DataError(f"field {column!r}: {str(e).split(': ', 1)[-1]}") from None
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        if not isinstance(value["bytes"], bytes):
+            raise DataError(f"field {column!r}: bytes is {type(value['bytes']).__name__}, expected the image's bytes")
+        return images.load(io.BytesIO(value["bytes"]), name=f"field {column!r}")
     if isinstance(value, dict) and value.get("path"):
         value = value["path"]
-    if not isinstance(value, str):
-        raise DataError(f"field {column!r} is {type(value).__name__}, expected an image or a path")
+    if not isinstance(value, str) or not value or "\x00" in value:
+        raise DataError(f"field {column!r} is {_kind(value)}, expected an image or a path")
     return images.load(base / value)
 
 
-def messages(question: str, answer: str | None = None) -> list[dict]:
-    """The chat turn: the image placeholder and the question from the user (and the answer from the assistant)."""
-    from mmctl.tokenizer.bpe import IMAGE
+def _kind(value) -> str:
+    return "an empty string" if value == "" else "a string with a NUL byte" if isinstance(value, str) else \
+        type(value).__name__
 
-    turn = [{"role": "user", "content": f"{IMAGE}\n{question}"}]
+
+def messages(question: str, answer: str | None = None) -> list[dict]:
+    """The chat turn: the image and the question from the user (and the answer from the assistant). The image is
+    a content part — the image token is the template's to place — so a question that spells "<|image|>" is text."""
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{question}"}]}]
     return turn + ([{"role": "assistant", "content": answer}] if answer is not None else [])
 
 

@@ -46,15 +46,15 @@ class TaskConfig:
     field: str = option("text", "perplexity over jsonl: the field holding each document")
     split: str = option("val", "perplexity over a shards directory: the split to score")
     fewshot_data: str | None = option(None, "jsonl items to draw few-shot examples from (the task's train split)")
-    num_fewshot: int = option(0, "examples prepended to each context", ge=0)
+    num_fewshot: int = option(0, "examples prepended to each context", ge=0, le=1000)
     stride: int | None = option(None, "perplexity: tokens between rolling windows; unset: the model's context",
                                 ge=1)
-    max_new_tokens: int = option(32, "generation: tokens to generate at most", ge=1)
+    max_new_tokens: int = option(32, "generation: tokens to generate at most", ge=1, le=65536)
     stop: list[str] = option(list, "generation: stop strings (default: a newline)")
     extract: str | None = option(None, "generation: last_number | hashes (#### answer) | exact | regex:PATTERN "
                                          "(the first group, or the whole match); unset: last_number (the first word "
                                          "for story-questions)")
-    items: int = option(500, "built-in tasks: how many items to generate", ge=1)
+    items: int = option(500, "built-in tasks: how many items to generate", ge=1, le=100_000)
 
     def check(self) -> list[tuple[str, str]]:
         if self.builtin:

@@ -124,21 +124,22 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict, name: str = "config.json") -> ModelConfig:
-        """config.json fields → ModelConfig. UsageError for a family or feature mmctl's model does not have."""
+        """config.json fields → ModelConfig. DataError (the checkpoint is the input) for a family or feature mmctl's
+        model does not have, naming the file."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED:
-            raise UsageError(f"{name}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+            raise DataError(f"{name}: model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
         missing = [k for k in REQUIRED if k not in hf]
         if missing:
             raise DataError(f"{name}: missing {', '.join(missing)}")
         get = {**DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}.get
         if get("hidden_act", "silu") != "silu":
-            raise UsageError(f"{name}: hidden_act {get('hidden_act')!r} is not supported (only silu)")
+            raise DataError(f"{name}: hidden_act {get('hidden_act')!r} is not supported (only silu)")
         if model_type == "llama" and get("attention_bias", False):
-            raise UsageError(f"{name}: attention_bias: true (an o_proj bias too) is not supported; "
+            raise DataError(f"{name}: attention_bias: true (an o_proj bias too) is not supported; "
                              "mmctl has q/k/v biases only (Qwen2)")
         if get("mlp_bias", False):
-            raise UsageError(f"{name}: mlp_bias: true is not supported")
+            raise DataError(f"{name}: mlp_bias: true is not supported")
 
         rope = {}
         for key in ("rope_parameters", "rope_scaling"):  # legacy keys win, as in transformers
@@ -147,7 +148,7 @@ class ModelConfig:
             rope.update(hf.get(key) or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            raise UsageError(f"{name}: rope type {rope_type!r} is not supported (supported: default, llama3)")
+            raise DataError(f"{name}: rope type {rope_type!r} is not supported (supported: default, llama3)")
         theta = next(t for t in (hf.get("rope_theta"), rope.get("rope_theta"), get("rope_theta")) if t is not None)
         scaling = None
         if rope_type == "llama3":

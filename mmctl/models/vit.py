@@ -38,12 +38,14 @@ MEAN = STD = (0.5, 0.5, 0.5)  # SigLIP's input normalisation: pixels / 255 → (
 class ViTConfig:
     """The encoder's shape; usable directly as a recipe's `vision:` section. Defaults make a tiny encoder."""
 
-    image_size: int = option(32, "image side in pixels (images are resized to image_size × image_size)", ge=1)
-    patch_size: int = option(4, "patch side in pixels: (image_size / patch_size)² patch tokens per image", ge=1)
-    hidden_size: int = option(128, "width of each patch token (C)", ge=1)
-    intermediate_size: int = option(512, "width of the GELU MLP", ge=1)
+    image_size: int = option(32, "image side in pixels (images are resized to image_size × image_size)", ge=1,
+                             le=4096)
+    patch_size: int = option(4, "patch side in pixels: (image_size / patch_size)² patch tokens per image", ge=1,
+                             le=4096)
+    hidden_size: int = option(128, "width of each patch token (C)", ge=1, le=65536)
+    intermediate_size: int = option(512, "width of the GELU MLP", ge=1, le=262144)
     num_layers: int = option(4, "transformer blocks", ge=1, le=256)
-    num_heads: int = option(4, "attention heads", ge=1)
+    num_heads: int = option(4, "attention heads", ge=1, le=1024)
     layer_norm_eps: float = option(1e-6, "epsilon of the LayerNorms", gt=0)
 
     @property
@@ -67,10 +69,25 @@ class ViTConfig:
                 "vision_use_head": False}
 
     @classmethod
-    def from_hf(cls, hf: dict) -> ViTConfig:
-        return cls(image_size=hf["image_size"], patch_size=hf["patch_size"], hidden_size=hf["hidden_size"],
-                   intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-                   num_heads=hf["num_attention_heads"], layer_norm_eps=hf.get("layer_norm_eps", 1e-6))
+    def from_hf(cls, hf: dict, name: str = "config.json") -> ViTConfig:
+        """A SigLIP vision config → ViTConfig, checked as strictly as a recipe (types, ranges, heads dividing the
+        width): a checkpoint's config is input data, so a problem is a DataError naming `name`."""
+        from mmctl import recipe
+        from mmctl.errors import UsageError
+
+        if not isinstance(hf, dict):
+            raise DataError(f"{name}: the vision config is not a mapping")
+        keys = {"image_size": "image_size", "patch_size": "patch_size", "hidden_size": "hidden_size",
+                "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+                "num_heads": "num_attention_heads", "layer_norm_eps": "layer_norm_eps"}
+        missing = [theirs for ours, theirs in keys.items() if theirs not in hf and ours != "layer_norm_eps"]
+        if missing:
+            raise DataError(f"{name}: the vision config lacks {', '.join(missing)}")
+        fields = {ours: hf[theirs] for ours, theirs in keys.items() if theirs in hf}
+        try:
+            return recipe.build(cls, fields, recipe.Source(name, {}, set()))
+        except UsageError as e:
+            raise DataError(*e.problems) from None
 
 
 def processor_config(size: int) -> dict:
@@ -187,7 +204,7 @@ def load_pretrained(path: str | Path) -> ViT:
     if vision.get("model_type", config.get("model_type")) not in ("siglip_vision_model", "siglip"):
         raise DataError(f"{path / 'config.json'}: not a SigLIP checkpoint (model_type {config.get('model_type')!r})")
     try:
-        model = ViT(ViTConfig.from_hf(vision))
+        model = ViT(ViTConfig.from_hf(vision, str(path / "config.json")))
     except KeyError as e:
         raise DataError(f"{path / 'config.json'}: the vision config lacks {e}") from None
     wanted = model.state_dict()

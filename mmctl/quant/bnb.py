@@ -157,6 +157,9 @@ def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype, 
             codes, scales = tensors.pop(f"{name}.weight"), tensors.pop(f"{name}.SCB")
             if int(tensors.pop(f"{name}.weight_format", 0)) != 0:
                 raise ValueError(f"{name}.weight_format: only row-major (0) 8-bit weights are read")
+            if tuple(codes.shape) != shape[::-1] or tuple(scales.shape) != (shape[1],):
+                raise ValueError(f"{name}: int8 weight {tuple(codes.shape)} and SCB {tuple(scales.shape)}, config.json "
+                                 f"implies {shape[::-1]} and ({shape[1]},)")
             layer = bnb.nn.Linear8bitLt(*shape, bias=module.bias is not None, has_fp16_weights=False,
                                         threshold=float(config.get("llm_int8_threshold", 6.0)), device="meta")
             layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes,
@@ -165,9 +168,28 @@ def from_prequantized(model: nn.Module, tensors: dict, names: list[str], dtype, 
             prefix = f"{name}.weight."
             stats = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
             layer = bnb.nn.Linear4bit(*shape, bias=module.bias is not None, compute_dtype=dtype, device="meta")
-            layer.weight = bnb.nn.Params4bit.from_prequantized(tensors.pop(f"{name}.weight"), stats,
-                                                               requires_grad=False, device=device)
+            codes = tensors.pop(f"{name}.weight")
+            layer.weight = bnb.nn.Params4bit.from_prequantized(codes, stats, requires_grad=False, device=device)
+            _check_4bit(name, layer.weight, codes, shape[::-1])
             layer.support_avx512bf16_for_cpu = False  # the exact dequantize-then-multiply path (see to_4bit)
         if module.bias is not None:
             layer.bias = nn.Parameter(tensors.pop(f"{name}.bias"), requires_grad=False)
         replace(model, name, layer)
+
+
+def _check_4bit(name: str, weight, codes, shape: tuple[int, int]) -> None:
+    """A prequantized 4-bit weight's state agrees with the layer config.json describes (bitsandbytes itself would
+    only fail, or silently misread, in the first forward)."""
+    import math
+
+    state = weight.quant_state
+    n = math.prod(shape)
+    if tuple(state.shape) != shape or codes.numel() * 2 != n:
+        raise ValueError(f"{name}: 4-bit codes of {codes.numel()} bytes for shape {tuple(state.shape)}; config.json "
+                         f"implies {shape} ({n // 2} bytes)")
+    blocks = math.ceil(n / state.blocksize)
+    absmax = state.state2.absmax if state.nested else state.absmax
+    if (state.absmax.numel() != blocks or state.nested and absmax.numel() != math.ceil(blocks / state.state2.blocksize)
+            or state.code.numel() != 16):
+        raise ValueError(f"{name}: its quantization state (absmax, code) does not match {shape} in blocks of "
+                         f"{state.blocksize}")

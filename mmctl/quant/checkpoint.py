@@ -37,8 +37,12 @@ def read_config(path: Path) -> dict | None:
         raise DataError(f"{where}: quantization_config {method!r} is not one mmctl reads (its own, or "
                         "bitsandbytes 4-bit or 8-bit); load this checkpoint with transformers")
     bits, group = config.get("bits"), config.get("group_size")
-    if bits not in (2, 3, 4, 8) or (bits != 8 and (not isinstance(group, int) or group < 1)):
-        raise DataError(f"{where}: quantization_config needs bits 2, 3, 4 or 8 and, under 8 bits, a group_size")
+    if bits not in (2, 3, 4, 8) or (bits != 8 and (not isinstance(group, int) or isinstance(group, bool)
+                                                   or not 1 <= group <= 2**20)):
+        raise DataError(f"{where}: quantization_config needs bits 2, 3, 4 or 8 and, under 8 bits, a group_size "
+                        "(1 to 2^20)")
+    if config.get("method") not in ("rtn", "gptq") or not isinstance(config.get("desc_act", False), bool):
+        raise DataError(f"{where}: quantization_config.method must be rtn or gptq and desc_act true or false")
     skip = config.get("modules_to_not_convert", ["lm_head"])
     if not isinstance(skip, list) or not all(isinstance(s, str) for s in skip):
         raise DataError(f"{where}: quantization_config.modules_to_not_convert must be a list of module names")

@@ -64,6 +64,9 @@ def _tokens(tokens_at: dict, step: int):
     return tokens_at[max(earlier)] if earlier else None
 
 
+LABELLED = 40  # points of the quantization figure that get their method's name
+
+
 def draw(data: dict, attention: dict, out: Path) -> list[tuple[str, str]]:
     """Write one PNG per figure into `out`; returns (title, file name) in the report's order."""
     import matplotlib
@@ -124,8 +127,8 @@ def draw(data: dict, attention: dict, out: Path) -> list[tuple[str, str]]:
     if "quantize" in data:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for rows in data["quantize"].values():
-            for name, size, ppl in rows:
-                ax.scatter(size / 2**20, ppl)
+            ax.scatter([size / 2**20 for _, size, _ in rows], [ppl for _, _, ppl in rows])
+            for name, size, ppl in rows[:LABELLED]:  # (a label per point: past a few dozen they are unreadable)
                 ax.annotate(name, (size / 2**20, ppl), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set(xlabel="MiB on disk", ylabel="held-out perplexity", title="quantization: size against perplexity")
         save(fig, "quantize.png", "Quantization: size on disk against perplexity")

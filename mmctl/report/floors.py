@@ -16,17 +16,24 @@ from pathlib import Path
 
 import yaml
 
-from mmctl.errors import DataError, UsageError
+from mmctl.errors import UsageError
 from mmctl.report.runs import StageRun, lookup
 
 
 def read(path: str | Path) -> list[dict]:
+    """The checks of a floors file, read as strictly as a recipe (a regular UTF-8 file, plain YAML, no alias
+    bombs): any problem is one UsageError naming the file."""
+    from mmctl import recipe
+
+    text = recipe.read(path)
     try:
-        checks = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"{path}: {e.strerror}") from None
+        checks = recipe.safe_load(text)
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply") from None
+    except UsageError as e:
+        raise UsageError(f"{path}: {e.problems[0].split(': ', 1)[-1]}") from None
     if not isinstance(checks, list):
         raise UsageError(f"{path}: expected a list of checks (run, value, min or max, why)")
     for i, c in enumerate(checks):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from calendar import timegm
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ from time import strptime
 import yaml
 
 from mmctl.artifacts import LOCK, MANIFEST
-from mmctl.errors import DataError
+from mmctl.errors import DataError, MmctlError
 
 # The curriculum's order, which is the report's; `generate` writes no run dir.
 CURRICULUM = ("account", "tokenize", "pretrain", "sft", "rl", "align-vision", "quantize", "eval")
@@ -51,10 +52,10 @@ class StageRun:
 
     def training(self) -> list[dict]:
         """The training records of metrics.jsonl (a loss at a step), in order."""
-        return [r for r in self.metrics if "loss" in r and "step" in r]
+        return [r for r in self.metrics if "step" in r and _number(r.get("loss"))]
 
     def validation(self) -> list[dict]:
-        return [r for r in self.metrics if "val_loss" in r and "step" in r]
+        return [r for r in self.metrics if "step" in r and _number(r.get("val_loss"))]
 
 
 def _epoch(stamp: str) -> int:
@@ -98,32 +99,39 @@ def _json(path: Path) -> tuple[dict, str]:
     """(the object, "") or ({}, why not): one unreadable manifest is shown as such, not the end of the report."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        return {}, f"{path.name} is not readable JSON ({e})"
+    except (OSError, ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        return {}, f"{path.name} is not readable JSON ({type(e).__name__}: {str(e)[:120]})"
     return (data, "") if isinstance(data, dict) else ({}, f"{path.name} is not a JSON object")
 
 
 def _yaml(path: Path) -> dict:
+    from mmctl.recipe import safe_load
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, yaml.YAMLError):
+        data = safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, yaml.YAMLError, RecursionError, MmctlError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _jsonl(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a line cut short by a kill is skipped (the log is a log, not a result)."""
+    """metrics.jsonl's records with a numeric step; a line cut short by a kill, or not text, is skipped (the log is
+    a log, not a result)."""
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and _number(record.get("step", 0)):
             records.append(record)
     return records
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _locked(lock: Path) -> bool:

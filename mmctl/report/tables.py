@@ -94,6 +94,8 @@ def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
         samples = run.path / "samples.jsonl"
         checkpoints = run.results.get("checkpoints")
         for checkpoint, scored in (checkpoints if isinstance(checkpoints, dict) else {}).items():
+            if "\x00" in checkpoint:  # a path no file system has: not a checkpoint eval scored
+                continue
             row = rows.setdefault(checkpoint, {"checkpoint": checkpoint, "label": _label(checkpoint),
                                                "stage": _stage_of(checkpoint, run.path, made_by), "cells": {},
                                                "samples": _relative(samples, relative_to) if samples.is_file()

@@ -40,18 +40,20 @@ from mmctl.rl.rewards import RewardSpec
 class GRPOConfig:
     group_size: int = option(8, "G: completions sampled per prompt (their mean reward is each one's baseline)",
                              ge=2, le=1024)
-    max_completion_tokens: int = option(16, "tokens of a completion at most", ge=1)
-    temperature: float = option(1.0, "sampling temperature of the completions", gt=0)
-    top_p: float = option(1.0, "nucleus sampling of the completions (1: off)", gt=0, le=1)
+    max_completion_tokens: int = option(16, "tokens of a completion at most", ge=1, le=65536)
+    temperature: float = option(1.0, "sampling temperature of the completions", ge=0.01, le=100)
+    top_p: float = option(1.0, "nucleus sampling of the completions (1: off)", ge=0.001, le=1)
     rewards: list[RewardSpec] = option([RewardSpec("numeric")], "the rewards, summed with their weights "
                                        "(fields: name, weight; mmctl/rl/rewards.py)")
     allow_python_rewards: bool = option(False, "allow a module:function reward (it runs your Python code)")
+    reward_seconds: float = option(10.0, "the longest one call of a module:function reward may take (seconds)",
+                                   gt=0, le=3600)
     scale_rewards: bool = option(True, "divide each advantage by its group's reward std (false: Dr. GRPO)")
     loss_type: Literal["grpo", "dr_grpo", "dapo"] = option(
         "dapo", "how per-token losses sum: grpo (per-sequence mean) | dr_grpo (constant normaliser) | dapo "
                 "(per token over the batch)")
     epsilon_low: float = option(0.2, "clip the ratio below at 1 − epsilon_low", ge=0, lt=1)
-    epsilon_high: float = option(0.2, "clip the ratio above at 1 + epsilon_high (DAPO: 0.28)", ge=0)
+    epsilon_high: float = option(0.2, "clip the ratio above at 1 + epsilon_high (DAPO: 0.28)", ge=0, le=10)
     num_iterations: int = option(1, "μ: optimizer steps on each batch of completions (their old log-probs are "
                                     "kept from when they were sampled)", ge=1, le=64)
     beta: float = option(0.0, "weight of the KL penalty to the starting model (0: none, and no reference kept)",

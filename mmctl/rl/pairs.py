@@ -57,12 +57,18 @@ def rows(pairs: list[Pair], tok, model, seq_len: int, pad_id: int, precision: st
 
     from mmctl.data import rl as rl_data
     from mmctl.data.sft import pad
+    from mmctl.errors import UsageError
     from mmctl.rl.dpo import logps
     from mmctl.runtime import autocast
 
     encoded = [rl_data.encode(p, tok) for p in pairs]
     chosen = pad([c for c, _ in encoded], seq_len, pad_id)
     rejected = pad([r for _, r in encoded], seq_len, pad_id)
+    empty = sum(not any(c) or not any(r) for c, r in zip(chosen.trained, rejected.trained, strict=True))
+    if empty:  # a pair whose completion falls past the row would train on nothing (and count as a pair)
+        longest = max(len(c.ids) - sum(c.mask) for c, _ in encoded)
+        raise UsageError(f"train.seq_len: {seq_len} leaves no completion token in {empty} of {len(pairs)} pairs (the "
+                         f"longest prompt has {longest} tokens): raise it, or shorten those prompts")
     rows = {"chosen": chosen, "rejected": rejected, "cut": chosen.cut + rejected.cut,
             "ref": torch.zeros(len(pairs), 2)}
     model.eval()

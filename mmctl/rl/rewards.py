@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from mmctl.errors import DataError, UsageError
 from mmctl.evals.extract import exact_match, extract, normalize
 from mmctl.recipe import option
+from mmctl.runtime import time_limit
 
 
 @dataclass
@@ -47,8 +48,14 @@ class RewardSpec:
     weight: float = option(1.0, "its weight in the summed reward")
 
     def check(self) -> list[tuple[str, str]]:
-        if self.name not in BUILTIN and ":" not in self.name:
+        if self.name in BUILTIN:
+            return []
+        if ":" not in self.name:
             return [("name", f"unknown reward {self.name!r}: one of {', '.join(BUILTIN)}, or module:function")]
+        module, _, function = self.name.partition(":")
+        if not all(part.isidentifier() for part in module.split(".")) or not function.isidentifier():
+            return [("name", f"{self.name!r} is not module:function (an absolute module path of Python names, a "
+                             "function name: no relative or file paths)")]
         return []
 
 
@@ -91,8 +98,10 @@ BUILTIN: dict[str, Callable[[Sample], float]] = {
     "length": length}
 
 
-def resolve(specs: list[RewardSpec], allow_python: bool) -> list[tuple[str, float, Callable[[Sample], float]]]:
-    """(name, weight, function) for each reward of a recipe; a user's function is imported here, once."""
+def resolve(specs: list[RewardSpec], allow_python: bool, seconds: float = 10.0
+            ) -> list[tuple[str, float, Callable[[Sample], float]]]:
+    """(name, weight, function) for each reward of a recipe; a user's function is imported here, once, and each
+    call of it may take at most `seconds`."""
     out = []
     for spec in specs:
         if spec.name in BUILTIN:
@@ -101,32 +110,44 @@ def resolve(specs: list[RewardSpec], allow_python: bool) -> list[tuple[str, floa
         if not allow_python:
             raise UsageError(f"grpo.rewards: {spec.name} runs Python code from your environment; set "
                              "grpo.allow_python_rewards: true to allow it")
-        out.append((spec.name, spec.weight, _user_function(spec.name)))
+        out.append((spec.name, spec.weight, _user_function(spec.name, seconds)))
     return out
 
 
-def _user_function(path: str) -> Callable[[Sample], float]:
+def _user_function(path: str, seconds: float) -> Callable[[Sample], float]:
     module_name, _, name = path.partition(":")
     if "" not in sys.path:  # a reward file beside the recipe, as `python -m` would find it
         sys.path.insert(0, "")
     try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise UsageError(f"grpo.rewards: cannot import {path} ({e})") from None
+        with time_limit(seconds, f"importing {module_name} (grpo.reward_seconds)"):
+            fn = getattr(importlib.import_module(module_name), name)
+    except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's module: whatever importing it raises
+        raise UsageError(f"grpo.rewards: cannot import {path} ({type(e).__name__}: {e})") from None
     if not callable(fn):
         raise UsageError(f"grpo.rewards: {path} is not a function")
 
     def call(s: Sample) -> float:
         try:
-            value = fn(s.completion, s.answer)
-        except Exception as e:  # noqa: BLE001 - the user's code: any failure is one line naming it
+            with time_limit(seconds, "one call (grpo.reward_seconds)"):
+                value = fn(s.completion, s.answer)
+            number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code: any failure is one line naming it
             raise DataError(f"reward {path} failed on the completion {s.completion[:60]!r}: "
                             f"{type(e).__name__}: {e}") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise DataError(f"reward {path} returned {value!r} for {s.completion[:60]!r}; expected a finite number")
-        return float(value)
+        if number is None or not math.isfinite(number):
+            raise DataError(f"reward {path} returned {_short(value)} for {s.completion[:60]!r}; expected a finite "
+                            "number")
+        return number
 
     return call
+
+
+def _short(value) -> str:
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a value whose repr fails (or an int too long to print)
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= 60 else text[:57] + "…"
 
 
 def correct(specs: list[RewardSpec]) -> Callable[[Sample], float]:

@@ -75,9 +75,10 @@ class Phase:
 
 @dataclass
 class VQAEvalConfig:
-    items: int = option(600, "held-out shapes questions (fresh images) answered at the end, per type", ge=6)
+    items: int = option(600, "held-out shapes questions (fresh images) answered at the end, per type", ge=6,
+                       le=100_000)
     composition_items: int = option(120, "questions about scenes with a colour–kind pair training never showed",
-                                     ge=0)
+                                     ge=0, le=100_000)
     sample_question: str = option("How many shapes are there?", "asked about one held-out image at each evaluation")
 
 
@@ -100,6 +101,9 @@ class AlignVisionRecipe:
 
 
 def inputs(cfg: AlignVisionRecipe) -> dict[str, Path]:
+    from mmctl import hf
+
+    hf.checkpoint_dir(cfg.base, "base")
     return {"base": Path(cfg.base), **{f"phases[{i}].sources[{j}]": Path(s.path) for i, p in enumerate(cfg.phases)
                                        for j, s in enumerate(p.sources) if s.path},
             **({"vision.pretrained": Path(cfg.vision.pretrained)} if cfg.vision.pretrained else {})}

@@ -59,9 +59,12 @@ class DPORecipe:
     eval: finetune.SampleConfig = option(finetune.SampleConfig, "what each evaluation shows")
 
 
+inputs = finetune.inputs  # the base checkpoint and the source files
+
+
 def run(cfg: DPORecipe, options: Options = Options()) -> StageResult:
     """Train `base` on the pairs, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
-    return Job(STAGE, cfg, options, finetune.inputs(cfg), distributed=True).run(dpo)
+    return Job(STAGE, cfg, options, inputs(cfg), distributed=True).run(dpo)
 
 
 def dpo(cfg: DPORecipe, job: Job) -> dict:

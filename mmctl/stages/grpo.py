@@ -68,9 +68,12 @@ class GRPORecipe:
         return []
 
 
+inputs = finetune.inputs  # the base checkpoint and the source files
+
+
 def run(cfg: GRPORecipe, options: Options = Options()) -> StageResult:
     """Train `base` on its own sampled answers, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
-    return Job(STAGE, cfg, options, finetune.inputs(cfg), distributed=True).run(grpo)
+    return Job(STAGE, cfg, options, inputs(cfg), distributed=True).run(grpo)
 
 
 def grpo(cfg: GRPORecipe, job: Job) -> dict:
@@ -81,7 +84,8 @@ def grpo(cfg: GRPORecipe, job: Job) -> dict:
     from mmctl.train.loop import Parts, micro_batches
 
     g = cfg.grpo
-    rewards, correct = reward_fns.resolve(g.rewards, g.allow_python_rewards), reward_fns.correct(g.rewards)
+    rewards = reward_fns.resolve(g.rewards, g.allow_python_rewards, g.reward_seconds)
+    correct = reward_fns.correct(g.rewards)
     model, tok = finetune.load(cfg, job.device)
     (train, val), stats = problems(cfg, tok)
     finetune.adapt(model, cfg)

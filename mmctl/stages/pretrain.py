@@ -34,9 +34,9 @@ class PretrainData:
 
 @dataclass
 class PretrainEval:
-    tokens: int = option(65536, "validation tokens scored at each evaluation", ge=1)
+    tokens: int = option(65536, "validation tokens scored at each evaluation", ge=1, le=10**10)
     sample_prompt: str = option("Once upon a time", "prompt of the greedy sample logged at each evaluation")
-    sample_tokens: int = option(48, "tokens of that sample", ge=1)
+    sample_tokens: int = option(48, "tokens of that sample", ge=1, le=4096)
 
 
 @dataclass

@@ -37,7 +37,7 @@ class CalibrationSection:
     data: str | None = option(None, "a token shards dir (`mmctl tokenize` output): GPTQ's calibration windows")
     split: str = option("train", "the shard split the windows come from")
     sequences: int = option(64, "calibration windows", ge=1, le=100_000)
-    seq_len: int = option(256, "tokens per window", ge=8)
+    seq_len: int = option(256, "tokens per window", ge=8, le=2**20)
 
 
 @dataclass
@@ -46,8 +46,8 @@ class EvaluationSection:
     split: str = option("val", "the shard split scored")
     tokens: int = option(20_000, "score the first documents holding about this many tokens", ge=100)
     tasks: list[TaskConfig] = option(list, "eval tasks scored for every row (fields: mmctl/evals/tasks.py)")
-    decode_tokens: int = option(64, "tokens decoded at batch 1 for the speed column", ge=2)
-    batch_size: int = option(8, "sequences per forward pass when scoring", ge=1)
+    decode_tokens: int = option(64, "tokens decoded at batch 1 for the speed column", ge=2, le=4096)
+    batch_size: int = option(8, "sequences per forward pass when scoring", ge=1, le=65536)
 
 
 @dataclass
@@ -77,6 +77,9 @@ class QuantizeRecipe:
 
 
 def inputs(cfg: QuantizeRecipe) -> dict[str, Path]:
+    from mmctl import hf
+
+    hf.checkpoint_dir(cfg.base, "base")
     shards = cfg.evaluation.data or cfg.calibration.data
     return {"base": Path(cfg.base), "evaluation": Path(shards) / "manifest.json",
             **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {}),
@@ -95,6 +98,9 @@ def quantize_all(cfg: QuantizeRecipe, job: Job) -> dict:
     base, tok = _base(cfg, job.device)
     chat = checkpoints.is_chat_model(cfg.base)
     names = list(linear.linears(base, tuple(cfg.skip)))  # the linears every method quantizes
+    if not names:
+        raise UsageError(f"skip: {cfg.skip} keeps every linear layer of {cfg.base} in floating point: nothing to "
+                         "quantize")
     for m in cfg.methods:
         bad = [n for n in names if m.method not in BNB and m.bits != 8 and base.get_submodule(n).in_features % m.group]
         if bad:

@@ -65,10 +65,13 @@ class SFTRecipe:
     eval: finetune.SampleConfig = option(finetune.SampleConfig, "what each evaluation shows")
 
 
+inputs = finetune.inputs  # the base checkpoint and the source files
+
+
 def run(cfg: SFTRecipe, options: Options = Options()) -> StageResult:
     """Fine-tune `base`, then write <out>/model/ (merged) and, for adapters, <out>/adapter/."""
     # under FSDP every process evaluates the same rows, so a full fine-tune can shard the whole model
-    job = Job(STAGE, cfg, options, finetune.inputs(cfg), distributed=True, shardable=cfg.method == "full")
+    job = Job(STAGE, cfg, options, inputs(cfg), distributed=True, shardable=cfg.method == "full")
     return job.run(sft)
 
 

@@ -171,17 +171,15 @@ class Tokenizer:
         """Token ids of `text`; special-token strings inside it are encoded as ordinary text.
 
         Corpus text that happens to contain "<|eos|>" must not end a document, nor can a user's prompt forge a
-        role turn; special tokens enter only where mmctl puts them (`encode_special`).
+        role turn; special tokens enter only where mmctl puts them (`encode_with_offsets(…, special=True)`).
         """
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_special(self, text: str) -> list[int]:
-        """Token ids of text that mmctl itself rendered (a chat template): special tokens are recognized."""
-        return self.encode_special_with_offsets(text)[0]
-
-    def encode_special_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """`encode_special`, with each token's (start, end) character offsets into `text`."""
-        self.backend.encode_special_tokens = False
+    def encode_with_offsets(self, text: str, special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode`, with each token's (start, end) character offsets into `text`; `special`: special-token
+        strings are recognized — only for text mmctl itself rendered around a message (data/chat.py), never for
+        a message's content."""
+        self.backend.encode_special_tokens = not special
         try:
             encoding = self.backend.encode(text, add_special_tokens=False)
         finally:

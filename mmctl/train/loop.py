@@ -46,10 +46,11 @@ from mmctl.train.optim import OptimConfig, lr_at, make_optimizer
 @dataclass
 class TrainConfig:
     steps: int = option(200, "optimizer steps (at most 10^9: published runs take ~10^6)", ge=1, le=10**9)
-    batch_size: int = option(16, "sequences per optimizer step, across all processes and micro-batches", ge=1)
+    batch_size: int = option(16, "sequences per optimizer step, across all processes and micro-batches", ge=1,
+                             le=2**20)
     micro_batch_size: int | None = option(None, "sequences per forward/backward on one process; unset: "
-                                                "batch_size / processes (no accumulation)", ge=1)
-    seq_len: int = option(256, "tokens per training sequence", ge=1)
+                                                "batch_size / processes (no accumulation)", ge=1, le=2**20)
+    seq_len: int = option(256, "tokens per training sequence", ge=1, le=2**20)
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "fp32 | bf16 (autocast, fp32 master weights) | auto: bf16 where the device runs it fast")
     compile: bool = option(False, "torch.compile the model (a 12-21 s compile, faster steps)")

@@ -65,7 +65,6 @@ NAMES += [f"{name} [generate --chat]" for name, _, _ in CHAT_CASES]
 def test_checkpoint(results, name):
     r, code, case_dir = results[name]
     assert r["traceback"] is None, r["traceback"]
-    assert r["seconds"] < 30
     if code is None and r["code"] == 0:
         return
     assert r["code"] == code if code is not None else r["code"] in (2, 3), r["stderr"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.cli import mmctl
+from tests.cli import ENV, mmctl
 
 
 def snapshot(root: Path) -> dict:
@@ -125,3 +126,33 @@ def test_a_fresh_run_whose_reward_raises_keeps_the_finished_run(world, tmp_path)
 
 def boom(completion: str, answer: str) -> float:
     raise RuntimeError("boom")
+
+
+@pytest.mark.slow
+def test_kill_9_inside_a_quantization_leaves_a_run_that_finishes_on_the_next_try(world, tmp_path):
+    """SIGKILL once the first method's checkpoint is written (under .pending/): the finished run's manifest and
+    products are still the old ones, and the same command then finishes cleanly and publishes the new ones."""
+    import signal
+    import time
+
+    out = world["root"] / "quantize"
+    before = snapshot(out)
+    recipe = {**world["quantize"], "methods": [{"method": "rtn", "bits": 8, "name": "new-a"},
+                                               {"method": "rtn", "bits": 4, "group": 32, "name": "new-b"}]}
+    path = write(tmp_path / "q.yaml", recipe)
+    proc = subprocess.Popen([sys.executable, "-m", "mmctl", "quantize", str(path)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / ".pending" / "new-a" / "config.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run never wrote its first method"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()  # a run was under way: the directory is not finished …
+    kept = {k: v for k, v in snapshot(out).items() if k.split("/")[0] in ("rtn-8bit", "rtn-4bit-g32")}
+    assert kept == {k: v for k, v in before.items() if k.split("/")[0] in ("rtn-8bit", "rtn-4bit-g32")}
+    assert json.loads((out / "previous" / "manifest.json").read_text())["stage"] == "quantize"  # … the last one kept
+    done = mmctl("quantize", str(path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {p.name for p in out.iterdir()}
+    assert {"new-a", "new-b", "manifest.json"} <= names and not {"previous", ".pending", ".backup"} & names

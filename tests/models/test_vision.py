@@ -126,7 +126,8 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
     text = render([{"role": "user", "content": f"{bpe.IMAGE}\\nWhat colour is the circle?"}], tok.chat_template,
                   add_generation_prompt=True)
     inputs = processor(text=text, images=image, return_tensors="pt")
-    ids = torch.tensor([vlm.expand(tok.encode_special(text), model.image_token_id, model.tokens_per_image)])
+    ids = torch.tensor([vlm.expand(tok.encode_with_offsets(text, special=True)[0], model.image_token_id,
+                                   model.tokens_per_image)])
     assert torch.equal(inputs["input_ids"], ids)
     pixels = images.pixels(image, 32)[None]
     torch.testing.assert_close(inputs["pixel_values"], pixels, atol=1e-6, rtol=0)

@@ -38,7 +38,7 @@ def by_hand(model, context: list[int], continuation: list[int]) -> float:
 
 def test_a_chat_model_is_asked_through_its_template(checkpoint, chat_checkpoint, tmp_path):
     from mmctl import checkpoints
-    from mmctl.data.chat import render
+    from mmctl.data.chat import prompt_ids
     from mmctl.evals.tasks import builtin_items
 
     result = run([checkpoint, chat_checkpoint], tmp_path / "e")
@@ -49,8 +49,7 @@ def test_a_chat_model_is_asked_through_its_template(checkpoint, chat_checkpoint,
     samples = [json.loads(line) for line in (tmp_path / "e" / "samples.jsonl").read_text().splitlines()]
     asked = [s for s in samples if s["checkpoint"] == str(chat_checkpoint) and s["task"] == "arithmetic-mc"]
     for item, sample in zip(builtin_items("arithmetic-mc", 3), asked, strict=True):
-        context = tok.encode_special(render([{"role": "user", "content": item["question"]}], tok.chat_template,
-                                            add_generation_prompt=True))
+        context = prompt_ids([{"role": "user", "content": item["question"]}], tok)
         expected = [by_hand(model, context, tok.encode(choice)) for choice in item["choices"]]
         assert sample["logprobs"] == pytest.approx(expected, abs=1e-4)
     forced = run([chat_checkpoint], tmp_path / "p", chat=False).results["checkpoints"][str(chat_checkpoint)]

@@ -102,7 +102,7 @@ def test_generate_answers_about_an_image_as_eval_does(vlm_dir, tmp_path):
     model, tok = checkpoints.load(vlm_dir, vision=True)
     pixels = images.pixels(images.load(tmp_path / "scene.png"), 16)
     assert said == vqa_eval.answers(model, tok, [pixels], ["How many shapes are there?"])[0]
-    for image, fragment in ((tmp_path / "none.png", "image not found"), (tmp_path, "not a readable image")):
+    for image, fragment in ((tmp_path / "none.png", "image not found"), (tmp_path, "not a regular file")):
         out = mmctl("generate", str(vlm_dir), "--image", str(image), "-p", "What is it?")
         assert out.returncode == 3 and fragment in out.stderr and "Traceback" not in out.stderr, out.stderr
 
