@@ -238,6 +238,12 @@ class StageDir:
                                  f"{', …' if len(strangers) > 3 else ''}); choose a new or empty directory (nothing "
                                  "was changed)")
 
+    def release(self) -> None:
+        """Let go of the directory's lock (the process's exit does too)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def up_to_date(self) -> bool:
         """True if a finished run of this stage with the same resolved recipe and input hashes is here."""
         manifest = read_manifest(self.out)

@@ -40,9 +40,24 @@ def lm_files(model: Transformer, tokenizer=None, chat: bool = False, quantizatio
     model tuned to answer through its chat template, which is how `mmctl eval` then asks it questions;
     `quantization`: the quantization_config of its quantized layers)."""
     special = tokenizer.special_token_ids() if tokenizer is not None else {}
-    return {"config.json": {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch."),
-                            **({"quantization_config": quantization} if quantization else {})},
-            "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})}}
+    config = {**model.cfg.to_hf(), **special, "torch_dtype": str(model.dtype).removeprefix("torch.")}
+    if quantization:
+        config["quantization_config"] = quantization
+    if quantization and quantization.get("quant_method") == "mmctl":  # packed layers only mmctl reads
+        config |= {"model_type": hf.QUANTIZED_MODEL_TYPE, "base_model_type": config["model_type"],
+                   "architectures": ["MmctlQuantizedForCausalLM"]}
+    return {"config.json": config, "generation_config.json": generation_config(tokenizer, chat)}
+
+
+def generation_config(tokenizer, chat: bool) -> dict:
+    """generation_config.json: greedy, the tokenizer's special ids and, for a chat model, the end-of-turn token
+    among the stop tokens (so transformers' `generate` stops where `mmctl generate` does) and CHAT_MARK."""
+    special = tokenizer.special_token_ids() if tokenizer is not None else {}
+    if chat and tokenizer is not None:
+        from mmctl.data.chat import stop_ids
+
+        special["eos_token_id"] = stop_ids(tokenizer)
+    return {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})}
 
 
 def save(model: Transformer | VLM, out: str | Path, tokenizer=None, chat: bool = False,
@@ -73,7 +88,7 @@ def load_lm(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path}: checkpoint dir not found")
-    cfg = ModelConfig.from_hf(hf.read_json(path / "config.json"), str(path / "config.json"))
+    cfg = ModelConfig.from_hf(hf.model_config(hf.read_json(path / "config.json")), str(path / "config.json"))
     held = sum(math.prod(shape) for shape in hf.tensor_shapes(path).values())
     quantized = qcheckpoint.read_config(path)
     factor = 16 if quantized else 2  # (a quantized file holds fewer, packed elements)
@@ -115,6 +130,7 @@ def load(path: str | Path, *, device: str | torch.device = "cpu", vision: bool =
     load, so one broken file fails every command the same way. `vision`: a VLM dir loads as its VLM
     (mmctl/models/vlm.py; it decodes text like its language model). `quantized`: a quantized checkpoint loads
     (to be scored or sampled); commands that train refuse one."""
+    hf.checkpoint_dir(path)
     if is_vlm(path) and not vision:
         raise DataError(f"{path}: a vision-language model; this command takes a language model (its "
                         "language_model part is not saved on its own)")
@@ -158,7 +174,7 @@ def save_vlm(model: VLM, out: str | Path, tokenizer, chat: bool = True) -> Path:
                  "num_additional_image_tokens": 0, "patch_size": model.vision.encoder.patch_size,
                  "vision_feature_select_strategy": "full", "image_processor": processor_config(size)}
     files = {"config.json": config,
-             "generation_config.json": {**special, "do_sample": False, **({CHAT_MARK: True} if chat else {})},
+             "generation_config.json": generation_config(tokenizer, chat),
              "processor_config.json": processor, "preprocessor_config.json": processor_config(size)}
     return hf.write_dir(out, state_for_llava(model), files, tokenizer.files())
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 import mmctl
-from mmctl.errors import MmctlError, UsageError
+from mmctl.errors import Interrupted, MmctlError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -39,7 +39,9 @@ STAGES = {
     "quantize": ("mmctl.stages.quantize", "QuantizeRecipe"),
     "eval": ("mmctl.stages.eval", "EvalRecipe"),
 }
-COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig")}  # generate reads flags, no recipe
+# commands that read flags, not a recipe
+COMMANDS = {**STAGES, "generate": ("mmctl.stages.generate", "GenerateConfig"),
+            "chat": ("mmctl.stages.chat", "ChatConfig"), "serve": ("mmctl.stages.serve", "ServeConfig")}
 
 def _yaml_value(value) -> str:
     """A Python value as the text of a `--set` override (JSON is YAML; non-ASCII kept as is)."""
@@ -79,6 +81,13 @@ def reports_errors(fn):
         signal.signal(signal.SIGTERM, _terminate)
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:  # a clean, resumable stop is not an error
+            from rich.markup import escape
+
+            from mmctl.console import console
+
+            console.print(f"[yellow]{escape(e.problems[0])}[/yellow]", soft_wrap=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
         except MmctlError as e:
             _print_errors(e.problems)
             raise typer.Exit(e.exit_code) from None
@@ -166,8 +175,9 @@ def fields(cls, prefix: str = "", **flags: str):
 
         @functools.wraps(command)
         def wrapper(*args, overrides=(), **kwargs):
-            given = {f"{prefix}.{path}" if prefix else path: kwargs.pop(name) for name, path in flags.items()}
-            overrides = [*overrides, *(f"{path}={_yaml_value(v)}" for path, v in given.items() if v not in (None, []))]
+            given = {name: (f"{prefix}.{path}" if prefix else path, kwargs.pop(name)) for name, path in flags.items()}
+            overrides = [*overrides, *((f"{path}={_yaml_value(v)}", "--" + name.replace("_", "-"))
+                                       for name, (path, v) in given.items() if v not in (None, []))]
             return command(*args, overrides=overrides, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=[*own, *added])
@@ -337,24 +347,30 @@ def eval_(
         head.append(f"tasks={_yaml_value([stage.task_from_flag(t, data) for t in task])}")
     elif data:
         raise UsageError("--data needs --task (ppl, mc or gen)")
+    # (a recipe says what its directory is for; a command line that names another one's is refused, not replaced)
     _run_stage("eval", targets[0] if is_recipe else None, [*head, *overrides, *set_], dry_run, force=force,
-               json=as_json)
+               json=as_json, replace=is_recipe or force)
 
 
-def _generate_config():
-    from mmctl.stages.generate import GenerateConfig
+def _config(command: str):
+    import importlib
 
-    return GenerateConfig
+    module, name = COMMANDS[command]
+    return getattr(importlib.import_module(module), name)
+
+
+SAMPLING = {"max_new_tokens": "sampling.max_new_tokens", "temperature": "sampling.temperature",
+            "top_k": "sampling.top_k", "top_p": "sampling.top_p", "repetition_penalty": "sampling.repetition_penalty",
+            "stop": "sampling.stop_strings", "seed": "sampling.seed"}
+CHECKPOINT = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint directory.")
 
 
 @app.command()
 @reports_errors
-@fields(_generate_config(), max_new_tokens="sampling.max_new_tokens", temperature="sampling.temperature",
-        top_k="sampling.top_k", top_p="sampling.top_p", repetition_penalty="sampling.repetition_penalty",
-        stop="sampling.stop_strings", seed="sampling.seed", chat="chat", image="image", draft="draft",
-        draft_tokens="draft_tokens", compile="compile", device="device")
+@fields(_config("generate"), **SAMPLING, chat="chat", image="image", draft="draft", draft_tokens="draft_tokens",
+        compile="compile", device="device")
 def generate(
-    checkpoint: str = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint directory."),
+    checkpoint: str = CHECKPOINT,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="A prompt (repeatable)."),
     prompts: str | None = typer.Option(None, "--prompts", help="A file of prompts: one per line, or jsonl with "
                                                                 "a \"prompt\" field."),
@@ -366,6 +382,29 @@ def generate(
     texts = list(prompt) + (stage.read_prompts(prompts) if prompts else [])
     given = [f"checkpoint={_yaml_value(checkpoint)}", f"prompts={_yaml_value(texts)}"]
     _run_stage("generate", None, [*given, *overrides], False, json=as_json)
+
+
+@app.command()
+@reports_errors
+@fields(_config("chat"), **SAMPLING, system="system", image="image", device="device")
+def chat(checkpoint: str = CHECKPOINT, overrides: list[str] = ()) -> None:
+    """Talk to a checkpoint: each line a message, the reply streamed; /help lists the commands (/reset, /system,
+    /image). Piped stdin: one message a line, the replies on stdout."""
+    from mmctl.stages import chat as stage
+
+    stage.run(_load("chat", None, [f"checkpoint={_yaml_value(checkpoint)}", *overrides])[1])
+
+
+@app.command()
+@reports_errors
+@fields(_config("serve"), host="host", port="port", name="name", device="device", batch_size="batch_size",
+        queue="queue", max_tokens="max_tokens", max_request_bytes="max_request_bytes")
+def serve(checkpoint: str = CHECKPOINT, overrides: list[str] = ()) -> None:
+    """Serve a checkpoint over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models), batching
+    concurrent requests; on localhost unless --host says otherwise."""
+    from mmctl.stages import serve as stage
+
+    stage.run(_load("serve", None, [f"checkpoint={_yaml_value(checkpoint)}", *overrides])[1])
 
 
 @app.command()
@@ -398,7 +437,8 @@ def _load(stage: str, recipe_path: str | None, overrides: list[str]):
                     else ({}, recipe.Source("(command line)", {}, set())))
     units = COMMANDS[stage]
     if isinstance(units, dict):  # the unit the recipe's (or an override's) `algorithm` names
-        chosen = dict(recipe.parse_override(o) for o in overrides).get("algorithm", data.get("algorithm"))
+        given = dict(recipe.parse_override(o[0] if isinstance(o, tuple) else o) for o in overrides)
+        chosen = given.get("algorithm", data.get("algorithm"))
         chosen = next(iter(units)) if chosen is None else chosen
         if chosen not in units:
             raise UsageError(f"{source.where('algorithm')}: algorithm: {chosen!r} is not one of {', '.join(units)}")

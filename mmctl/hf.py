@@ -178,9 +178,33 @@ def eos_token_ids(path: str | Path) -> list[int]:
     return []
 
 
-def checkpoint_dir(path: str, field: str) -> Path:
-    """`path`, which must be a checkpoint dir (holding config.json): DataError naming the field otherwise."""
-    if not (Path(path) / "config.json").is_file():
-        raise DataError(f"{field}: {path} is not a checkpoint directory (no config.json"
-                        + ("" if Path(path).exists() else "; it does not exist") + ")")
-    return Path(path)
+def checkpoint_dir(path: str | Path, field: str | None = None) -> Path:
+    """`path`, which must be a checkpoint dir (holding config.json); otherwise a DataError (naming `field`) that
+    says what it is instead: a stage's run dir (its model is inside), a Hugging Face hub id (mmctl reads local
+    dirs), or nothing."""
+    import re
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    name = f"{field}: {path}" if field else str(path)
+    if (path / "model" / "config.json").is_file():
+        raise DataError(f"{name}: a run directory; its model is {path / 'model'}")
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)):
+        raise DataError(f"{name}: not found here; mmctl reads local directories — for a Hugging Face model, download "
+                        f"it first: `hf download {path} --local-dir models/{path.name}`")
+    raise DataError(f"{name}: not a checkpoint directory (" + ("no config.json)" if path.exists() else
+                                                                 "it does not exist)"))
+
+
+# A checkpoint of mmctl's own packed quantized layers (rtn, gptq) says so in its model_type, so that transformers
+# refuses it with an error instead of loading a Llama with those weights missing — random ones in their place —
+# as it would with the family's own model_type; `model_config` gives mmctl (and account) the family back.
+QUANTIZED_MODEL_TYPE = "mmctl_quantized"
+
+
+def model_config(config: dict) -> dict:
+    """config.json's fields as the model family's: a QUANTIZED_MODEL_TYPE config with its `base_model_type`."""
+    if isinstance(config, dict) and config.get("model_type") == QUANTIZED_MODEL_TYPE:
+        return {**config, "model_type": config.get("base_model_type")}
+    return config

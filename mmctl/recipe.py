@@ -100,11 +100,13 @@ class Source:
 
     file: str
     lines: dict[str, int]  # field path → 1-based line in the file
-    overridden: set[str]  # field paths set by --set
+    overridden: set[str]  # field paths set by --set (or by a command-line flag)
+    flags: dict[str, str] = dataclasses.field(default_factory=dict)  # field path → the flag that set it (`--gpu`)
 
     def where(self, path: str) -> str:
-        if path in self.overridden or any(path.startswith(p + ".") for p in self.overridden):
-            return "--set"
+        for p in self.overridden:
+            if path == p or path.startswith(p + "."):
+                return self.flags.get(p, "--set")
         parts = re.sub(r"\[\d+\]", "", path).split(".")  # list items point at their list's line
         while parts:  # fall back to the nearest enclosing section that has a line
             line = self.lines.get(".".join(parts))
@@ -242,9 +244,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...], source: Source) -> dict:
     """Merge `--set` overrides into the recipe data (in order; the last one wins). A path part `name[i]` is the
-    i-th item of a list the recipe already has (`--set phases[1].train.steps=500`)."""
+    i-th item of a list the recipe already has (`--set phases[1].train.steps=500`). An override may come as
+    (text, flag): what a command-line flag set, named by its flag in errors."""
     for item in overrides:
+        item, flag = item if isinstance(item, tuple) else (item, None)
         key, value = parse_override(item)
+        if flag:
+            source.flags[key] = flag
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts):

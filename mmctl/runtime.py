@@ -224,3 +224,25 @@ def time_limit(seconds: float, what: str):
         signal.signal(signal.SIGALRM, old_handler)
         if old_left:
             signal.setitimer(signal.ITIMER_REAL, max(old_left - (time.monotonic() - started), 1e-3))
+
+
+def announce(dist: Dist) -> None:
+    """Say where the work runs — device, threads, processes — once, as a stage starts; and warn when a launcher
+    asked for more processes than there are (`accelerate launch --num_processes 2` without `--multi_gpu` on a CPU
+    starts one), or when the thread count oversubscribes the cores the process may use."""
+    import torch
+
+    from mmctl.console import console
+
+    if not dist.main:
+        return
+    threads, cores = torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    console.print(f"compute: {dist.device}, {threads} thread{'s' * (threads != 1)} (OMP_NUM_THREADS sets it), "
+                  f"{dist.world} process{'es' * (dist.world != 1)}")
+    if dist.world == 1 and os.environ.get("MASTER_ADDR"):
+        console.print("[yellow]warning:[/yellow] a launcher set MASTER_ADDR for several processes, but this is the "
+                      "only one: on a CPU, `accelerate launch --multi_gpu --num_processes N` starts N")
+    if dist.device == "cpu" and threads * dist.world > cores:
+        console.print(f"[yellow]warning:[/yellow] {threads * dist.world} threads on {cores} cores: on a shared or "
+                      "small machine that is slower than fewer (set OMP_NUM_THREADS)")

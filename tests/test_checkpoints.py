@@ -294,3 +294,45 @@ def test_recorded_attention_weights_are_transformers_output_attentions(tmp_path)
         real = mask.bool()  # padding queries attend to themselves in mmctl; HF's rows there are arbitrary
         torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got[1][:, real[1]], want[1][:, real[1]], atol=1e-5, rtol=1e-5)
+
+
+def test_a_chat_model_stops_in_transformers_where_it_stops_in_mmctl(checkpoint, tmp_path):
+    """A chat model's generation_config names the end-of-turn token: transformers' greedy answer is mmctl's, and
+    both stop at <|end|>. The model is made to say <|end|> where it would have said its 3rd token."""
+    import transformers
+
+    from mmctl.data.chat import prompt_ids, stop_ids
+    from mmctl.generate import SamplingConfig, generate
+
+    model, tok = checkpoints.load(checkpoint)
+    prompt = prompt_ids([{"role": "user", "content": "What is 2 + 2?"}], tok)
+    free = generate(model, [prompt], SamplingConfig(max_new_tokens=8)).completions[0].ids
+    end = tok.token_id("<|end|>")
+    with torch.no_grad():  # <|end|> scores a shade above the token it replaces, wherever that one leads
+        model.lm_head.weight[end] = model.lm_head.weight[free[2]] * 1.02
+    checkpoints.save(model, tmp_path / "chat", tok, chat=True)
+    assert json.loads((tmp_path / "chat" / "generation_config.json").read_text())["eos_token_id"] == stop_ids(tok)
+    model, tok = checkpoints.load(tmp_path / "chat")
+    ours = generate(model, [prompt], SamplingConfig(max_new_tokens=8), stop_token_ids=stop_ids(tok)).completions[0]
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "chat").generate(
+        torch.tensor([prompt]), max_new_tokens=8)[0, len(prompt):].tolist()
+    assert ours.finish_reason == "stop" and ours.ids[-1] == end and len(ours.ids) < 8
+    assert theirs == ours.ids
+
+
+def test_transformers_refuses_a_checkpoint_of_mmctls_packed_layers(checkpoint, tmp_path):
+    """rtn / gptq dirs (mmctl's own layout) must not load in transformers as a Llama with missing, random weights:
+    their model_type makes it refuse; mmctl loads them as before."""
+    import transformers
+
+    from mmctl.quant import MethodConfig, quantize
+
+    model, tok = checkpoints.load(checkpoint)
+    config = quantize(model, MethodConfig("rtn", bits=4, group=32), ("lm_head",))
+    out = checkpoints.save(model, tmp_path / "q", tok, quantization=config)
+    with pytest.raises(ValueError, match="mmctl_quantized"):
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    back, _ = checkpoints.load(out, quantized=True)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(back(ids), model(ids))

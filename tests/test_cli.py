@@ -65,7 +65,9 @@ def test_account_tables_go_to_stderr():
 
 
 @pytest.mark.parametrize("args, code, fragment", [
-    (["account", "llama-8b"], 2, "unknown preset 'llama-8b'; did you mean `llama-3-8b`?"),
+    (["account", "llama-8b"], 2, "'llama-8b' is not a model preset"),
+    (["account", "llama-7"], 2, "did you mean `llama-7b`?"),
+    (["account", "llama-7b", "--gpu", "h100"], 2, "--gpu: hardware.gpu: unknown GPU 'h100'; did you mean `h100-sxm`?"),
     (["account", "llama-7b", "--mfu", "2"], 2, "hardware.mfu: 2.0 is out of range (must be ≤ 1)"),
     (["account", "llama-7b", "--zero", "3"], 2, "train.zero: ZeRO stage 3 shards over GPUs"),
     (["account", "llama-7b", "--gpu", "h10"], 2, "unknown GPU 'h10'"),
@@ -162,3 +164,39 @@ def test_device_flag(checkpoint):
     assert out.returncode == 0 and json.loads(out.stdout)["completions"][0]["tokens"] > 0, out.stderr
     bad = invoke("eval", str(checkpoint), "--task", "stories-mc", "--device", "tpu")
     assert bad.returncode == 2 and "run.device" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_errors_that_say_what_to_do(tmp_path, checkpoint):
+    """Each met by a newcomer: the error names what was given and what to do instead."""
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "run" / "model")
+    cases = [
+        (["generate", str(tmp_path / "run"), "-p", "x"], 3, f"a run directory; its model is {tmp_path}/run/model"),
+        (["generate", "HuggingFaceTB/SmolLM2-135M", "-p", "x"], 3, "hf download HuggingFaceTB/SmolLM2-135M"),
+        (["eval", str(checkpoint)], 2, "--task NAME"),
+        (["eval", str(checkpoint), "--task", "arithmatic"], 2, "did you mean `arithmetic`?"),
+    ]
+    for args, code, fragment in cases:
+        out = invoke(*args)
+        assert out.returncode == code and fragment in out.stderr, (args, out.stderr)
+
+
+def test_an_evaluation_from_the_command_line_never_replaces_another_silently(tmp_path, checkpoint):
+    first = invoke("eval", str(checkpoint), "--task", "stories-ppl", "--limit", "2", "--out", str(tmp_path / "e"))
+    assert first.returncode == 0, first.stderr
+    other = invoke("eval", str(checkpoint), "--task", "arithmetic", "--limit", "2", "--out", str(tmp_path / "e"))
+    assert other.returncode == 2 and "--force replaces it" in other.stderr
+    assert "stories-ppl" in (tmp_path / "e" / "results.json").read_text()
+    forced = invoke("eval", str(checkpoint), "--task", "arithmetic", "--limit", "2", "--out", str(tmp_path / "e"),
+                    "--force")
+    assert forced.returncode == 0 and "arithmetic" in (tmp_path / "e" / "results.json").read_text()
+
+
+def test_a_hub_dataset_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(f"stage: tokenize\nrun: {{out: {tmp_path / 'o'}}}\ndata:\n  sources: [{{kind: datasets, "
+                      "path: 'hf:roneneldan/TinyStories'}]\n")
+    out = invoke("tokenize", str(recipe))
+    assert out.returncode == 3 and "offline mode is set" in out.stderr

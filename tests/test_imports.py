@@ -10,7 +10,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mmctl"
-LAYERS = [{"cli", "__main__"}, {"stages"}, {"finetune", "objectives", "rl", "evals", "report", "checkpoints"},
+LAYERS = [{"cli", "__main__"}, {"stages"}, {"server"},
+          {"finetune", "objectives", "rl", "evals", "report", "checkpoints", "session"},
           {"data", "models", "train", "quant", "generate", "speculative", "accounting"},
           {"recipe", "artifacts", "hf", "runtime", "tokenizer", "presets"}, {"console", "errors", "__init__"}]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -53,3 +53,34 @@ def nest(lines: list[Line]) -> dict:
         node[leaf] = int(value) if line.unit == "params" or (line.unit == "bytes" and float(value).is_integer()) \
             else value
     return out
+
+
+def fit(a: Arch, w: Workload, gpu_spec: dict) -> dict:
+    """Whether training fits in one GPU's memory, and if not the first of the usual remedies that does — activation
+    checkpointing, ZeRO-3 over the GPUs there are, both, then more GPUs (to 4,096) — as the settings to change:
+    {"fits", "peak_bytes", "gpu_bytes", "with": {setting: value} | None, "peak_with": bytes | None}."""
+    from dataclasses import replace
+
+    from mmctl.accounting import formulas as f
+    from mmctl.accounting import memory
+
+    total = int(next(x.value for x in f.params(a) if x.key == "params.total"))
+
+    def peak(work: Workload) -> float:
+        return next(x.value for x in memory.training_memory(a, work, total) if x.key == "memory.training.peak")
+
+    have, need = gpu_spec["memory_gb"] * 1e9, peak(w)
+    out = {"fits": need <= have, "peak_bytes": need, "gpu_bytes": have, "with": None, "peak_with": None}
+    if out["fits"]:
+        return out
+    tries = [{"activation_checkpointing": "full"}]
+    tries += [{"zero": 3}, {"zero": 3, "activation_checkpointing": "full"}] if w.num_gpus > 1 else []
+    tries += [{"zero": 3, "activation_checkpointing": "full", "num_gpus": n} for n in (8, 16, 32, 64, 128, 256, 512,
+                                                                                       1024, 2048, 4096)
+              if n > w.num_gpus]
+    for change in tries:
+        p = peak(replace(w, **change))
+        if p <= have:
+            out.update({"with": change, "peak_with": p})
+            break
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmctl import hf
 from mmctl.errors import UsageError
 
 FAMILIES = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "olmo2", "deepseek_v3")
@@ -114,6 +115,7 @@ def from_hf_config(config: dict[str, Any], name: str = "model", where: str = "co
     """A Hugging Face config.json (as a dict) → Arch. Errors name the field, e.g. `config.hidden_size`."""
     if not isinstance(config, dict):
         raise UsageError(f"{where}: expected a mapping of config.json fields")
+    config = hf.model_config(config)  # (a checkpoint of mmctl's quantized layers: its family's fields)
     family = config.get("model_type")
     if family not in FAMILIES:
         raise UsageError(f"{where}.model_type: {family!r} is not supported; supported: {', '.join(FAMILIES)}")

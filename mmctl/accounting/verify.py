@@ -5,7 +5,7 @@ no time) and `sum(p.numel() for p in model.parameters())` is the reference — s
 buffers not at all. FLOPs: one forward, and one forward + backward, of that meta model under
 `torch.utils.flop_counter.FlopCounterMode` with eager attention, whose matmuls the counter sees (on real CPU
 tensors the fused SDPA kernel is counted as 0 FLOPs). MoE routing is data-dependent and cannot run on meta
-tensors, so MoE FLOPs are not checked. Needs torch and transformers (`pip install 'mmctl[dev]'`).
+tensors, so MoE FLOPs are not checked. Needs torch and transformers (`pip install 'mmctl[verify]'`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def verify(arch: Arch, sections: dict[str, list[Line]], seq_len: int) -> list[Ch
         import transformers
     except ImportError as e:
         return [Check("parameters", values["params.total"], None, None,
-                      f"skipped: {e.name} is not installed (pip install 'mmctl[dev]')")]
+                      f"skipped: {e.name} is not installed (pip install 'mmctl[verify]')")]
     from torch.utils.flop_counter import FlopCounterMode
 
     config = dict(arch.extra)

@@ -1,10 +1,12 @@
 """The rl stage's data, one JSON object per line (or a `datasets` directory with the same columns).
 
 Preference pairs for DPO: a prompt with a chosen and a rejected completion → two token rows whose trained mask
-covers the completion only (its tokens and the end-of-turn token; never the prompt). In TRL's two formats:
+covers the completion only (its tokens and the end-of-turn token; never the prompt). In TRL's three formats:
 - standard: `{"prompt": str, "chosen": str, "rejected": str}` — the prompt is one user turn;
 - conversational: `{"prompt" | "messages": [{role, content}, …], "chosen": …, "rejected": …}`, each completion
-  a string or a list holding one assistant message.
+  a string or a list holding one assistant message;
+- implicit prompt: `{"chosen": [messages…], "rejected": [messages…]}`, two whole conversations whose shared first
+  messages are the prompt.
 
 Built-in on-policy pairs come from the starting model itself (`rl/pairs.py`).
 
@@ -81,14 +83,31 @@ class Problem:
 
 
 def pair(record: dict, where: str) -> Pair:
-    """One JSONL record in either format → a Pair (one-line DataError naming `where` otherwise)."""
+    """One JSONL record in any of TRL's formats → a Pair (one-line DataError naming `where` otherwise)."""
     if "chosen" not in record or "rejected" not in record:
         raise DataError(f"{where}: not a preference pair (expected prompt or messages, chosen and rejected; has: "
                         f"{', '.join(sorted(record)) or 'nothing'})")
+    if "prompt" not in record and "messages" not in record:
+        record = _implicit_prompt(record, where)
     prompt = _prompt(record, where)
     chosen, rejected = (_completion(record[k], k, where) for k in ("chosen", "rejected"))
     _check_text([chosen, rejected], where)
     return Pair(prompt, chosen, rejected)
+
+
+def _implicit_prompt(record: dict, where: str) -> dict:
+    """TRL's implicit-prompt format: `chosen` and `rejected` are whole conversations sharing their first messages;
+    the shared part is the prompt, the rest of each its completion."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(f"{where}: no prompt (expected prompt or messages, or chosen and rejected conversations "
+                        "sharing their first messages)")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if not shared:
+        raise DataError(f"{where}: chosen and rejected share no first message to be the prompt")
+    return {**record, "prompt": chosen[:shared], "chosen": chosen[shared:], "rejected": rejected[shared:]}
 
 
 def problem(record: dict, where: str) -> Problem:

@@ -118,7 +118,7 @@ def _parquet(path: Path, column: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError("parquet sources need pyarrow: pip install pyarrow") from None
+        raise UsageError("parquet sources need pyarrow: pip install 'mmctl[data]'") from None
     try:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a corrupt file
@@ -145,9 +145,19 @@ def open_dataset(path: str, split: str):
     try:
         import datasets
     except ImportError:
-        raise UsageError("datasets sources need the datasets package: pip install datasets") from None
+        raise UsageError("datasets sources need the datasets package: pip install 'mmctl[data]'") from None
     if path.startswith("hf:"):  # needs network; nothing in mmctl's default recipes uses it
-        return datasets.load_dataset(path[3:], split=split)
+        import os
+
+        if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE",
+                                                                               "HF_DATASETS_OFFLINE")):
+            raise DataError(f"{path}: a Hugging Face hub dataset, and offline mode is set (HF_HUB_OFFLINE / "
+                            "HF_DATASETS_OFFLINE); save it with `datasets` where there is network and give the "
+                            "directory")
+        try:
+            return datasets.load_dataset(path[3:], split=split)
+        except Exception as e:  # noqa: BLE001 - the hub, the network or the dataset: one line, whichever
+            raise DataError(f"{path}: cannot be loaded ({_error(e)})") from None
     if not Path(path).is_dir():
         raise DataError(f"{path}: not a datasets save_to_disk directory")
     try:

@@ -44,6 +44,8 @@ class TaskConfig:
         None, "perplexity | multiple_choice | generation | vqa (a vision-language model)")
     data: str | None = option(None, "items: jsonl file; for perplexity also a text file or a shards directory")
     field: str = option("text", "perplexity over jsonl: the field holding each document")
+    separator: str | None = option(None, "perplexity over a text file: split it into documents at this string (e.g. "
+                                         "a blank line, as tokenize's text sources); unset: one document")
     split: str = option("val", "perplexity over a shards directory: the split to score")
     fewshot_data: str | None = option(None, "jsonl items to draw few-shot examples from (the task's train split)")
     num_fewshot: int = option(0, "examples prepended to each context", ge=0, le=1000)
@@ -63,6 +65,8 @@ class TaskConfig:
             return [("kind", "missing required value: set kind (or builtin)")]
         if not self.data:
             return [("data", f"missing required value: a {self.kind} task needs data")]
+        if self.separator is not None and (self.kind != "perplexity" or self.separator == ""):
+            return [("separator", "only a perplexity task over a text file is split, at a non-empty string")]
         if self.extract is None:
             return []
         if self.extract not in ("last_number", "hashes", "exact") and not self.extract.startswith("regex:"):
@@ -116,6 +120,21 @@ MC_FIELDS = {"context": str, "choices": list, "answer": int}
 GEN_FIELDS = {"prompt": str, "answer": (str, int, float)}
 
 
+def generation_item(item: dict, where: str) -> dict:
+    """A generation item in either of its formats: {prompt, answer}, or GSM8K's {question, answer} whose answer is
+    the worked solution ending in `#### N` (the reference is N, as GRPO's problems read it)."""
+    from mmctl.data import jsonl
+
+    if "prompt" not in item and "question" in item:
+        answer = str(jsonl.field(item, "answer", (str, int, float), where)).rpartition("####")[2].strip()
+        if not answer:
+            raise DataError(f"{where}: the answer is empty after its ####")
+        return {**item, "prompt": jsonl.field(item, "question", str, where), "answer": answer}
+    for key, kind in GEN_FIELDS.items():
+        jsonl.field(item, key, kind, where)
+    return item
+
+
 def items_of(task: TaskConfig) -> list[dict]:
     """The task's items: multiple choice and generation dicts, or perplexity documents as {"text": …}."""
     if task.builtin:
@@ -123,15 +142,26 @@ def items_of(task: TaskConfig) -> list[dict]:
     if task.task_kind == "multiple_choice":
         return read_jsonl(task.data, MC_FIELDS)
     if task.task_kind == "generation":
-        return read_jsonl(task.data, GEN_FIELDS)
+        from mmctl.data import jsonl
+
+        items = [generation_item(item, where) for where, item in jsonl.records(task.data)]
+        if not items:
+            raise DataError(f"{task.data}: no task items")
+        return items
     path = Path(task.data)
     if path.suffix == ".jsonl":
         return [{"text": item[task.field]} for item in read_jsonl(path, {task.field: str})]
     if path.is_file():
+        from mmctl.artifacts import regular_file
+
         try:
-            return [{"text": path.read_text(encoding="utf-8")}]
+            text = regular_file(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        documents = [d for d in text.split(task.separator) if d.strip()] if task.separator else [text]
+        if not documents:
+            raise DataError(f"{path}: no documents")
+        return [{"text": d} for d in documents]
     raise DataError(f"{path}: not a text or jsonl file")  # shard splits are read by mmctl.stages.eval
 
 

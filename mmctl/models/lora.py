@@ -151,6 +151,8 @@ def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, base_model:
     from mmctl.artifacts import atomic_write_json, publish_dir, save_tensors
 
     names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+    if base_model is not None and Path(base_model).exists():  # PEFT resolves it from wherever the adapter is opened
+        base_model = str(Path(base_model).resolve())
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
               "target_modules": names, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,

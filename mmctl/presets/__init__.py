@@ -48,5 +48,8 @@ def load_hardware(name: str) -> dict:
 
 
 def did_you_mean(name: str, names: list[str]) -> str:
-    hint = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    """A hint naming the closest of `names`: one that starts with what was typed first (`h100` → `h100-sxm`), then
+    the most similar spelling."""
+    started = sorted((n for n in names if n.startswith(name.lower())), key=lambda n: (len(n), n))
+    hint = started[:1] or difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.5)
     return f"; did you mean `{hint[0]}`?" if hint else ""

@@ -8,12 +8,16 @@ log π(y_w|x) − log π(y_l|x) relative to a frozen reference π_ref (the start
     sigmoid (DPO):          −log σ(β Δ)
     sigmoid + smoothing ε:  −(1 − ε) log σ(β Δ) − ε log σ(−β Δ)   (conservative DPO: ε of the labels may be flipped)
     ipo (Azar et al. 2023): (Δ̄ − 1 / (2β))², Δ̄ with each log-ratio divided by its completion's length (as TRL)
+    + α · NLL(y_w) (RPO, Pang et al. 2024): the chosen completion's mean token negative log-likelihood, added with
+      weight `rpo_alpha` — on near-identical pairs ("2+2=4" against "2+2=5") plain DPO lowers the chosen answer's
+      likelihood too (Pal et al. 2024, Smaug); this term holds it up. TRL: loss_type ["sigmoid", "sft"],
+      loss_weights [1, α].
 
 β · (log π − log π_ref) is the "implicit reward" of a completion; the metrics carry TRL's names so runs compare:
 rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies (chosen reward > rejected), logps/chosen,
 logps/rejected. A sequence's log-probability sums over its completion tokens only (the prompt is given).
 
-Leaves out: the dozen other losses TRL has (hinge, robust, apo, …), f-divergences, weighting by length.
+Leaves out: the other losses TRL has (hinge, robust, apo, …), f-divergences, weighting by length.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class DPOConfig:
     loss: Literal["sigmoid", "ipo"] = option("sigmoid", "sigmoid (DPO; with label_smoothing, conservative DPO) | ipo")
     label_smoothing: float = option(0.0, "sigmoid only: the share ε of preference labels taken as possibly "
                                          "flipped (conservative DPO)", ge=0, lt=0.5)
+    rpo_alpha: float = option(0.0, "α: the weight of the chosen completion's mean token NLL added to the loss "
+                                   "(RPO; 0: plain DPO)", ge=0, le=100)
 
     def check(self) -> list[tuple[str, str]]:
         if self.loss == "ipo" and self.label_smoothing:
@@ -76,6 +82,11 @@ def batch_loss(cfg: DPOConfig, model, batch: dict):
 
     chosen, rejected = logps(model, batch).chunk(2)
     ref_chosen, ref_rejected = batch["ref"].chunk(2)
-    per_pair, metrics = losses(cfg, chosen, rejected, ref_chosen, ref_rejected, *batch["trained"].sum(-1).chunk(2))
-    n = len(chosen)
-    return LossOut(per_pair.sum(), n, batch["real"], {k: (v.sum(), n) for k, v in metrics.items()})
+    chosen_tokens, rejected_tokens = batch["trained"].sum(-1).chunk(2)
+    per_pair, metrics = losses(cfg, chosen, rejected, ref_chosen, ref_rejected, chosen_tokens, rejected_tokens)
+    n, total = len(chosen), per_pair.sum()
+    if cfg.rpo_alpha:  # the micro-batch's chosen tokens' mean NLL, counted once per pair (TRL's "sft" loss)
+        nll = -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+        total = total + cfg.rpo_alpha * nll * n
+        metrics["nll_loss"] = nll.detach().expand(n)
+    return LossOut(total, n, batch["real"], {k: (v.sum(), n) for k, v in metrics.items()})

@@ -13,10 +13,14 @@ library below them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from mmctl.artifacts import read_manifest
+from mmctl.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ class Options:
     fresh: bool = False  # training stages: discard the checkpoints and start from step 0
     force_resume: bool = False  # training stages: resume even if the model or data changed
     json: bool = False  # results go to stdout as JSON (so nothing else may be printed there)
+    replace: bool = True  # a finished run of another recipe in the directory is replaced (False: refused)
 
 
 @dataclass
@@ -47,11 +52,11 @@ class Job:
     resumable training state (then re-running resumes, and the last finished run's record waits in `previous/`).
 
     distributed: join the process group `accelerate launch` describes (training stages); `shardable`: FSDP may
-    shard the model.
+    shard the model; `computes`: the stage runs a model (it says on what, as it starts).
     """
 
     def __init__(self, stage: str, cfg, options: Options, inputs: dict[str, Path] | None = None, *,
-                 distributed: bool = False, shardable: bool = False):
+                 distributed: bool = False, shardable: bool = False, computes: bool = True):
         from mmctl import recipe
         from mmctl.artifacts import StageDir
         from mmctl.runtime import Dist, pick_device, setup_distributed
@@ -59,10 +64,12 @@ class Job:
         self.cfg, self.options, self.shardable = cfg, options, shardable
         device = getattr(cfg.run, "device", "auto")
         self.dist = setup_distributed(pick_device(device), shardable) if distributed else Dist(device=device)
+        self.computes = computes
         self.dir = StageDir(cfg.run.out, stage, recipe.to_dict(cfg, stage), inputs=inputs, seed=cfg.run.seed,
                             lock=self.dist.main)
         self._checkpoints: dict[Path, int | None] = {}  # each checkpoint dir's newest step as the run began
         self._begun = False
+        self._loggers = None  # TensorBoard / W&B, when a training section asks for them (mmctl/train/loggers.py)
         self.peak_flops = 0.0  # the device's measured matmul FLOP/s, when a training reports MFU
 
     @property
@@ -83,8 +90,19 @@ class Job:
         return self.dist.device
 
     def run(self, body: Callable[[Any, Job], dict]) -> StageResult:
+        try:
+            return self._run(body)
+        finally:
+            if self._loggers is not None:
+                self._loggers.close()
+            self.dir.release()
+
+    def _run(self, body: Callable[[Any, Job], dict]) -> StageResult:
         if not self.options.force and self.dir.up_to_date():
             return StageResult(self.out, self.dir.results(), up_to_date=True)
+        if not self.options.replace and read_manifest(self.out) is not None:
+            raise UsageError(f"{self.out}: holds a finished `mmctl {self.dir.stage}` run of another recipe (other "
+                             "checkpoints or tasks); --force replaces it, or give another output directory")
         try:
             results = body(self.cfg, self)
         except BaseException:
@@ -123,6 +141,16 @@ class Job:
             offset += steps
         if self.main:
             self.dir.begin(keep_logs_through=resume)
+            if names := [n for t in _trainings(self.cfg) for n in t.loggers]:
+                from mmctl.train.loggers import Loggers
+
+                self._loggers = Loggers(names, self.out, self.dir.stage, self.dir.recipe,
+                                        (self.out / "recipe.yaml").read_text(encoding="utf-8"), resume)
+            if self.computes:  # said once the inputs are known good: a refused run prints only its error
+                from mmctl.runtime import announce
+
+                self.device  # noqa: B018 - `auto` resolved before it is announced
+                announce(self.dist)
         self._begun = True
 
     def train(self, parts, cfg, optim, precision: str, checkpoints: str = "checkpoints",
@@ -136,7 +164,7 @@ class Job:
             self.begin([(checkpoints, cfg.steps)])
         if parts.flops_per_token:
             self.peak_flops = peak_flops(self.device, precision)
-        session = Session(self.out / checkpoints, log or self.dir.log, self.dist, precision,
+        session = Session(self.out / checkpoints, log or self.log, self.dist, precision,
                           self.options.force_resume, self.shardable, self.peak_flops)
         return train(parts, cfg, optim, session)
 
@@ -145,7 +173,10 @@ class Job:
         return self.dir.product(name)
 
     def log(self, record: dict, to: str = "metrics.jsonl") -> None:
+        """Append `record` to the run's log `to` (and send it to the recipe's loggers)."""
         self.dir.log(record, to)
+        if self._loggers is not None:
+            self._loggers.log(record, to)
 
     def _saved_progress(self) -> bool:
         """Whether the run saved a checkpoint newer than the ones its directories held as it began."""
@@ -156,6 +187,19 @@ class Job:
             if done and _step(done[0]) != before:
                 return True
         return False
+
+
+def _trainings(cfg) -> list:
+    """Every training section (TrainConfig) of a recipe: `train`, or each align-vision phase's."""
+    from mmctl.train.loop import TrainConfig
+
+    if isinstance(cfg, TrainConfig):
+        return [cfg]
+    if isinstance(cfg, list):
+        return [t for item in cfg for t in _trainings(item)]
+    if dataclasses.is_dataclass(cfg):
+        return [t for f in dataclasses.fields(cfg) for t in _trainings(getattr(cfg, f.name))]
+    return []
 
 
 def _step(path: Path) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from mmctl import presets, recipe
-from mmctl.accounting import SECTIONS, Arch, Line, Workload, account, from_hf_config, nest
+from mmctl.accounting import SECTIONS, Arch, Line, Workload, account, fit, from_hf_config, nest
 from mmctl.artifacts import atomic_write_json
 from mmctl.errors import DataError, UsageError
 from mmctl.models.config import ModelConfig
@@ -107,6 +107,10 @@ def load_config(target: str, overrides: list[str]) -> AccountRecipe:
         selects = None if data.get("stage") in (None, STAGE) else _training_recipe(data, source)
     elif path.suffix == ".json" or path.is_dir() or "/" in target:
         selects = [f"model.config={json.dumps(target, ensure_ascii=False)}"]
+    elif target not in presets.model_names():
+        raise UsageError(f"account: {target!r} is not a model preset, a config.json (or a directory holding one) or a "
+                         f"recipe{presets.did_you_mean(target, presets.model_names())} (`mmctl account --list` shows "
+                         "the presets)")
     else:
         selects = [f"model.preset={json.dumps(target, ensure_ascii=False)}"]
     overrides = (selects or []) + list(overrides)
@@ -165,6 +169,7 @@ def run(cfg: AccountRecipe, options: Options = Options(), verify: bool = False) 
     if stored:
         sections["Inference memory"].insert(0, stored)
     results = to_json(sections, arch, cfg)
+    results["fit"] = fit(arch, workload, presets.load_hardware(h.gpu))
     checks = None
     if verify:
         from mmctl.accounting.verify import verify as run_checks
@@ -178,7 +183,7 @@ def run(cfg: AccountRecipe, options: Options = Options(), verify: bool = False) 
             atomic_write_json(job.product("account.json"), results)
             return {"params.total": results["params"]["total"], "params.active": results["params"]["active"]}
 
-        up_to_date = Job(STAGE, cfg, options, {"model": source} if source else {}).run(write).up_to_date
+        up_to_date = Job(STAGE, cfg, options, {"model": source} if source else {}, computes=False).run(write).up_to_date
     return StageResult(Path(cfg.run.out) if cfg.run.out else None, results, up_to_date,
                        detail={"sections": sections, "arch": arch, "checks": checks})
 
@@ -247,6 +252,15 @@ def render(result: StageResult, explain: bool = False) -> None:
             row = [line.label, human(line.value, line.unit)]
             table.add_row(*(row + [line.formula, line.source] if explain else row))
         console.print(table)
+    fits = result.results["fit"]
+    if not fits["fits"]:
+        workload = result.results["workload"]
+        said = (f"{human(fits['peak_bytes'], 'bytes')} per GPU at its training peak, more than the "
+                f"{human(fits['gpu_bytes'], 'bytes')} a {workload['gpu']} has")
+        remedy = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (fits["with"] or {}).items())
+        console.print(f"[yellow]does not fit:[/yellow] {said}; " + (
+            f"it would with {remedy} ({human(fits['peak_with'], 'bytes')} per GPU)" if fits["with"] else
+            "not even with ZeRO-3, activation checkpointing and 4,096 GPUs: shorten the context or the micro-batch"))
     if result.detail["checks"] is not None:
         render_checks(result.detail["checks"])
 

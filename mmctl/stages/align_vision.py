@@ -130,18 +130,19 @@ def align(cfg: AlignVisionRecipe, job: Job) -> dict:
     precision = pick_precision(cfg.phases[0].train.precision, job.device)
     held_out = _heldout(cfg, model.vision.encoder.image_size)
     phases = [_phase(cfg, i, model, tok, held_out, job, precision) for i in range(len(cfg.phases))]  # data first
-    job.begin([(f"phases/{p.name}/checkpoints", p.train.steps) for p in cfg.phases])
+    job.begin([(f"phases/{p.name}/checkpoints", train.steps) for p, (_, train) in zip(cfg.phases, phases,
+                                                                                      strict=True)])
     if job.main:
         _module_table(model, cfg)
     last, offset = {}, 0
-    for phase, parts in zip(cfg.phases, phases, strict=True):
+    for phase, (parts, train) in zip(cfg.phases, phases, strict=True):
         for name in MODULES:
             getattr(model, name).requires_grad_(name in phase.trainable)
-        last = job.train(parts, phase.train, phase.optim, precision, f"phases/{phase.name}/checkpoints",
+        last = job.train(parts, train, phase.optim, precision, f"phases/{phase.name}/checkpoints",
                          log=lambda record, phase=phase, offset=offset: job.log(
                              {**record, "phase": phase.name, "step": offset + record["step"],
                               "phase_step": record["step"]}))
-        offset += phase.train.steps
+        offset += train.steps
     if not job.main:
         return {}
     scores, _ = vqa_eval.evaluate(model, tok, held_out["per_type"], held_out["composition"])
@@ -152,9 +153,10 @@ def align(cfg: AlignVisionRecipe, job: Job) -> dict:
 
 
 def _phase(cfg, i: int, model, tok, held_out, job, precision: str):
-    """One phase's loop parts (its objective's module, rows, loss and evaluation) and fingerprint."""
+    """(One phase's loop parts — its objective's module, rows, loss, evaluation, fingerprint — and its TrainConfig,
+    steps counted from epochs when it sets them.)"""
     from mmctl.objectives import OBJECTIVES
-    from mmctl.train.loop import Parts
+    from mmctl.train.loop import Parts, for_rows
 
     phase = cfg.phases[i]
     objective = OBJECTIVES[phase.objective](phase, model, tok, cfg.run.seed + 31 * i)
@@ -166,8 +168,9 @@ def _phase(cfg, i: int, model, tok, held_out, job, precision: str):
                    "phases": [recipe.to_dict(p) for p in cfg.phases[: i + 1]], "run.seed": cfg.run.seed}
     evaluate = lambda step: objective.evaluate(val_rows, held_out["per_type"][0], cfg.eval.sample_question,  # noqa: E731
                                                job.device, precision)
-    return Parts(objective.trained, _batches(cfg, i, train_rows, job.dist), objective.loss, evaluate=evaluate,
-                 fingerprint=fingerprint, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()})
+    parts = Parts(objective.trained, _batches(cfg, i, train_rows, job.dist), objective.loss, evaluate=evaluate,
+                  fingerprint=fingerprint, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()})
+    return parts, for_rows(phase.train, len(train_rows.ids))
 
 
 def _rows(cfg, i: int, model, objective):

@@ -71,7 +71,7 @@ def dpo(cfg: DPORecipe, job: Job) -> dict:
     from mmctl.rl import dpo as loss
     from mmctl.rl import pairs as rl_pairs
     from mmctl.runtime import pick_precision
-    from mmctl.train.loop import Parts
+    from mmctl.train.loop import Parts, for_rows
 
     model, tok = finetune.load(cfg, job.device)
     (train, val), stats = pairs(cfg, model, tok)  # on-policy pairs come from the model before it changes
@@ -86,7 +86,7 @@ def dpo(cfg: DPORecipe, job: Job) -> dict:
                   export=finetune.exporter(cfg, model, tok),
                   fingerprint=finetune.fingerprint(cfg, job, loss=recipe.to_dict(cfg.dpo)))
     started = time.time()
-    last = job.train(parts, cfg.train, cfg.optim, precision)
+    last = job.train(parts, for_rows(cfg.train, len(train_rows["chosen"].ids)), cfg.optim, precision)
     return {**finetune.write(cfg, model, tok, job, last, started), "algorithm": "dpo", "data": stats} \
         if job.main else {}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from mmctl import recipe
 from mmctl.artifacts import atomic_write_json, atomic_write_text
 from mmctl.console import console
-from mmctl.errors import DataError, UsageError
+from mmctl.errors import UsageError
 from mmctl.evals import ScoringConfig, score
 from mmctl.evals.tasks import TaskConfig
 from mmctl.recipe import option
@@ -37,7 +37,10 @@ class EvalRecipe:
         if not self.checkpoints:
             problems.append(("checkpoints", "missing required value: at least one checkpoint directory"))
         if not self.tasks:
-            problems.append(("tasks", "missing required value: at least one task"))
+            from mmctl.evals.tasks import BUILTINS
+
+            problems.append(("tasks", "missing required value: at least one task (on the command line, --task NAME: "
+                                      f"a built-in — {', '.join(BUILTINS)} — or ppl / mc / gen / vqa with --data)"))
         labels = [t.label for t in self.tasks if t.builtin or t.data]
         if len(set(labels)) != len(labels):
             problems.append(("tasks", "two tasks share a name; give one a `name`"))
@@ -47,12 +50,11 @@ class EvalRecipe:
 def inputs(cfg: EvalRecipe) -> dict[str, Path]:
     """The checkpoints (each whole dir: weights, tokenizer, template) and the task files; every checkpoint is
     checked before anything is hashed or scored."""
+    from mmctl import hf
     from mmctl.checkpoints import is_vlm
 
     for ckpt in cfg.checkpoints:
-        if not (Path(ckpt) / "config.json").is_file():
-            raise DataError(f"{ckpt}: not a checkpoint directory (no config.json); `mmctl pretrain` writes "
-                            "<out>/model and <out>/checkpoints/step-N")
+        hf.checkpoint_dir(ckpt)
         vqa = [t.label for t in cfg.tasks if t.task_kind == "vqa"]
         if vqa and not is_vlm(ckpt):
             raise UsageError(f"{ckpt}: not a vision-language model, and task {vqa[0]} asks about images (score "
@@ -73,13 +75,23 @@ def run(cfg: EvalRecipe, options: Options = Options()) -> StageResult:
 
 def evaluate(cfg: EvalRecipe, job: Job) -> dict:
     from mmctl import checkpoints
+    from mmctl.evals.tasks import items_of
     from mmctl.models import fast_decode
 
+    def load(ckpt: str):
+        return checkpoints.load(ckpt, device=job.device, vision=True, quantized=True)
+
+    # before the record begins, so a broken input fails with its error alone: the first checkpoint, the task files
+    first = load(cfg.checkpoints[0])
+    for task in cfg.tasks:
+        if task.data and task.task_kind != "vqa" and not Path(task.data).is_dir():
+            items_of(task)
     job.begin()
     results: dict = {"checkpoints": {}}
     samples: list[dict] = []
-    for ckpt in cfg.checkpoints:
-        model, tok = checkpoints.load(ckpt, device=job.device, vision=True, quantized=True)
+    for i, ckpt in enumerate(cfg.checkpoints):
+        model, tok = first if i == 0 else load(ckpt)
+        first = None
         fast_decode.fuse(model)  # generation tasks decode through the fast step (a language model with plain layers)
         chat = cfg.eval.chat if cfg.eval.chat is not None else checkpoints.is_chat_model(ckpt)
         entry = {"sha256": job.dir.inputs[f"checkpoint:{ckpt}"]["sha256"], "chat": chat, "tasks": {}}
@@ -113,7 +125,11 @@ def task_from_flag(name: str, data: str | None) -> dict:
         data, source = recipe.parse(recipe.read(name), name)
         recipe.build(TaskConfig, data, source)
         return data
-    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, vqa, or a task .yaml file")
+    import difflib
+
+    hint = difflib.get_close_matches(name, [*BUILTINS, *kinds], n=1, cutoff=0.6)
+    raise UsageError(f"--task {name}: expected one of {', '.join(BUILTINS)}, ppl, mc, gen, vqa, or a task .yaml file"
+                     + (f"; did you mean `{hint[0]}`?" if hint else ""))
 
 
 def throughput(stats: dict) -> dict:

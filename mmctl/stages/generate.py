@@ -70,10 +70,10 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
     from mmctl.data.chat import prompt_ids, stop_ids
     from mmctl.generate import generate
     from mmctl.models import fast_decode
-    from mmctl.runtime import pick_device
+    from mmctl.runtime import Dist, announce, pick_device
 
-    model, tok = checkpoints.load(cfg.checkpoint, device=pick_device(cfg.device), vision=True,
-                                                 quantized=True)
+    device = pick_device(cfg.device)
+    model, tok = checkpoints.load(cfg.checkpoint, device=device, vision=True, quantized=True)
     if not fast_decode.fuse(model) and cfg.compile:
         raise UsageError(f"--compile: {cfg.checkpoint} is quantized or a vision-language model; compiled decoding "
                          "takes a language model with plain floating-point layers")
@@ -86,6 +86,7 @@ def run(cfg: GenerateConfig, options: Options = Options()) -> StageResult:
         ids = [tok.encode(p) for p in cfg.prompts]
     chat = cfg.chat or cfg.image is not None
     stops = sorted(set(hf.eos_token_ids(cfg.checkpoint)) | set(stop_ids(tok) if chat else [tok.eos_id]))
+    announce(Dist(device=device))  # once the prompts are known good: a refused run prints only its error
     if cfg.draft:
         return _speculative(cfg, model, tok, ids, stops)
     printer = _Streamer(tok, cfg.prompts[0]) if not options.json and len(ids) == 1 else None
@@ -149,10 +150,12 @@ def _image_prompts(model, tok, cfg: GenerateConfig):
 
 
 class _Streamer:
-    """Prints a single completion as it is decoded (text is re-decoded so multi-byte characters print whole)."""
+    """Prints a single completion as it is decoded (multi-byte characters print whole)."""
 
     def __init__(self, tok, prompt: str):
-        self.tok, self.ids, self.shown, self.prompt = tok, [], "", prompt
+        from mmctl.session import Detokenizer
+
+        self.text, self.prompt = Detokenizer(tok), prompt
 
     def _prompt_once(self) -> None:  # printed with the first token, so a refused request prints nothing
         if self.prompt is not None:
@@ -161,14 +164,9 @@ class _Streamer:
 
     def add(self, new: list[int | None]) -> None:
         self._prompt_once()
-        if new[0] is None:
-            return
-        self.ids.append(new[0])
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a split UTF-8 character
-            sys.stdout.write(text[len(self.shown):])
+        if new[0] is not None:
+            sys.stdout.write(self.text.add(new[0]))
             sys.stdout.flush()
-            self.shown = text
 
     def finish(self) -> None:
         self._prompt_once()

@@ -62,6 +62,8 @@ class GRPORecipe:
     eval: finetune.SampleConfig = option(finetune.SampleConfig, "what each evaluation shows")
 
     def check(self) -> list[tuple[str, str]]:
+        if self.train.epochs:
+            return [("train.epochs", "GRPO samples new completions every step: count steps")]
         if self.train.batch_size % self.grpo.group_size:
             return [("train.batch_size", f"{self.train.batch_size} completions per step is not a whole number of "
                                          f"groups of {self.grpo.group_size} (grpo.group_size)")]

@@ -50,7 +50,7 @@ class PretrainRecipe:
     eval: PretrainEval = option(PretrainEval, "what each evaluation measures")
 
     def check(self) -> list[tuple[str, str]]:
-        problems = []
+        problems = [("train.epochs", "pretraining draws random windows: count steps")] if self.train.epochs else []
         if self.train.seq_len > self.model.max_position_embeddings:
             problems.append(("train.seq_len", f"{self.train.seq_len} exceeds model.max_position_embeddings "
                                               f"({self.model.max_position_embeddings})"))

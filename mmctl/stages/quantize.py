@@ -34,7 +34,7 @@ STAGE = "quantize"
 
 @dataclass
 class CalibrationSection:
-    data: str | None = option(None, "a token shards dir (`mmctl tokenize` output): GPTQ's calibration windows")
+    data: str | None = option(None, "a tokenize output (or its shards dir): GPTQ's calibration windows")
     split: str = option("train", "the shard split the windows come from")
     sequences: int = option(64, "calibration windows", ge=1, le=100_000)
     seq_len: int = option(256, "tokens per window", ge=8, le=2**20)
@@ -42,7 +42,8 @@ class CalibrationSection:
 
 @dataclass
 class EvaluationSection:
-    data: str | None = option(None, "a token shards dir for held-out perplexity; default: calibration.data")
+    data: str | None = option(None, "a tokenize output (or its shards dir) for held-out perplexity; default: "
+                                    "calibration.data; unset too: no perplexity column")
     split: str = option("val", "the shard split scored")
     tokens: int = option(20_000, "score the first documents holding about this many tokens", ge=100)
     tasks: list[TaskConfig] = option(list, "eval tasks scored for every row (fields: mmctl/evals/tasks.py)")
@@ -71,8 +72,6 @@ class QuantizeRecipe:
         if any(t.task_kind == "vqa" for t in self.evaluation.tasks):
             problems.append(("evaluation.tasks", "a vqa task asks a vision-language model; quantize takes a "
                                                  "language model"))
-        if not (self.evaluation.data or self.calibration.data):
-            problems.append(("evaluation.data", "missing required value: shards for the held-out perplexity"))
         return problems
 
 
@@ -81,7 +80,7 @@ def inputs(cfg: QuantizeRecipe) -> dict[str, Path]:
 
     hf.checkpoint_dir(cfg.base, "base")
     shards = cfg.evaluation.data or cfg.calibration.data
-    return {"base": Path(cfg.base), "evaluation": Path(shards) / "manifest.json",
+    return {"base": Path(cfg.base), **({"evaluation": Path(shards) / "manifest.json"} if shards else {}),
             **({"calibration": Path(cfg.calibration.data) / "manifest.json"} if cfg.calibration.data else {}),
             **{f"task:{t.label}:{p}": Path(p) for t in cfg.evaluation.tasks for p in (t.data, t.fewshot_data) if p}}
 
@@ -170,14 +169,16 @@ def _measurer(cfg: QuantizeRecipe, tok, shards: str, chat: bool, device):
     from mmctl.generate import SamplingConfig, generate
 
     e = cfg.evaluation
-    documents = perplexity.shard_documents(shards, e.split, tok, e.tokens)
+    documents = perplexity.shard_documents(shards, e.split, tok, e.tokens) if shards else None
     scoring = ScoringConfig(batch_size=e.batch_size)
     prompt = tok.encode("Once upon a time")
 
     def measure(model) -> dict:
         length = model.cfg.max_position_embeddings
-        ppl, _ = perplexity.score(model, tok, documents, max_length=length, stride=length,
-                                  batch_size=e.batch_size)
+        ppl = {"token_perplexity": None, "bits_per_byte": None}
+        if documents is not None:
+            ppl, _ = perplexity.score(model, tok, documents, max_length=length, stride=length,
+                                      batch_size=e.batch_size)
         tasks = {}
         for task in e.tasks:
             metrics, _ = score(model, tok, task, scoring, cfg.run.seed, {}, chat)
@@ -198,13 +199,15 @@ def _float_bits(model) -> float:
 
 
 def _summary(row: dict, reference: dict) -> str:
-    change = row["perplexity"] / reference["perplexity"] - 1
-    return (f"{row['bytes'] / 2**20:.1f} MiB, {row['bits']:.2f} bits/weight, perplexity {row['perplexity']:.3f} "
-            f"({change:+.2%}), {row['quantize_s']:.1f} s")
+    quality = (f", perplexity {row['perplexity']:.3f} ({row['perplexity'] / reference['perplexity'] - 1:+.2%})"
+               if row["perplexity"] is not None else "")
+    return f"{row['bytes'] / 2**20:.1f} MiB, {row['bits']:.2f} bits/weight{quality}, {row['quantize_s']:.1f} s"
 
 
 def render(result: StageResult) -> None:
     from rich.table import Table
+
+    from mmctl.report.tables import change, number
 
     rows = result.results["rows"]
     reference = rows[0]
@@ -215,10 +218,10 @@ def render(result: StageResult) -> None:
                    *[f"{t} {k}" for t, k in tasks], "decode tok/s", "quantize s"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in rows:
-        change = r["perplexity"] / reference["perplexity"] - 1
-        table.add_row(r["name"], f"{r['bytes'] / 2**20:.2f}", f"{r['bits']:.2f}", f"{r['perplexity']:.3f}",
-                      "" if r is reference else f"{change:+.2%}", f"{r['bits_per_byte']:.4f}",
-                      *[f"{r['tasks'].get(t, {}).get(k, float('nan')):.3f}" for t, k in tasks],
+        delta = change(r, reference)
+        table.add_row(r["name"], f"{r['bytes'] / 2**20:.2f}", f"{r['bits']:.2f}", number(r["perplexity"]),
+                      "" if r is reference or delta is None else f"{delta:+.2%}", number(r["bits_per_byte"], ".4f"),
+                      *[number(r["tasks"].get(t, {}).get(k)) for t, k in tasks],
                       f"{r['decode_tokens_per_s'] or 0:.0f}", f"{r['quantize_s']:.1f}")
     console.print(table)
     console.print(f"checkpoints: {result.out}/<method>/ (mmctl eval and mmctl generate load them)")

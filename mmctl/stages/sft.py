@@ -77,7 +77,7 @@ def run(cfg: SFTRecipe, options: Options = Options()) -> StageResult:
 
 def sft(cfg: SFTRecipe, job: Job) -> dict:
     from mmctl.runtime import pick_precision
-    from mmctl.train.loop import Parts
+    from mmctl.train.loop import Parts, for_rows
 
     model, tok = finetune.load(cfg, job.device)
     train_rows, val_rows, stats, _ = rows(cfg, tok)
@@ -87,7 +87,7 @@ def sft(cfg: SFTRecipe, job: Job) -> dict:
                   evaluate=lambda step: evaluation(model, tok, val_rows, cfg, job.device, precision),
                   export=finetune.exporter(cfg, model, tok), fingerprint=finetune.fingerprint(cfg, job))
     started = time.time()
-    last = job.train(parts, cfg.train, cfg.optim, precision)
+    last = job.train(parts, for_rows(cfg.train, len(train_rows.ids)), cfg.optim, precision)
     return {**finetune.write(cfg, model, tok, job, last, started), "data": stats} if job.main else {}
 
 
@@ -131,14 +131,15 @@ def _batches(cfg: SFTRecipe, rows, pad_id: int, dist):
 
 
 def inspect(cfg: SFTRecipe, n: int) -> dict:
-    """The first `n` rows of the first training batch as step 1 gets them, token by token (`data/annotate.py`),
+    """The first `n` distinct rows of the first training batch as step 1 gets them (rows are drawn with
+    replacement: a repeat is shown once), token by token (`data/annotate.py`),
     and the data's statistics; nothing is trained and no model is loaded."""
     from mmctl.data import annotate
     from mmctl.tokenizer import bpe
 
     tok = bpe.load(cfg.base)
     train_rows, _, stats, items = rows(cfg, tok)
-    picks = [_pick(cfg, len(train_rows.ids), 0, r) for r in range(min(n, cfg.train.batch_size))]
+    picks = list(dict.fromkeys(_pick(cfg, len(train_rows.ids), 0, r) for r in range(cfg.train.batch_size)))[:n]
     return {"data": stats, "rows": [{"row": i, "tokens": annotate.annotate(train_rows, i, items, tok)}
                                     for i in picks]}
 

@@ -79,7 +79,7 @@ def inputs(cfg: TokenizeRecipe) -> dict[str, Path]:
 
 def run(cfg: TokenizeRecipe, options: Options = Options()) -> StageResult:
     """Tokenizer and shards into run.out (or the same run found already finished there)."""
-    return Job(STAGE, cfg, options, inputs(cfg)).run(tokenize)
+    return Job(STAGE, cfg, options, inputs(cfg), computes=False).run(tokenize)
 
 
 def tokenize(cfg: TokenizeRecipe, job: Job) -> dict:

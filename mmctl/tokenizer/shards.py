@@ -91,19 +91,23 @@ def write_manifest(directory: Path, tokenizer_sha256: str, vocab_size: int, eos_
 
 
 class Shards:
-    """One split of a verified shard directory, as read-only memory maps (one per shard)."""
+    """One split of a verified shard directory — or of a `mmctl tokenize` output, which holds one in `shards/` — as
+    read-only memory maps (one per shard)."""
 
     def __init__(self, directory: str | Path, split: str, tokenizer_sha256: str | None = None,
                  vocab_size: int | None = None):
         self.directory = Path(directory)
+        if (self.directory / "shards" / "manifest.json").is_file():  # a tokenize output dir: its shards
+            self.directory = self.directory / "shards"
         manifest_path = self.directory / "manifest.json"
         if not manifest_path.is_file():
             raise DataError(f"{manifest_path}: missing (not a finished shard directory)")
         try:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise DataError(f"{manifest_path}: not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT:
+        except (ValueError, RecursionError) as e:
+            raise DataError(f"{manifest_path}: not valid JSON ({type(e).__name__})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            manifest = manifest if isinstance(manifest, dict) else {}
             raise DataError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
         if tokenizer_sha256 is not None and manifest["tokenizer_sha256"] != tokenizer_sha256:
             raise DataError(f"{manifest_path}: written by tokenizer sha256 {manifest['tokenizer_sha256'][:12]}…, "

@@ -46,6 +46,8 @@ from mmctl.train.optim import OptimConfig, lr_at, make_optimizer
 @dataclass
 class TrainConfig:
     steps: int = option(200, "optimizer steps (at most 10^9: published runs take ~10^6)", ge=1, le=10**9)
+    epochs: float | None = option(None, "instead of steps: passes over the training rows, steps = ⌈epochs × rows / "
+                                        "batch_size⌉ (sft, dpo, align-vision)", gt=0, le=10**6)
     batch_size: int = option(16, "sequences per optimizer step, across all processes and micro-batches", ge=1,
                              le=2**20)
     micro_batch_size: int | None = option(None, "sequences per forward/backward on one process; unset: "
@@ -59,6 +61,9 @@ class TrainConfig:
     eval_every: int = option(100, "steps between validation losses and samples (and at the end)", ge=1)
     checkpoint_every: int = option(100, "steps between resumable checkpoints (and at the end)", ge=1)
     keep_checkpoints: int = option(2, "newest checkpoints kept; older ones are deleted", ge=1)
+    loggers: list[Literal["tensorboard", "wandb"]] = option(
+        list, "where the metrics also go, beside metrics.jsonl: tensorboard (<out>/tensorboard), wandb (offline "
+              "unless logged in; mmctl/train/loggers.py)")
 
     def workload(self, world: int = 1, precision: str | None = None) -> dict:
         """This run in `mmctl account`'s terms (its Workload fields): one process's micro-batch, all tokens."""
@@ -72,6 +77,15 @@ class TrainConfig:
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             return [("micro_batch_size", f"{self.micro_batch_size} does not divide batch_size ({self.batch_size})")]
         return []
+
+
+def for_rows(cfg: TrainConfig, rows: int) -> TrainConfig:
+    """`cfg` with its steps counted from `epochs` over `rows` training rows, when it sets epochs."""
+    import dataclasses
+
+    if cfg.epochs is None:
+        return cfg
+    return dataclasses.replace(cfg, steps=max(1, math.ceil(cfg.epochs * rows / cfg.batch_size)))
 
 
 def micro_batches(cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -209,8 +223,8 @@ def train(parts: Parts, cfg: TrainConfig, optim: OptimConfig, session: Session) 
             if dist.main:
                 progress.update(done, loss=result.loss, lr=lr, tok_s=last.get("tok_s", 0.0))
             if stopping:
-                raise Interrupted(f"interrupted at step {done}: resumable checkpoint "
-                                  f"{checkpoint.step_dir(ckpt_dir, done)}")
+                raise Interrupted(f"stopped at step {done} (checkpoint saved: {checkpoint.step_dir(ckpt_dir, done)}); "
+                                  "run the same command to resume")
     if dist.sharded:
         from mmctl.train import fsdp
 

@@ -44,3 +44,27 @@ def test_task_rules():
     assert TaskConfig(kind="generation", data="x", extract="first").check()[0][0] == "extract"
     assert TaskConfig(builtin="stories-ppl").task_kind == "perplexity"
     json.dumps(TaskConfig(builtin="arithmetic").__dict__)
+
+
+def test_a_text_file_splits_into_documents_and_gsm8k_items_read_as_generation(tmp_path):
+    from mmctl.evals.tasks import TaskConfig, items_of
+
+    text = tmp_path / "wiki.txt"
+    text.write_text("First article.\n\nSecond one.\n\n\n\nThird.")
+    assert len(items_of(TaskConfig(kind="perplexity", data=str(text)))) == 1  # lm-eval's wikitext convention
+    split = items_of(TaskConfig(kind="perplexity", data=str(text), separator="\n\n"))
+    assert [d["text"].strip() for d in split] == ["First article.", "Second one.", "Third."]
+    gsm = tmp_path / "gsm8k.jsonl"
+    gsm.write_text(json.dumps({"question": "Tom has 3 apples and buys 4. How many?",
+                               "answer": "3 + 4 = 7\n#### 7"}) + "\n")
+    (item,) = items_of(TaskConfig(kind="generation", data=str(gsm)))
+    assert item["prompt"].startswith("Tom has") and item["answer"] == "7"
+
+
+def test_dpo_reads_trls_implicit_prompt_pairs():
+    from mmctl.data.rl import pair
+
+    shared = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    got = pair({"chosen": [*shared, {"role": "assistant", "content": "4"}],
+                "rejected": [*shared, {"role": "assistant", "content": "5"}]}, "p.jsonl:1")
+    assert (got.prompt, got.chosen, got.rejected) == (shared, "4", "5")

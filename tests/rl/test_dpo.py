@@ -49,9 +49,10 @@ PAIRS = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
          for a, b, d in [(1, 2, 1), (30, 4, 10), (12, 13, -2), (50, 7, 3)]]
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "ipo"])
-def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
-    """The same policy, reference and four pairs: TRL's first logged step and mmctl's loss and metrics agree."""
+@pytest.mark.parametrize(("loss", "rpo_alpha"), [("sigmoid", 0.0), ("ipo", 0.0), ("sigmoid", 0.5)])
+def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss, rpo_alpha):
+    """The same policy, reference and four pairs: TRL's first logged step and mmctl's loss and metrics agree (RPO:
+    TRL's sigmoid and sft losses weighted 1 and α)."""
     import transformers
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -66,7 +67,9 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     reference.save_pretrained(tmp_path / "ref")
     args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=1, learning_rate=0.0,
-                     beta=0.1, loss_type=[loss], logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                     beta=0.1, loss_type=[loss, "sft"] if rpo_alpha else [loss],
+                     loss_weights=[1.0, rpo_alpha] if rpo_alpha else None, logging_steps=1, report_to=[],
+                     use_cpu=True, save_strategy="no",
                      max_length=64, bf16=False)  # TRL would otherwise autocast to bf16
     tok = transformers.AutoTokenizer.from_pretrained(checkpoint)
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=Dataset.from_list(PAIRS),
@@ -79,7 +82,7 @@ def test_equal_to_trls_dpo_trainer(checkpoint, tmp_path, loss):
     pairs = [rl_data.pair(p, "test") for p in PAIRS]
     rows = rl_pairs.rows(pairs, ours_tok, ours_ref, 63, ours_tok.eos_id, "fp32", "cpu")
     with torch.no_grad():
-        out = dpo.batch_loss(dpo.DPOConfig(beta=0.1, loss=loss), ours_policy.eval(),
+        out = dpo.batch_loss(dpo.DPOConfig(beta=0.1, loss=loss, rpo_alpha=rpo_alpha), ours_policy.eval(),
                              rl_pairs.tensors(rows, [0, 1, 2, 3], "cpu"))
     assert float(out.sum) / out.count == pytest.approx(theirs["loss"], abs=1e-5)
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",

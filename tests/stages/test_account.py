@@ -67,11 +67,23 @@ def test_missing_config_is_a_data_error(tmp_path):
 def test_json_keys_are_stable():
     report = account.run(load({"model": {"preset": "mixtral-8x7b"}}))
     j = report.results
-    assert set(j) == {"schema", "model", "workload", "params", "flops", "time", "memory", "scaling"}
+    assert set(j) == {"schema", "model", "workload", "params", "flops", "time", "memory", "scaling", "fit"}
     assert isinstance(j["params"]["total"], int) and isinstance(j["params"]["active"], int)
     assert j["params"]["active"] < j["params"]["total"]
     assert set(j["memory"]["training"]) == {"weights", "gradients", "master_weights", "optimizer", "activations",
                                             "logits", "peak", "sum_of_parts"}
+
+
+def test_what_does_not_fit_says_what_would():
+    """70B on one H100: over the GPU's memory, and the first remedy that fits is named (and fits)."""
+    from mmctl.accounting import fit
+
+    big = account.run(load({"model": {"preset": "llama-3.1-70b"}, "hardware": {"gpu": "h100-sxm"}})).results["fit"]
+    assert not big["fits"] and big["peak_bytes"] > 80e9 and big["peak_with"] <= 80e9
+    assert big["with"]["zero"] == 3 and big["with"]["num_gpus"] > 1
+    small = account.run(load({"model": {"preset": "gpt2"}, "hardware": {"gpu": "h100-sxm"}})).results["fit"]
+    assert small["fits"] and small["with"] is None
+    assert fit  # (the same function `mmctl account` renders from)
 
 
 def test_a_checkpoint_dir_reports_the_bytes_it_stores_and_how(checkpoint, tmp_path):

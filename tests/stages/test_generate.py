@@ -50,7 +50,7 @@ def test_errors(checkpoint, args, code, fragment):
 
 def test_missing_checkpoint_is_exit_3(tmp_path):
     out = generate(str(tmp_path / "nope"), "-p", "x")
-    assert out.returncode == 3 and "checkpoint dir not found" in out.stderr
+    assert out.returncode == 3 and "not a checkpoint directory (it does not exist)" in out.stderr
 
 
 def test_non_ascii_prompts_survive_the_command_line(checkpoint):

@@ -78,3 +78,15 @@ def test_a_quantized_base_is_refused_for_training_and_quantizing(base, shards, t
         checkpoints.load(tmp_path / "q" / "rtn-8bit")
     with pytest.raises(UsageError, match="vqa task"):
         config(base, shards, tmp_path / "v", evaluation={"tasks": [{"builtin": "shapes-vqa"}]})
+
+
+def test_a_tokenize_output_is_accepted_and_evaluation_data_is_optional(base, shards, tmp_path):  # noqa: F811
+    """The dir pretrain takes is the dir quantize takes; with no data at all, rtn runs (no perplexity column)."""
+    cfg = config(base, shards, tmp_path / "a", methods=[{"method": "rtn", "bits": 8}])
+    cfg.calibration.data = str(shards)  # the tokenize output, not its shards/
+    rows = quantize.run(cfg).results["rows"]
+    assert all(r["perplexity"] > 1 for r in rows)
+    cfg = config(base, shards, tmp_path / "b", methods=[{"method": "rtn", "bits": 8}])
+    cfg.calibration.data = None
+    rows = quantize.run(cfg).results["rows"]
+    assert [r["perplexity"] for r in rows] == [None, None] and rows[1]["bytes"] > 0

@@ -50,7 +50,7 @@ def test_full_fine_tuning(checkpoint, tmp_path):
     assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
 
 
-def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path):
+def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path, monkeypatch):
     import peft
     import transformers
     result = sft.run(config(checkpoint, tmp_path / "l", method="lora"))
@@ -65,6 +65,12 @@ def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path):
         assert (merged(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() > 1e-4  # it trained
     saved = json.loads((tmp_path / "l" / "checkpoints" / "step-000006" / "state.json").read_text())
     assert "frozen" in saved["extra"]["fingerprint"]
+    elsewhere = tmp_path / "elsewhere"  # the adapter names its base so that PEFT finds it from any directory
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "l" / "adapter", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (auto(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-4
 
 
 def test_qlora_merges_its_adapter_into_the_dequantized_base(checkpoint, tmp_path):
@@ -167,3 +173,11 @@ def test_a_datasets_directory_is_a_source(checkpoint, tmp_path):
 
     with pytest.raises(DataError, match=r"bad\[train\]\[3\]: messages\[0\]"):
         read_conversations(tmp_path / "bad", "train")
+
+
+def test_epochs_count_the_steps_from_the_rows(checkpoint, tmp_path):
+    import math
+
+    result = sft.run(config(checkpoint, tmp_path / "e", epochs=0.5))
+    rows = result.results["data"]["rows"]
+    assert result.results["final"]["step"] == math.ceil(0.5 * rows / 4)
