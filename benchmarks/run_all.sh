@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark in one run (`make bench`, ~7 min): each script's markdown goes to benchmarks/results/NAME.md,
+# Every benchmark in one run (`make bench`, ~10 min): each script's markdown goes to benchmarks/results/NAME.md,
 # headed by its command and start time; benchmarks/README.md's table is read off one such run. Run it on an idle
 # machine: the ratios are measured within each script, but a busy neighbour still skews them.
 set -euo pipefail
@@ -25,3 +25,4 @@ run pretrain benchmarks/pretrain_bench.py
 run generate benchmarks/generate.py
 run speculative benchmarks/speculative.py
 run sft benchmarks/sft_bench.py
+run serve benchmarks/serve.py

@@ -125,6 +125,7 @@ class Batcher:
     queue_limit: int = 256
     waiting: deque = field(default_factory=deque)
     ready: threading.Condition = field(default_factory=threading.Condition)
+    gather: float = 0.02  # seconds a batch waits to fill
     stopped: bool = False
     answered: int = 0
 
@@ -145,10 +146,15 @@ class Batcher:
             self.ready.notify()
 
     def _next_batch(self) -> list[Pending]:
-        """The oldest waiting choice and the next ones that decode with it (the rest keep their place)."""
+        """The oldest waiting choice and the next ones that decode with it (the rest keep their place). A batch that
+        would not be full waits up to `gather` seconds for more: clients answered together ask again a moment
+        apart, and a batch started on the first of them would make the others wait for all of its tokens."""
         with self.ready:
             while not self.waiting and not self.stopped:
                 self.ready.wait()
+            deadline = time.monotonic() + self.gather
+            while len(self.waiting) < self.batch_size and not self.stopped and time.monotonic() < deadline:
+                self.ready.wait(deadline - time.monotonic())
             if self.stopped:
                 return []
             batch, rest = [self.waiting.popleft()], deque()

@@ -40,6 +40,8 @@ class PairSource(Source):
                                         "gets wrong)", ge=1, le=10**6)
     samples: int = option(4, "arithmetic: answers sampled per problem", ge=2, le=64)
     temperature: float = option(1.0, "arithmetic: sampling temperature of those answers", gt=0, le=100)
+    answer_tokens: int = option(32, "arithmetic: tokens an answer may take (a cut-off answer counts as wrong)", ge=1,
+                                le=4096)
 
     COUNT: ClassVar[str] = "pairs"
 

@@ -123,13 +123,14 @@ def shard_documents(path, tok, n: int, seed: int) -> list[str]:
 
 def builtin(name: str, n: int, seed: int) -> list[list[dict]]:
     """Offline chat sets from the project's generators, with exact answers:
-    `arithmetic` — "What is 47 + 18?" → "65", from the training part of the problem space only (the held-out tenth
-    that `mmctl eval` scores never appears); `story-questions` — a fresh tiny story and a question about it (who
-    helped, what was found, where, which animal) → a one-word answer."""
+    `arithmetic` — "What is 47 + 18?" → "7+8=15, 4+1+1=6, so 65" (worked digit by digit), from the training part
+    of the problem space only (the held-out tenth that `mmctl eval` scores never appears); `story-questions` — a
+    fresh tiny story and a question about it (who helped, what was found, where, which animal) → a one-word
+    answer."""
     from mmctl.data.synthetic import arithmetic_problems, story_questions
 
     if name == "arithmetic":
-        return [[{"role": "user", "content": p.question}, {"role": "assistant", "content": str(p.answer)}]
+        return [[{"role": "user", "content": p.question}, {"role": "assistant", "content": p.working()}]
                 for p in arithmetic_problems(n, seed, split="train")]
     if name == "story-questions":
         return [[{"role": "user", "content": f"{story}\n\nQuestion: {question}"},

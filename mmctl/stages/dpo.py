@@ -105,7 +105,7 @@ def pairs(cfg: DPORecipe, model, tok) -> tuple[tuple[list, list], dict]:
         console.print(f"asking the starting model {source.problems:,} arithmetic problems, {source.samples} "
                       "answers each, for on-policy pairs")
         made, stats[f"sources[{i}]"] = arithmetic_pairs(model, tok, source.problems, cfg.run.seed + i,
-                                                        source.samples, source.temperature)
+                                                        source.samples, source.temperature, source.answer_tokens)
         return made
 
     train, val = mix(cfg.data.sources, read, cfg.run.seed, cfg.data.val_fraction, key=rl_data.key)

@@ -110,7 +110,9 @@ def test_builtin_sets_are_exact_and_never_hold_the_eval_problems():
         question = user["content"]
         assert not held_out(question)
         a, op, b = question.removeprefix("What is ").removesuffix("?").split()
-        assert int(assistant["content"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        *steps, last = assistant["content"].split(", ")  # "7+8=15, 4+3+1=8, so 85": each step true, the sum last
+        assert int(last.removeprefix("so ")) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert steps and all(eval(step.split("=")[0]) == int(step.split("=")[1]) for step in steps)
     for user, assistant in sft.builtin("story-questions", 50, seed=0):
         story, question = user["content"].split("\n\nQuestion: ")
         assert assistant["content"] in story and question.endswith("?")
