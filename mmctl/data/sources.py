@@ -97,14 +97,41 @@ def files(pattern: str) -> list[Path]:
     return files
 
 
+CHUNK = 1 << 20  # bytes a text file is read at a time
+
+
 def _text(path: Path, separator: str | None) -> Iterator[str]:
+    """A text file's documents: split at `separator` as the file streams in CHUNK-sized reads (memory holds one
+    read and the document it ends in, whatever the file's size), or the whole file as one document."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    pending, done = "", 0  # text not yet split; bytes decoded so far
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(CHUNK)
+                held = len(decoder.getstate()[0])  # bytes of a character cut by the previous read
+                try:
+                    text = decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}: not UTF-8 text (byte {done - held + e.start})") from None
+                done += len(chunk)
+                if separator:
+                    scan = max(0, len(pending) - len(separator) + 1)  # a separator may straddle two reads
+                    pending += text
+                    start = 0
+                    while (at := pending.find(separator, scan)) >= 0:
+                        yield pending[start:at]
+                        start = scan = at + len(separator)
+                    pending = pending[start:]
+                else:
+                    pending += text
+                if not chunk:
+                    break
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    yield from (text.split(separator) if separator else [text])
+    yield pending
 
 
 def _jsonl(path: Path, name: str) -> Iterator[str]:

@@ -96,3 +96,45 @@ def test_source_rules():
     assert TextSource(kind="pydoc", path="x").check()[0][0] == "path"
     assert TextSource(kind="jsonl", path="x", separator="\n").check()[0][0] == "separator"
     json.dumps(TextSource(kind="pydoc").__dict__)  # plain data: goes into manifests as is
+
+
+def test_text_streams_in_reads_that_cut_characters_and_separators(tmp_path, monkeypatch):
+    """Split as the file streams, in reads as small as one byte, a file gives what splitting it whole gives —
+    separators and multi-byte characters cut by a read included — and a bad byte is named by its offset."""
+    import random
+
+    from mmctl.data import sources
+
+    rng, path = random.Random(0), tmp_path / "t.txt"
+    for _ in range(200):
+        text = "".join(rng.choice("ab\n\né€😀 x") for _ in range(rng.randint(0, 120)))
+        separator = rng.choice(["\n\n", "\n", "é€", "😀", "x"])
+        path.write_text(text, encoding="utf-8")
+        monkeypatch.setattr(sources, "CHUNK", rng.randint(1, 9))
+        assert list(sources._text(path, separator)) == text.split(separator)
+        assert list(sources._text(path, None)) == [text]
+    path.write_bytes("héllo".encode() + b"\xff")
+    with pytest.raises(DataError, match="not UTF-8 text \\(byte 6\\)"):
+        list(sources._text(path, "\n"))
+
+
+def test_text_memory_is_bounded_by_a_read_not_the_file(tmp_path, monkeypatch):
+    """Peak memory while streaming a 40 MB file's documents is that of a 4 MB file's: a read and a document."""
+    import tracemalloc
+
+    from mmctl.data import sources
+
+    monkeypatch.setattr(sources, "CHUNK", 1 << 18)
+    peaks = []
+    for megabytes in (4, 40):
+        path = tmp_path / f"{megabytes}.txt"
+        document = ("Once upon a time there was a little fox. " * 40 + "\n\n").encode()
+        with open(path, "wb") as f:
+            for _ in range(megabytes * (1 << 20) // len(document)):
+                f.write(document)
+        tracemalloc.start()
+        count = sum(1 for _ in sources._text(path, "\n\n"))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert count > 1000
+    assert peaks[1] < 1.5 * peaks[0] + (1 << 20) and peaks[1] < 8 << 20, peaks
