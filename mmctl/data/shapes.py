@@ -130,6 +130,19 @@ def question(rng: random.Random, shapes: list[Shape], kind: str) -> tuple[str, s
     raise ValueError(f"unknown question type {kind!r}")
 
 
+def conversations(n: int, questions: int, seed: int, split: str = "train", size: int = 32) -> Iterator[dict]:
+    """`n` items {image, turns: [(question, answer), …], held_out}: up to `questions` questions about each fresh
+    scene, of different types (each type in turn leads), as one conversation — dense supervision, several answers
+    per image."""
+    rng = random.Random(f"shapes-dense:{split}:{seed}")
+    for made in range(n):
+        shapes = scene(rng, split)
+        kinds = TYPES[made % len(TYPES):] + TYPES[:made % len(TYPES)]
+        turns = [asked for kind in kinds if (asked := question(rng, shapes, kind)) is not None][:questions]
+        yield {"image": render(shapes, size), "turns": turns,
+               "held_out": any((s.colour, s.kind) in HELD_OUT for s in shapes)}
+
+
 def items(n: int, seed: int, split: str = "train", size: int = 32) -> Iterator[dict]:
     """`n` items {image, caption, question, answer, type, held_out}, question types in turn (so each type gets
     n / 6), each about a fresh scene."""

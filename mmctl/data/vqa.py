@@ -1,5 +1,6 @@
 """Image–text examples for the VLM, and their rows: one chat turn each — the image and a question from the user,
-the answer from the assistant — with the image placeholder expanded to the image's tokens and the loss on the
+the answer from the assistant (the built-in shapes can ask several questions about one image, as one
+conversation) — with the image placeholder expanded to the image's tokens and the loss on the
 answer only (its tokens and the end-of-turn token; `train_on_question` also trains the question's text, never
 the image slots, which have no next token to predict).
 
@@ -34,6 +35,8 @@ class ImageSource(Source):
     items: int | None = option(None, "shapes: how many to make; jsonl, datasets: read at most this many", ge=1,
                                le=10**7)
     captions: bool = option(False, "shapes: captions (\"Describe the image.\") instead of questions")
+    questions: int = option(1, "shapes: questions about each image, of different types, asked as one conversation "
+                               "(more than 1: several answers trained per image)", ge=1, le=6)
     image_column: str = option("image", "datasets: the column holding the image (or its path)")
 
     COUNT: ClassVar[str] = "items"
@@ -41,13 +44,15 @@ class ImageSource(Source):
     def check(self) -> list[tuple[str, str]]:
         if self.kind == "shapes" and (self.items or 0) > 100_000:  # rendered and held in memory, as every image is
             return [("items", f"{self.items:,}: the built-in shapes set makes at most 100,000")]
+        if self.questions > 1 and (self.kind != "shapes" or self.captions):
+            return [("questions", "only the built-in shapes' questions come several to an image")]
         return super().check()
 
 
 def read(source: ImageSource, seed: int, size: int) -> list[Example]:
     """A source's examples, their images at `size` pixels."""
     if source.kind == "shapes":
-        return shapes(source.items, seed, "train", size, captions=source.captions)
+        return shapes(source.items, seed, "train", size, captions=source.captions, questions=source.questions)
     if source.kind == "jsonl":
         return read_jsonl(source.path, size, source.items)
     return read_dataset(source.path, source.split, size, source.items, source.image_column)
@@ -74,13 +79,18 @@ class Example:
     answer: str
     type: str = "vqa"  # the question type (shapes: count, colour, …; captions: caption)
     held_out: bool = False  # shapes: a colour–kind pair training never shows
+    more: tuple[tuple[str, str], ...] = ()  # further (question, answer) turns about the same image
 
 
-def shapes(n: int, seed: int, split: str, size: int, captions: bool = False) -> list[Example]:
-    """`n` examples of the built-in shapes set, rendered at `size` pixels."""
+def shapes(n: int, seed: int, split: str, size: int, captions: bool = False, questions: int = 1) -> list[Example]:
+    """`n` examples of the built-in shapes set, rendered at `size` pixels (`questions` > 1: each a conversation)."""
     from mmctl.data import images
     from mmctl.data import shapes as generator
 
+    if questions > 1 and not captions:
+        return [Example(images.pixels(item["image"], size), *item["turns"][0], "conversation", item["held_out"],
+                        tuple(item["turns"][1:]))
+                for item in generator.conversations(n, questions, seed, split, size)]
     out = []
     for item in generator.items(n, seed, split, size):
         pixels = images.pixels(item["image"], size)
@@ -187,11 +197,15 @@ def _kind(value) -> str:
         type(value).__name__
 
 
-def messages(question: str, answer: str | None = None) -> list[dict]:
-    """The chat turn: the image and the question from the user (and the answer from the assistant). The image is
-    a content part — the image token is the template's to place — so a question that spells "<|image|>" is text."""
+def messages(question: str, answer: str | None = None, more: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """The chat turn: the image and the question from the user (and the answer from the assistant), then `more`
+    question–answer turns about the same image. The image is a content part — the image token is the template's
+    to place — so a question that spells "<|image|>" is text."""
     turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"\n{question}"}]}]
-    return turn + ([{"role": "assistant", "content": answer}] if answer is not None else [])
+    turn += [{"role": "assistant", "content": answer}] if answer is not None else []
+    for q, a in more:
+        turn += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return turn
 
 
 def encode(example: Example, tok, image_token_id: int, tokens_per_image: int, train_on_question: bool = False
@@ -199,7 +213,7 @@ def encode(example: Example, tok, image_token_id: int, tokens_per_image: int, tr
     """(ids with the image expanded, mask): 1 where the token is trained as a target."""
     from mmctl.data.chat import tokenize
 
-    ids, mask = tokenize(messages(example.question, example.answer), tok)
+    ids, mask = tokenize(messages(example.question, example.answer, example.more), tok)
     if ids.count(image_token_id) != 1:
         raise DataError(f"the chat template renders {ids.count(image_token_id)} image placeholders for one image")
     at = ids.index(image_token_id)

@@ -215,7 +215,7 @@ def disagrees(result: StageResult) -> bool:
 
 
 def to_json(sections: dict[str, list[Line]], arch: Arch, cfg: AccountRecipe) -> dict:
-    """The documented `--json` object (README: "mmctl account --json")."""
+    """The documented `--json` object (docs/account.md: "mmctl account --json")."""
     body = nest([line for lines in sections.values() for line in lines])
     return {
         "schema": JSON_SCHEMA,

@@ -28,6 +28,22 @@ def test_rows_expand_the_image_and_train_the_answer(checkpoint):
     assert ids[: len(asked)] == asked  # the row starts with exactly what generation asks
 
 
+def test_several_questions_about_one_image_train_every_answer(checkpoint):
+    """`questions: 6`: one conversation per scene, questions of different types, each answer (and its end of turn)
+    trained, the image once; the scene's answers are the generator's."""
+    tok = bpe.load(checkpoint)
+    image = tok.token_id(bpe.IMAGE)
+    examples = vqa.shapes(12, 0, "train", 16, questions=6)
+    for example in examples:
+        turns = [(example.question, example.answer), *example.more]
+        assert 1 <= len(turns) <= 6 and len({q for q, _ in turns}) == len(turns)
+        ids, mask = vqa.encode(example, tok, image, 9)
+        assert ids.count(image) == 9
+        trained = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+        assert trained == "".join(f"{answer}<|end|>" for _, answer in turns)
+    assert max(len(e.more) for e in examples) == 5  # six questions where the scene allows every type
+
+
 def test_jsonl_examples_and_their_errors(tmp_path):
     import random
 
