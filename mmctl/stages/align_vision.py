@@ -130,12 +130,12 @@ def align(cfg: AlignVisionRecipe, job: Job) -> dict:
     precision = pick_precision(cfg.phases[0].train.precision, job.device)
     held_out = _heldout(cfg, model.vision.encoder.image_size)
     phases = [_phase(cfg, i, model, tok, held_out, job, precision) for i in range(len(cfg.phases))]  # data first
-    job.begin([(f"phases/{p.name}/checkpoints", train.steps) for p, (_, train) in zip(cfg.phases, phases,
-                                                                                      strict=True)])
+    job.begin([(f"phases/{p.name}/checkpoints", train.steps) for p, (_, train, _) in zip(cfg.phases, phases,
+                                                                                         strict=True)])
     if job.main:
         _module_table(model, cfg)
     last, offset = {}, 0
-    for phase, (parts, train) in zip(cfg.phases, phases, strict=True):
+    for phase, (parts, train, _) in zip(cfg.phases, phases, strict=True):
         for name in MODULES:
             getattr(model, name).requires_grad_(name in phase.trainable)
         last = job.train(parts, train, phase.optim, precision, f"phases/{phase.name}/checkpoints",
@@ -145,7 +145,15 @@ def align(cfg: AlignVisionRecipe, job: Job) -> dict:
         offset += train.steps
     if not job.main:
         return {}
-    scores, _ = vqa_eval.evaluate(model, tok, held_out["per_type"], held_out["composition"])
+    own = [(phase.name, val) for phase, (_, _, val) in zip(cfg.phases, phases, strict=True)
+           if phase.objective == "answer" and any(source.kind != "shapes" for source in phase.sources)]
+    if own and own[-1][1]:  # the user's own data: its held-out share is what the model is scored on
+        scores, _ = vqa_eval.evaluate(model, tok, own[-1][1])
+        scores["data"] = f"the held-out share of phase {own[-1][0]}'s sources"
+    else:
+        scores, _ = vqa_eval.evaluate(model, tok, held_out["per_type"], held_out["composition"])
+        scores["data"] = "shapes" + (" (the phases' own sources hold no held-out examples: val_fraction 0)"
+                                     if own else "")
     checkpoints.save_vlm(model, job.product("model"), tok)
     return {"final": last, "evaluation": scores, "tokens_per_image": model.tokens_per_image,
             "params": {m: sum(p.numel() for p in getattr(model, m).parameters()) for m in MODULES},
@@ -153,14 +161,14 @@ def align(cfg: AlignVisionRecipe, job: Job) -> dict:
 
 
 def _phase(cfg, i: int, model, tok, held_out, job, precision: str):
-    """(One phase's loop parts — its objective's module, rows, loss, evaluation, fingerprint — and its TrainConfig,
-    steps counted from epochs when it sets them.)"""
+    """(One phase's loop parts — its objective's module, rows, loss, evaluation, fingerprint —, its TrainConfig,
+    steps counted from epochs when it sets them, and its held-out examples.)"""
     from mmctl.objectives import OBJECTIVES
     from mmctl.train.loop import Parts, for_rows
 
     phase = cfg.phases[i]
     objective = OBJECTIVES[phase.objective](phase, model, tok, cfg.run.seed + 31 * i)
-    train_rows, val_rows = _rows(cfg, i, model, objective)
+    train_rows, val_rows, val = _rows(cfg, i, model, objective)
     if job.main:
         console.print(f"phase {phase.name}: {len(train_rows.ids):,} examples ({len(val_rows.ids)} held out), trains "
                       + ", ".join(f"{m} (lr × {s:g})" for m, s in phase.trainable.items()))
@@ -170,12 +178,12 @@ def _phase(cfg, i: int, model, tok, held_out, job, precision: str):
                                                job.device, precision)
     parts = Parts(objective.trained, _batches(cfg, i, train_rows, job.dist), objective.loss, evaluate=evaluate,
                   fingerprint=fingerprint, lr_scales={f"{m}.": float(s) for m, s in phase.trainable.items()})
-    return parts, for_rows(phase.train, len(train_rows.ids))
+    return parts, for_rows(phase.train, len(train_rows.ids)), val
 
 
 def _rows(cfg, i: int, model, objective):
     """The phase's examples, mixed (by image: data/mixture.py), encoded by its objective into train and
-    validation rows."""
+    validation rows; and the validation examples themselves."""
     import torch
 
     from mmctl.data.mixture import mix
@@ -201,7 +209,7 @@ def _rows(cfg, i: int, model, objective):
         parts.append(vqa.Rows([ids for ids, _ in encoded], [m for _, m in encoded], pixels))
     if not parts[0].ids:
         raise UsageError(f"phases[{i}]: no training example left after the validation share")
-    return parts[0], parts[1]
+    return parts[0], parts[1], val
 
 
 def _batches(cfg, i: int, rows, dist):
@@ -238,12 +246,14 @@ def render(result: StageResult) -> None:
 
     r = result.results
     scores = r["evaluation"]
-    table = Table(title=f"held-out shapes questions ({r['tokens_per_image']} image tokens per image)",
-                  title_justify="left")
+    data = scores.get("data", "shapes")
+    title = "held-out shapes questions" if data.startswith("shapes") else data
+    table = Table(title=f"{title} ({r['tokens_per_image']} image tokens per image)", title_justify="left")
     for column in ("question type", "accuracy", "chance", "n"):
         table.add_column(column, justify="left" if column == "question type" else "right")
     for kind, s in scores["per_type"].items():
-        table.add_row(kind, f"{s['accuracy']:.2f}", f"{s['chance']:.2f}", str(s["n"]))
+        chance = "" if s["chance"] is None else f"{s['chance']:.2f}"
+        table.add_row(kind, f"{s['accuracy']:.2f}", chance, str(s["n"]))
     console.print(table)
     console.print(vqa_eval.summary(scores))
     console.print(f"model: {result.out / 'model'} ({r['format']} layout)")

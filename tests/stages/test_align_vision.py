@@ -143,3 +143,31 @@ def test_a_contrastive_phase_trains_the_vit_against_a_text_tower(checkpoint, tmp
         stage.run(bad)
     with pytest.raises(UsageError, match="vision_tower only"):
         config(checkpoint, tmp_path / "e", phases=[{**phases[0], "trainable": {"language_model": 1.0}}])
+
+
+def test_own_images_are_scored_on_their_held_out_share(checkpoint, tmp_path):
+    """A recipe on the user's own images is evaluated on the held-out part of them, not on the built-in shapes."""
+    from PIL import Image
+
+    lines = []
+    for i in range(40):
+        colour = ("red", "blue")[i % 2]
+        Image.new("RGB", (16, 16), (200, 20, 20) if colour == "red" else (20, 20, 200)).save(tmp_path / f"{i}.png")
+        noise = Image.effect_noise((16, 16), 30 + i).convert("RGB")  # each image distinct: the split is by image
+        Image.blend(Image.open(tmp_path / f"{i}.png"), noise, 0.1).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "question": "What colour is it?", "answer": colour,
+                                 "type": "colour-of-square"}))
+    (tmp_path / "own.jsonl").write_text("\n".join(lines) + "\n")
+    phase = {"name": "own", "sources": [{"kind": "jsonl", "path": str(tmp_path / "own.jsonl")}],
+             "trainable": {"multi_modal_projector": 1.0}, "optim": {"lr": 3e-3, "warmup_steps": 0},
+             "val_fraction": 0.25, "train": {"steps": 2, "batch_size": 8, "seq_len": 63, "precision": "fp32",
+                                             "log_every": 1, "eval_every": 2, "checkpoint_every": 2}}
+    result = stage.run(config(checkpoint, tmp_path / "out", phases=[phase]))
+    scores = result.results["evaluation"]
+    assert scores["data"] == "the held-out share of phase own's sources"
+    assert list(scores["per_type"]) == ["colour-of-square"]
+    assert 0 < scores["per_type"]["colour-of-square"]["n"] < 40 and scores["per_type"]["colour-of-square"]["chance"] \
+        is None
+    shapes_only = stage.run(config(checkpoint, tmp_path / "shapes", phases=[{**phase, "sources": [
+        {"kind": "shapes", "items": 40}]}])).results["evaluation"]
+    assert shapes_only["data"] == "shapes" and "count" in shapes_only["per_type"]
