@@ -176,6 +176,11 @@ def save_vlm(model: VLM, out: str | Path, tokenizer, chat: bool = True) -> Path:
     files = {"config.json": config,
              "generation_config.json": generation_config(tokenizer, chat),
              "processor_config.json": processor, "preprocessor_config.json": processor_config(size)}
+    if tokenizer.chat_template:  # the processor's: content parts, {"type": "image"} included (data/chat.py)
+        from mmctl.data.chat import with_content_parts
+
+        files["chat_template.json"] = {"chat_template": with_content_parts(tokenizer.chat_template,
+                                                                           processor["image_token"])}
     return hf.write_dir(out, state_for_llava(model), files, tokenizer.files())
 
 

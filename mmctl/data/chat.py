@@ -249,3 +249,18 @@ def roles(messages: list[dict], tok) -> list[str]:
 def template_of(tok) -> str:
     """Where a tokenizer's chat template comes from, for error messages."""
     return f"{tok.path / 'tokenizer_config.json'}: chat_template"
+
+
+def with_content_parts(template: str, image_token: str) -> str:
+    """`template` taking OpenAI / transformers content parts — `[{"type": "image"}, {"type": "text", "text": …}]`
+    — as mmctl does: each message's parts joined into one string, an image part as `image_token`, before the
+    template renders it. A Llava processor's `apply_chat_template` then builds the prompt mmctl builds."""
+    quoted = image_token.replace("\\", "\\\\").replace("'", "\\'")
+    return ("{%- set flat = namespace(messages=[]) -%}{%- for m in messages -%}{%- if m['content'] is string -%}"
+            "{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': m['content']}] -%}{%- else -%}"
+            "{%- set text = namespace(value='') -%}{%- for part in m['content'] -%}"
+            "{%- if part['type'] == 'image' -%}{%- set text.value = text.value ~ '" + quoted + "' -%}"
+            "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value ~ part['text'] -%}{%- endif -%}"
+            "{%- endfor -%}{%- set flat.messages = flat.messages + [{'role': m['role'], 'content': text.value}] -%}"
+            "{%- endif -%}{%- endfor -%}{%- set messages = flat.messages -%}" + template)
+

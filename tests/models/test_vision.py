@@ -137,6 +137,24 @@ def test_the_exported_llava_dir_loads_in_transformers_with_its_processor(checkpo
         torch.testing.assert_close(checkpoints.load_vlm(out)(ids, pixels), ours, atol=0, rtol=0)
     assert checkpoints.is_vlm(out) and not checkpoints.is_vlm(checkpoint)
 
+    # a newcomer's script: the processor's chat template takes {"type": "image"} content, as the HF docs show, and
+    # transformers' greedy answer is mmctl's
+    from mmctl import hf
+    from mmctl.data import vqa
+    from mmctl.generate import SamplingConfig, generate
+
+    messages = [{"role": "user", "content": [{"type": "image"},
+                                             {"type": "text", "text": "\nWhat colour is the circle?"}]}]
+    assert messages == vqa.messages("What colour is the circle?")
+    templated = processor.apply_chat_template(messages, add_generation_prompt=True)
+    asked = processor(text=templated, images=image, return_tensors="pt")
+    assert asked["input_ids"][0].tolist() == vqa.prompt("What colour is the circle?", tok, model.image_token_id,
+                                                        model.tokens_per_image)
+    said = theirs.generate(**asked, max_new_tokens=6, do_sample=False)[0, asked["input_ids"].shape[1]:].tolist()
+    mine = generate(model, [asked["input_ids"][0].tolist()], SamplingConfig(max_new_tokens=6),
+                    stop_token_ids=hf.eos_token_ids(out), pixels=pixels).completions[0].ids
+    assert said[:len(mine)] == mine
+
 
 def test_a_vlm_decodes_with_its_image_as_a_full_forward_pass_would():
     """Greedy decoding with the KV cache (image in the prefill, left-padded batch) equals argmax of a full
