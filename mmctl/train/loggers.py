@@ -50,7 +50,7 @@ class TensorBoard:
         except ImportError:
             raise UsageError(f"train.loggers: tensorboard is not installed ({INSTALL['tensorboard']})") from None
         # the purge: a reader drops the events an earlier attempt logged at or after this step
-        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=(resume or 0) + 1 if resume else 0)
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume + 1 if resume else 0)
         if not resume:
             for summary in hparams_summary(hparams, {}):
                 self.writer.file_writer.add_summary(summary)
