@@ -195,7 +195,8 @@ def train(parts: Parts, cfg: TrainConfig, optim: OptimConfig, session: Session) 
     fingerprint = with_frozen(model, parts.fingerprint)
     trained = _prepare(model, cfg, dist)  # before the optimizer: FSDP replaces the parameters with their shards
     optimizer = make_optimizer(model, optim, parts.lr_scales)
-    start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, session.force_resume, dist)
+    start, last, seen_tokens = _resume(ckpt_dir, model, optimizer, fingerprint, session.force_resume, dist,
+                                       cfg.steps)
     window = Window()
     with StopRequest() as stop, Progress(cfg.steps, "train") as progress:
         for step in range(start, cfg.steps):
@@ -353,11 +354,16 @@ def _prepare(model, cfg: TrainConfig, dist: Dist):
     return trained
 
 
-def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool, dist: Dist) -> tuple[int, dict, int]:
-    """(first step, last metrics, tokens seen) from the newest checkpoint, or a fresh start."""
+def _resume(ckpt_dir: Path, model, optimizer, fingerprint: dict, force: bool, dist: Dist,
+            steps: int) -> tuple[int, dict, int]:
+    """(first step, last metrics, tokens seen) from the newest checkpoint, or a fresh start. A checkpoint past
+    `steps` is refused: resuming it would hand back a longer run's model as this one's."""
     path = resumable(ckpt_dir, fingerprint, force)
     if path is None:
         return 0, {}, 0
+    if int(path.name.split("-")[1]) > steps:
+        raise UsageError(f"{ckpt_dir}: its newest checkpoint ({path.name}) is past train.steps {steps}: --fresh "
+                         "starts over, or raise train.steps to train on from it")
     state = checkpoint.load(path, model, optimizer)
     if dist.main:
         console.print(f"resumed from {path}")

@@ -244,3 +244,16 @@ def test_force_after_a_finished_run_and_a_refused_resume_keep_the_results(shards
     with pytest.raises(UsageError, match="cannot resume: model changed"):
         pretrain.run(recipe.build(pretrain.PretrainRecipe, data, recipe.Source("r", {}, set())))
     assert json.loads((out / "manifest.json").read_text())["recipe"] == json.loads(manifest)["recipe"]
+
+
+def test_fewer_steps_than_the_newest_checkpoint_is_refused_not_the_longer_model(shards, tmp_path):
+    """A recipe lowered to 4 steps in a dir that holds step 8's checkpoint would resume past its end and publish
+    the 8-step model as its own: refused, the finished run's record kept; --fresh trains the 4 steps."""
+    from mmctl.errors import UsageError
+
+    out = pretrain.run(config(shards, tmp_path / "r")).out
+    manifest = (out / "manifest.json").read_text()
+    with pytest.raises(UsageError, match="step-000008.* is past train.steps 4: --fresh starts over"):
+        pretrain.run(config(shards, tmp_path / "r", steps=4))
+    assert (out / "manifest.json").read_text() == manifest
+    assert pretrain.run(config(shards, tmp_path / "r", steps=4), Options(fresh=True)).results["final"]["step"] == 4
