@@ -35,7 +35,11 @@ def run(cfg: ServeConfig) -> None:
     import signal
     import socket
 
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401 - mmctl/server.py's
+        import uvicorn
+    except ImportError:
+        raise UsageError("mmctl serve needs FastAPI and uvicorn: pip install 'mmctl[serve]'") from None
 
     from mmctl.runtime import Dist, announce, pick_device
     from mmctl.server import Batcher, make_app

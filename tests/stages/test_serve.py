@@ -271,3 +271,12 @@ def test_lm_eval_scores_a_served_model(server, chat_checkpoint, tmp_path):
         direct = decoded(chat_checkpoint, [{"role": "user", "content": prompt}], 8).split("\n")[0]
         assert sample["resps"][0][0] == direct
     assert "exact_match,none" in out["results"]["mmctl_gen"]
+
+
+def test_without_the_serve_extra_it_says_what_to_install(chat_checkpoint, monkeypatch):
+    from mmctl.errors import UsageError
+    from mmctl.stages import serve
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    with pytest.raises(UsageError, match=r"pip install 'mmctl\[serve\]'"):
+        serve.run(serve.ServeConfig(checkpoint=str(chat_checkpoint)))
