@@ -6,9 +6,9 @@
     GET  /v1/models             the one model served
     GET  /health                200 once the model is loaded
 
-Requests wait in one bounded queue; the `Batcher` thread takes up to `batch_size` of them that decode alike (the
-same sampling settings, and room in the context for the longest) and decodes them as one left-padded batch, so N
-clients cost about one client's time per token, not N times it. A full queue answers 503 with Retry-After, a body
+Requests wait in one bounded queue; the decoding thread (mmctl/batcher.py) takes up to `batch_size` of them that
+decode alike and decodes them as one left-padded batch, so N clients cost about one client's time per token, not
+N times it. A full queue answers 503 with Retry-After, a body
 over the size limit 413, and every other bad request one JSON error in OpenAI's shape — never a dropped
 connection, never a dead server.
 """
@@ -18,14 +18,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import dataclasses
 import io
 import itertools
-import threading
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -33,6 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from mmctl.batcher import Batcher, Pending, QueueFull
 from mmctl.errors import MmctlError
 from mmctl.generate import SamplingConfig
 
@@ -91,103 +89,6 @@ class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
-
-
-# --- the decoding thread ---
-
-@dataclass
-class Pending:
-    """One choice of one request: its prompt, how to decode it, and where its text goes (an asyncio queue of
-    (index, text piece | Reply | Exception), filled from the decoding thread)."""
-
-    ids: list[int]
-    sampling: SamplingConfig  # max_new_tokens: this choice's own limit
-    index: int
-    out: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
-    pixels: Any = None
-
-    def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, item))
-
-    def key(self) -> SamplingConfig:
-        """What rows of one batch share: everything but the length and the seed (a batch samples from its first
-        row's generator — a seed makes a request repeatable when it decodes alone)."""
-        return dataclasses.replace(self.sampling, max_new_tokens=1, seed=0)
-
-
-@dataclass
-class Batcher:
-    """Decodes what `submit` queues, `batch_size` choices at a time; at most `queue_limit` wait."""
-
-    session: Any
-    batch_size: int = 8
-    queue_limit: int = 256
-    waiting: deque = field(default_factory=deque)
-    ready: threading.Condition = field(default_factory=threading.Condition)
-    gather: float = 0.02  # seconds a batch waits to fill
-    stopped: bool = False
-    answered: int = 0
-
-    def start(self) -> None:
-        threading.Thread(target=self._work, name="mmctl-decode", daemon=True).start()
-
-    def stop(self) -> None:
-        with self.ready:
-            self.stopped = True
-            self.ready.notify()
-
-    def submit(self, choices: list[Pending]) -> None:
-        with self.ready:
-            if len(self.waiting) + len(choices) > self.queue_limit:
-                raise ApiError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly",
-                               code="queue_full", headers={"Retry-After": "1"})
-            self.waiting.extend(choices)
-            self.ready.notify()
-
-    def _next_batch(self) -> list[Pending]:
-        """The oldest waiting choice and the next ones that decode with it (the rest keep their place). A batch that
-        would not be full waits up to `gather` seconds for more: clients answered together ask again a moment
-        apart, and a batch started on the first of them would make the others wait for all of its tokens."""
-        with self.ready:
-            while not self.waiting and not self.stopped:
-                self.ready.wait()
-            deadline = time.monotonic() + self.gather
-            while len(self.waiting) < self.batch_size and not self.stopped and time.monotonic() < deadline:
-                self.ready.wait(deadline - time.monotonic())
-            if self.stopped:
-                return []
-            batch, rest = [self.waiting.popleft()], deque()
-            longest, most = len(batch[0].ids), batch[0].sampling.max_new_tokens
-            while self.waiting and len(batch) < self.batch_size:
-                p = self.waiting.popleft()
-                fits = max(longest, len(p.ids)) + max(most, p.sampling.max_new_tokens) <= self.session.context
-                if p.key() == batch[0].key() and fits:
-                    batch.append(p)
-                    longest, most = max(longest, len(p.ids)), max(most, p.sampling.max_new_tokens)
-                else:
-                    rest.append(p)
-            self.waiting.extendleft(reversed(rest))
-            return batch
-
-    def _work(self) -> None:
-        import torch
-
-        while batch := self._next_batch():
-            limits = [p.sampling.max_new_tokens for p in batch]
-            sampling = dataclasses.replace(batch[0].sampling, max_new_tokens=max(limits))
-            images = [p.pixels for p in batch if p.pixels is not None]
-            try:
-                replies = self.session.complete([p.ids for p in batch], sampling, limits=limits,
-                                                pixels=torch.stack(images) if images else None,
-                                                on_text=[p.put for p in batch])
-            except Exception as e:  # noqa: BLE001 - the requests get the error; the thread serves on
-                for p in batch:
-                    p.put(e)
-                continue
-            for p, reply in zip(batch, replies, strict=True):
-                p.put(reply)
-            self.answered += len(batch)
 
 
 # --- the routes ---
@@ -284,7 +185,11 @@ def make_app(session, name: str, batcher: Batcher, max_tokens: int = 256, max_re
         loop, out = asyncio.get_running_loop(), asyncio.Queue()
         choices = [Pending(ids, sampling(req, ids, limit, i), i, out, loop, pixels)
                    for i, ids in enumerate(p for p in prompts for _ in range(req.n))]
-        batcher.submit(choices)
+        try:
+            batcher.submit(choices)
+        except QueueFull as e:
+            raise ApiError(503, f"the server is busy ({e.waiting} requests waiting); retry shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
         return out, choices
 
     async def replies(out: asyncio.Queue, n: int):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "mmctl"
 LAYERS = [{"cli", "__main__"}, {"stages"}, {"server"},
-          {"finetune", "objectives", "rl", "evals", "report", "checkpoints", "session"},
+          {"finetune", "objectives", "rl", "evals", "report", "checkpoints", "session", "batcher"},
           {"data", "models", "train", "quant", "generate", "speculative", "accounting"},
           {"recipe", "artifacts", "hf", "runtime", "tokenizer", "presets"}, {"console", "errors", "__init__"}]
 LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}

@@ -41,8 +41,9 @@ def run(cfg: ServeConfig) -> None:
     except ImportError:
         raise UsageError("mmctl serve needs FastAPI and uvicorn: pip install 'mmctl[serve]'") from None
 
+    from mmctl.batcher import Batcher
     from mmctl.runtime import Dist, announce, pick_device
-    from mmctl.server import Batcher, make_app
+    from mmctl.server import make_app
     from mmctl.session import Session
 
     session = Session(cfg.checkpoint, device=pick_device(cfg.device))

@@ -196,7 +196,8 @@ def test_a_full_queue_answers_503_with_retry_after(chat_checkpoint):
     """The queue is bounded: past its limit a request is refused at once (memory stays flat), not queued."""
     from fastapi.testclient import TestClient
 
-    from mmctl.server import Batcher, make_app
+    from mmctl.batcher import Batcher
+    from mmctl.server import make_app
     from mmctl.session import Session
 
     session = Session(str(chat_checkpoint))
@@ -220,7 +221,8 @@ def test_a_vlm_sees_the_image_in_a_data_url(vlm_dir):
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from mmctl.server import Batcher, make_app
+    from mmctl.batcher import Batcher
+    from mmctl.server import make_app
     from mmctl.session import Session
 
     session = Session(str(vlm_dir))
