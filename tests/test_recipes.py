@@ -77,3 +77,11 @@ def test_the_tiny_makefile_graph_is_the_recipes_inputs():
     optional = rules["draft"][0]  # the one run outside the pipeline: speculative decoding's draft model
     assert {f"{r}/manifest.json" for r in runs} - optional | {"floors.yaml"} == report
     assert rules["all"][0] == {next(t for t in rules if t.startswith("out/report/"))}
+
+
+@pytest.mark.parametrize("path", sorted(TINY.parent.rglob("floors.yaml")), ids=lambda p: p.parent.name)
+def test_floors_file_reads(path):
+    """The demo's last step reads this file: a YAML slip in a `why:` stops `make demo` after ten minutes."""
+    from mmctl.report import floors
+    checks = floors.read(path)
+    assert checks and all(c.get("why") for c in checks)
