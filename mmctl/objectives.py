@@ -5,6 +5,8 @@ how an example becomes a row, the loss and what each evaluation measures.
   `train_on_question`, the question's), never on an image slot (LLaVA's stages 1 and 2).
 - `siglip` / `clip` (`Contrastive`): stage 0 — the ViT against a small text tower made for the phase, on captions
   (SigLIP's sigmoid loss or CLIP's InfoNCE; the LM and the projector take no part), reporting retrieval R@1.
+- `cells` (`Cells`): stage 0 on the built-in shapes' own labels — linear heads read each grid cell's colour and
+  kind and the count off the ViT's features (`mmctl/models/cells.py`), reporting their held-out accuracy.
 """
 
 from __future__ import annotations
@@ -115,4 +117,53 @@ class Contrastive:
         return {"val_loss": float(out.sum) / out.count, "val_r@1_image_to_text": i2t, "val_r@1_text_to_image": t2i}
 
 
-OBJECTIVES = {"answer": Answer, "siglip": Contrastive, "clip": Contrastive}
+class Cells:
+    """Stage 0: the ViT learns the shapes' labels — per-cell colour and kind, and the count — through linear heads."""
+
+    def __init__(self, phase, model, tok, seed: int):
+        import torch
+
+        from mmctl.models.cells import CellHeads
+
+        self.phase = phase
+        torch.manual_seed(seed)
+        self.trained = CellHeads(model.vision_tower, model.vision.feature_layer).to(next(model.parameters()).device)
+
+    def encode(self, example: vqa.Example) -> tuple[list[int], list[int]]:
+        """The scene's 19 labels in a row's place (`mmctl.data.shapes.labels`)."""
+        from mmctl.data.shapes import labels
+
+        if not example.scene:
+            raise UsageError("a cells phase learns the built-in shapes' own labels; its sources must be kind: shapes")
+        ids = labels(example.scene)
+        return ids, [1] * len(ids)
+
+    def max_tokens(self) -> int | None:
+        return None
+
+    @staticmethod
+    def loss(model, batch: dict) -> LossOut:
+        from mmctl.models.cells import loss
+
+        return LossOut(loss(model(batch["pixels"]), batch["ids"]), float(len(batch["ids"])), batch["real"])
+
+    def evaluate(self, val: vqa.Rows, example: vqa.Example, question: str, device, precision: str) -> dict:
+        """The loss per image and the heads' accuracy on (up to 512) held-out images."""
+        import torch
+
+        from mmctl.models.cells import accuracy, loss
+        from mmctl.runtime import autocast
+
+        if not val.ids:
+            return {}
+        self.trained.eval()
+        with torch.no_grad(), autocast(precision, device):
+            batch = vqa.batch(val, list(range(min(len(val.ids), 512))), device)
+            logits = self.trained(batch["pixels"])
+            total = float(loss(logits, batch["ids"]))
+        self.trained.train()
+        return {"val_loss": total / len(batch["ids"]),
+                **{f"val_{name}": value for name, value in accuracy(logits, batch["ids"]).items()}}
+
+
+OBJECTIVES = {"answer": Answer, "siglip": Contrastive, "clip": Contrastive, "cells": Cells}

@@ -87,6 +87,16 @@ def render(shapes: list[Shape], size: int):
     return image
 
 
+def labels(shapes) -> list[int]:
+    """The scene as 19 class labels, what a `cells` phase trains the ViT to read: each cell's colour (0 empty,
+    1.. the colours in order), each cell's kind (0 empty, 1.. the kinds), in reading order, then the count − 1."""
+    colour, kind = [0] * 9, [0] * 9
+    for s in shapes:
+        colour[3 * s.row + s.column] = 1 + list(COLOURS).index(s.colour)
+        kind[3 * s.row + s.column] = 1 + KINDS.index(s.kind)
+    return colour + kind + [len(shapes) - 1]
+
+
 def caption(shapes: list[Shape]) -> str:
     """Every shape in reading order: "a large red circle at the top left and a small blue square in the middle"."""
     parts = [f"a {s.size} {s.name} " + ("in the middle" if s.where == "middle" else f"at the {s.where}")
@@ -131,7 +141,7 @@ def question(rng: random.Random, shapes: list[Shape], kind: str) -> tuple[str, s
 
 
 def conversations(n: int, questions: int, seed: int, split: str = "train", size: int = 32) -> Iterator[dict]:
-    """`n` items {image, turns: [(question, answer), …], held_out}: up to `questions` questions about each fresh
+    """`n` items {image, turns: [(question, answer), …], shapes, held_out}: up to `questions` questions about each fresh
     scene, of different types (each type in turn leads), as one conversation — dense supervision, several answers
     per image."""
     rng = random.Random(f"shapes-dense:{split}:{seed}")
@@ -139,12 +149,12 @@ def conversations(n: int, questions: int, seed: int, split: str = "train", size:
         shapes = scene(rng, split)
         kinds = TYPES[made % len(TYPES):] + TYPES[:made % len(TYPES)]
         turns = [asked for kind in kinds if (asked := question(rng, shapes, kind)) is not None][:questions]
-        yield {"image": render(shapes, size), "turns": turns,
+        yield {"image": render(shapes, size), "turns": turns, "shapes": shapes,
                "held_out": any((s.colour, s.kind) in HELD_OUT for s in shapes)}
 
 
 def items(n: int, seed: int, split: str = "train", size: int = 32) -> Iterator[dict]:
-    """`n` items {image, caption, question, answer, type, held_out}, question types in turn (so each type gets
+    """`n` items {image, caption, question, answer, type, shapes, held_out}, question types in turn (so each type gets
     n / 6), each about a fresh scene."""
     rng = random.Random(f"shapes:{split}:{seed}")
     made = 0
@@ -156,5 +166,5 @@ def items(n: int, seed: int, split: str = "train", size: int = 32) -> Iterator[d
             continue
         made += 1
         yield {"image": render(shapes, size), "caption": caption(shapes), "question": asked[0],
-               "answer": asked[1], "type": kind,
+               "answer": asked[1], "type": kind, "shapes": shapes,
                "held_out": any((s.colour, s.kind) in HELD_OUT for s in shapes)}

@@ -80,6 +80,7 @@ class Example:
     type: str = "vqa"  # the question type (shapes: count, colour, …; captions: caption)
     held_out: bool = False  # shapes: a colour–kind pair training never shows
     more: tuple[tuple[str, str], ...] = ()  # further (question, answer) turns about the same image
+    scene: tuple = ()  # shapes: the scene's objects (mmctl/data/shapes.py Shape), what a `cells` phase learns
 
 
 def shapes(n: int, seed: int, split: str, size: int, captions: bool = False, questions: int = 1) -> list[Example]:
@@ -89,15 +90,17 @@ def shapes(n: int, seed: int, split: str, size: int, captions: bool = False, que
 
     if questions > 1 and not captions:
         return [Example(images.pixels(item["image"], size), *item["turns"][0], "conversation", item["held_out"],
-                        tuple(item["turns"][1:]))
+                        tuple(item["turns"][1:]), tuple(item["shapes"]))
                 for item in generator.conversations(n, questions, seed, split, size)]
     out = []
     for item in generator.items(n, seed, split, size):
         pixels = images.pixels(item["image"], size)
         if captions:
-            out.append(Example(pixels, CAPTION_PROMPT, item["caption"], "caption", item["held_out"]))
+            out.append(Example(pixels, CAPTION_PROMPT, item["caption"], "caption", item["held_out"],
+                               scene=tuple(item["shapes"])))
         else:
-            out.append(Example(pixels, item["question"], item["answer"], item["type"], item["held_out"]))
+            out.append(Example(pixels, item["question"], item["answer"], item["type"], item["held_out"],
+                               scene=tuple(item["shapes"])))
     return out
 
 

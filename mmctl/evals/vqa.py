@@ -27,7 +27,9 @@ def answers(model, tok, pixels: list, questions: list[str], batch_size: int = 64
 def evaluate(model, tok, examples: list, composition: list = (), batch_size: int = 64) -> tuple[dict, list[dict]]:
     """(scores, samples): accuracy overall and per question type with chance beside it (types without a known
     chance are scored too), the hallucination rate on "no" questions of the `exists` type, the accuracy on
-    `composition` examples; one sample per example (question, answer, prediction, right)."""
+    `composition` examples, and the question-only baseline — the same questions each asked about another
+    example's image (Goyal et al. 2017: what the answers owe to the question alone); one sample per example
+    (question, answer, prediction, right)."""
     from mmctl.data.shapes import CHANCE
     from mmctl.evals.extract import normalize
 
@@ -50,6 +52,13 @@ def evaluate(model, tok, examples: list, composition: list = (), batch_size: int
             if mine:
                 scores["per_type"][kind] = {"accuracy": sum(mine) / len(mine), "chance": CHANCE.get(kind),
                                             "n": len(mine)}
+        if len(items) > 1:  # the baseline that proves it looks: each question about the next example's image
+            blind = answers(model, tok, [e.pixels for e in items[1:] + items[:1]], [e.question for e in items],
+                            batch_size)
+            hits = [normalize(a).lower() == normalize(e.answer).lower() for a, e in zip(blind, items, strict=True)]
+            scores["question_only"] = {"accuracy": sum(hits) / len(hits), "per_type": {
+                kind: sum(h for h, e in zip(hits, items, strict=True) if e.type == kind) / s["n"]
+                for kind, s in scores["per_type"].items()}}
         absent = [a for a, e in zip(said, items, strict=True) if e.type == "exists" and e.answer == "no"]
         if absent:
             scores["hallucination_rate"] = sum(normalize(a).lower() == "yes" for a in absent) / len(absent)
@@ -64,7 +73,8 @@ def metrics(scores: dict) -> dict:
         out[kind] = s["accuracy"]
         if s["chance"] is not None:
             out[f"{kind}_chance"] = s["chance"]
-    return out | {k: scores[k] for k in ("hallucination_rate", "composition_accuracy") if k in scores}
+    out |= {k: scores[k] for k in ("hallucination_rate", "composition_accuracy") if k in scores}
+    return out | ({"question_only_accuracy": scores["question_only"]["accuracy"]} if "question_only" in scores else {})
 
 
 def summary(scores: dict) -> str:
@@ -74,4 +84,6 @@ def summary(scores: dict) -> str:
         parts.append(f"hallucination (yes to an absent object): {scores['hallucination_rate']:.2f}")
     if "composition_accuracy" in scores:
         parts.append(f"unseen colour–kind pairs: {scores['composition_accuracy']:.2f}")
+    if "question_only" in scores:
+        parts.append(f"question-only (asked about another image): {scores['question_only']['accuracy']:.2f}")
     return "; ".join(parts)

@@ -55,12 +55,20 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
     for run, e in data["vision"].items():
         if not e:
             continue
-        lines += ["", f"## The VLM per question type ({run})", "", "| type | accuracy | chance |", "|---|---|---|"]
-        lines += [f"| {t} | {number(v.get('accuracy'), '.2f')} | {number(v.get('chance'), '.2f')} |"
-                  for t, v in e["per_type"].items() if isinstance(v, dict)]
+        blind = e.get("question_only") if isinstance(e.get("question_only"), dict) else {}
+        blind = blind.get("per_type") if isinstance(blind.get("per_type"), dict) else {}
+        lines += ["", f"## The VLM per question type ({run})", "",
+                  "| type | accuracy | question-only (another image) | chance |", "|---|---|---|---|"]
+        lines += [f"| {t} | {number(v.get('accuracy'), '.2f')} | {number(blind.get(t), '.2f')} | "
+                  f"{number(v.get('chance'), '.2f')} |" for t, v in e["per_type"].items() if isinstance(v, dict)]
         lines += ["", "Hallucination rate (\"yes\" to an object that is not there): "
                   f"{number(e.get('hallucination_rate'), '.2f')}; accuracy on unseen colour–kind pairs: "
                   f"{number(e.get('composition_accuracy'), '.2f')}."]
+        if isinstance(e.get("probe"), dict):
+            p = e["probe"]
+            lines += ["", "A linear probe on the ViT's features (what the encoder holds, fresh scenes): cell colour "
+                      f"{number(p.get('cell_colour'), '.2f')}, cell shape {number(p.get('cell_shape'), '.2f')}, "
+                      f"count {number(p.get('count'), '.2f')}."]
     for run, rows in data["quantize"].items():
         if not rows:
             continue

@@ -6,14 +6,16 @@ steps and learning rate, and its own set of trained modules with their learning-
 trains the projector alone on captions (the LM and the encoder frozen: align the image tokens to what the LM
 already reads), stage 2 the projector and the LM on questions (visual instruction tuning). A ViT made from
 scratch can be trained in any phase, but through one-token answers it collapses (recipes/tiny/align-vision.yaml
-says how and keeps it frozen; `objective: siglip` trains it on its own). Each phase's checkpoints live in
-`<out>/phases/<name>/`; an interrupted run resumes in the phase where it stopped (finished phases restore their
-trained weights from their last checkpoint). The loss is on the answer's tokens only, never on an image slot.
+says how: `objective: cells` teaches it the shapes' labels first; `siglip` / `clip` train it on captions). Each
+phase's checkpoints live in `<out>/phases/<name>/`; an interrupted run resumes in the phase where it stopped
+(finished phases restore their trained weights from their last checkpoint). The loss is on the answer's tokens
+only, never on an image slot.
 
 At the end, the held-out shapes questions (fresh images) are answered greedily: accuracy per question type,
 chance beside it, the hallucination rate (saying "yes" to an absent object), and accuracy on the colour–kind
-pairs training never showed. Writes `<out>/model/`: with the `mlp` projector a Llava checkpoint dir with its
-processor (transformers loads it); with `pixel_shuffle` or `linear`, mmctl's own layout (same tensor names).
+pairs training never showed; and a linear probe reads the same labels off the frozen ViT (`evals/probe.py`).
+Writes `<out>/model/`: with the `mlp` projector a Llava checkpoint dir with its processor (transformers loads
+it); with `pixel_shuffle` or `linear`, mmctl's own layout (same tensor names).
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ class Phase:
     trainable: dict = option({"multi_modal_projector": 1.0}, "module → learning-rate scale for the "
                              "modules this phase trains (vision_tower, multi_modal_projector, language_model); "
                              "the others are frozen")
-    objective: Literal["answer", "siglip", "clip"] = option(
+    objective: Literal["answer", "siglip", "clip", "cells"] = option(
         "answer", "answer: the VLM learns to answer (loss on the answer's tokens) | siglip / clip: contrastive "
-                  "pretraining of the ViT against a small text tower on captions (stage 0; no LM)")
+                  "pretraining of the ViT against a small text tower on captions (stage 0; no LM) | cells: the ViT "
+                  "learns the built-in shapes' labels — each cell's colour and kind, the count (stage 0; no LM)")
     train_on_question: bool = option(False, "also train on the question's tokens (never the image's)")
     val_fraction: float = option(0.02, "share of the images held out for the validation loss", ge=0, lt=1)
     optim: OptimConfig = option(OptimConfig, "AdamW and the schedule of this phase")
@@ -68,8 +71,8 @@ class Phase:
                      for v in self.trainable.values()):
             problems.append(("trainable", "each learning-rate scale must be a positive number"))
         elif self.objective != "answer" and set(self.trainable) != {"vision_tower"}:
-            problems.append(("trainable", f"a {self.objective} phase trains the vision_tower only (with its text "
-                                          "tower; the LM and projector are not used)"))
+            problems.append(("trainable", f"a {self.objective} phase trains the vision_tower only (with its "
+                                          "heads; the LM and projector are not used)"))
         return problems
 
 
@@ -154,6 +157,11 @@ def align(cfg: AlignVisionRecipe, job: Job) -> dict:
         scores, _ = vqa_eval.evaluate(model, tok, held_out["per_type"], held_out["composition"])
         scores["data"] = "shapes" + (" (the phases' own sources hold no held-out examples: val_fraction 0)"
                                      if own else "")
+    if any(source.kind == "shapes" for phase in cfg.phases for source in phase.sources):
+        from mmctl.evals.probe import probe  # what the encoder holds, beside what the VLM answers
+
+        scores["probe"] = probe(model.vision_tower, cfg.vision.feature_layer, model.vision.encoder.image_size,
+                                seed=cfg.run.seed)
     checkpoints.save_vlm(model, job.product("model"), tok)
     return {"final": last, "evaluation": scores, "tokens_per_image": model.tokens_per_image,
             "params": {m: sum(p.numel() for p in getattr(model, m).parameters()) for m in MODULES},
@@ -249,11 +257,17 @@ def render(result: StageResult) -> None:
     data = scores.get("data", "shapes")
     title = "held-out shapes questions" if data.startswith("shapes") else data
     table = Table(title=f"{title} ({r['tokens_per_image']} image tokens per image)", title_justify="left")
-    for column in ("question type", "accuracy", "chance", "n"):
+    blind = scores.get("question_only", {}).get("per_type", {})
+    for column in ("question type", "accuracy", "question-only", "chance", "n"):
         table.add_column(column, justify="left" if column == "question type" else "right")
     for kind, s in scores["per_type"].items():
         chance = "" if s["chance"] is None else f"{s['chance']:.2f}"
-        table.add_row(kind, f"{s['accuracy']:.2f}", chance, str(s["n"]))
+        table.add_row(kind, f"{s['accuracy']:.2f}", f"{blind[kind]:.2f}" if kind in blind else "", chance,
+                      str(s["n"]))
     console.print(table)
     console.print(vqa_eval.summary(scores))
+    if "probe" in scores:
+        p = scores["probe"]
+        console.print(f"linear probe on the ViT's features (held-out scenes): cell colour {p['cell_colour']:.2f}, "
+                      f"cell shape {p['cell_shape']:.2f}, count {p['count']:.2f}")
     console.print(f"model: {result.out / 'model'} ({r['format']} layout)")

@@ -70,3 +70,12 @@ def test_types_and_answers_are_balanced_and_held_out_pairs_stay_out_of_training(
     again = list(shapes.items(600, 0, "train", size=32))
     assert [(i["question"], i["answer"], i["image"].tobytes()) for i in again] == [
         (i["question"], i["answer"], i["image"].tobytes()) for i in train]
+
+
+def test_labels_are_the_scene_cell_by_cell():
+    scene = [shapes.Shape("square", "blue", "small", 0, 2), shapes.Shape("circle", "red", "large", 2, 0)]
+    y = shapes.labels(scene)
+    colours, kinds = list(shapes.COLOURS), list(shapes.KINDS)
+    assert y[:9] == [0, 0, 1 + colours.index("blue"), 0, 0, 0, 1 + colours.index("red"), 0, 0]
+    assert y[9:18] == [0, 0, 1 + kinds.index("square"), 0, 0, 0, 1 + kinds.index("circle"), 0, 0]
+    assert y[18] == 1  # two shapes: the count's class is count − 1

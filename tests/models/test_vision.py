@@ -251,3 +251,70 @@ def _llama_dir(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
     return tmp_path / "llama"
+
+
+def test_cells_pool_the_patch_grid_to_the_scene_grid():
+    from mmctl.models.cells import pool
+
+    x = torch.randn(2, 36, 5)  # a 6 × 6 patch grid: each scene cell is 2 × 2 patches
+    cells, whole = pool(x)
+    grid = x.reshape(2, 6, 6, 5)
+    assert cells.shape == (2, 9, 5)
+    torch.testing.assert_close(cells[:, 5], grid[:, 2:4, 4:6].mean((1, 2)))  # the middle right cell
+    torch.testing.assert_close(whole, x.mean(1))
+    same = torch.randn(1, 9, 5)
+    torch.testing.assert_close(pool(same)[0], same)  # one patch per cell: the patches themselves
+
+
+def test_cell_heads_loss_and_accuracy_by_hand():
+    import torch.nn.functional as F
+
+    from mmctl.models.cells import accuracy, loss
+
+    torch.manual_seed(0)
+    colour, kind, count = torch.randn(2, 9, 6), torch.randn(2, 9, 4), torch.randn(2, 3)
+    y = torch.randint(0, 4, (2, 19))
+    y[:, 18] = torch.tensor([0, 2])
+    expected = sum(F.cross_entropy(colour[b, c], y[b, c]) + F.cross_entropy(kind[b, c], y[b, 9 + c])
+                   for b in range(2) for c in range(9)) + F.cross_entropy(count, y[:, 18], reduction="sum")
+    torch.testing.assert_close(loss((colour, kind, count), y), expected)
+    y[:, :9] = 0  # all empty but two cells: accuracy counts only the occupied ones
+    y[0, 4], y[1, 0] = colour[0, 4].argmax(), (colour[1, 0].argmax() + 1) % 6 or 1
+    assert accuracy((colour, kind, count), y)["cell_colour"] == 0.5
+
+
+def test_the_linear_probe_reads_what_the_features_hold_and_no_more():
+    """Features that spell out each cell's colour and kind probe perfectly; features blind to the image probe at
+    about chance — the probe itself invents nothing."""
+    from mmctl.data import shapes
+    from mmctl.evals.probe import probe
+
+    class Spelled(torch.nn.Module):  # each patch: its cell's colour and kind one-hot, read back from the pixels
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def features(self, pixels, layer):
+            from mmctl.data.images import MEAN, STD
+
+            rgb = (pixels * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)) * 255
+            size = pixels.shape[-1]
+            out = []
+            for cell in range(9):
+                r, c = divmod(cell, 3)
+                patch = rgb[:, :, r * size // 3:(r + 1) * size // 3, c * size // 3:(c + 1) * size // 3]
+                centre = patch[:, :, patch.shape[2] // 2, patch.shape[3] // 2]  # the shape's colour, or background
+                colour = torch.stack([(centre - torch.tensor(v, dtype=torch.float32)).abs().sum(1) < 60
+                                      for v in shapes.COLOURS.values()], 1).float()
+                out.append(torch.cat([colour, patch.mean((2, 3)) / 255], 1))
+            return torch.stack(out, 1)
+
+    class Blind(Spelled):
+        def features(self, pixels, layer):
+            return torch.randn(len(pixels), 9, 16)
+
+    torch.manual_seed(0)
+    seen = probe(Spelled(), -1, 48, train=300, test=200)
+    assert seen["cell_colour"] > 0.95
+    blind = probe(Blind(), -1, 48, train=300, test=200)
+    assert blind["cell_colour"] < 0.4 and blind["cell_shape"] < 0.6 and blind["count"] < 0.55

@@ -48,7 +48,9 @@ def out(tmp_path):
     run_dir(root, "align-vision", "align-vision",
             {"evaluation": {"per_type": {"count": {"accuracy": 0.5, "chance": 1 / 3}, "colour": {"accuracy": 0.7,
                                                                                                   "chance": 0.2}},
-                            "accuracy": 0.6, "hallucination_rate": 0.1, "composition_accuracy": 0.4}}, [])
+                            "accuracy": 0.6, "hallucination_rate": 0.1, "composition_accuracy": 0.4,
+                            "question_only": {"accuracy": 0.3, "per_type": {"count": 0.34, "colour": 0.21}},
+                            "probe": {"cell_colour": 1.0, "cell_shape": 0.97, "count": 0.99}}}, [])
     run_dir(root, "quantize", "quantize",
             {"rows": [{"name": "unquantized", "method": "none", "bytes": 4 * 2**20, "bits": 32, "perplexity": 2.0},
                       {"name": "rtn-8bit", "method": "rtn", "bytes": 2**20, "bits": 8.1, "perplexity": 2.02}]}, [])
@@ -135,6 +137,7 @@ def test_the_command_writes_the_report_and_fails_on_a_missed_floor(out, tmp_path
     text = (tmp_path / "r" / "report.md").read_text()
     assert "| sft | " in text and "unfinished" in text and "| tokenize | | not run |" in text
     assert "![Training and validation loss against tokens](loss.png)" in text
+    assert "| count | 0.50 | 0.34 | 0.33 |" in text and "cell shape 0.97, count 0.99" in text
     result = mmctl("report", str(out), "--out", str(tmp_path / "r2"), "--no-attention", "--floors", str(bad))
     assert result.returncode == 3
     assert "floor missed: pretrain final.val_loss = 1.25, floor ≤ 1.0 (far under unigram)" in result.stderr

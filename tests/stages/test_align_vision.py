@@ -145,6 +145,45 @@ def test_a_contrastive_phase_trains_the_vit_against_a_text_tower(checkpoint, tmp
         config(checkpoint, tmp_path / "e", phases=[{**phases[0], "trainable": {"language_model": 1.0}}])
 
 
+def test_a_cells_phase_trains_the_vit_on_the_scenes_labels_and_the_probe_reads_it(checkpoint, tmp_path):
+    """Stage 0 on the shapes' own labels: only the ViT moves, the heads' held-out accuracy is logged, and the
+    linear probe on the final encoder is in the results."""
+    from mmctl import checkpoints
+    from mmctl.models import vlm
+
+    train = {"batch_size": 16, "seq_len": 63, "precision": "fp32", "log_every": 1, "eval_every": 20,
+             "checkpoint_every": 20}
+    phases = [{"name": "encoder", "objective": "cells", "sources": [{"kind": "shapes", "items": 400}],
+               "trainable": {"vision_tower": 1.0}, "val_fraction": 0.1, "optim": {"lr": 3e-3, "warmup_steps": 0},
+               "train": {**train, "steps": 40}},
+              {"name": "instruct", "sources": [{"kind": "shapes", "items": 24}],
+               "trainable": {"multi_modal_projector": 1.0}, "optim": {"lr": 1e-3, "warmup_steps": 0},
+               "train": {**train, "batch_size": 8, "steps": 2}}]
+    vision = {"encoder": {"image_size": 24, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                          "num_layers": 2, "num_heads": 2}, "projector": {"kind": "mlp"}}
+    cfg = config(checkpoint, tmp_path / "c", phases=phases, vision=vision)
+    result = stage.run(cfg).results
+    heads = [r for r in metrics(tmp_path / "c") if "val_cell_colour" in r]
+    assert len(heads) == 2 and heads[1]["val_loss"] < heads[0]["val_loss"]
+    assert heads[1]["val_cell_colour"] > heads[0]["val_cell_colour"]
+    torch.manual_seed(3)
+    fresh = vlm.VLM(cfg.vision, checkpoints.load_lm(checkpoint), 7)
+    trained = checkpoints.load_vlm(tmp_path / "c" / "model")
+    before, after = fresh.state_dict(), trained.state_dict()
+    assert not any(name.startswith("language_model.") and not torch.equal(before[name], after[name])
+                   for name in after)
+    assert any(not torch.equal(before[name], after[name]) for name in after if name.startswith("vision_tower."))
+    probed = result["evaluation"]["probe"]
+    assert {"cell_colour", "cell_shape", "count"} <= set(probed) and all(0 <= probed[k] <= 1 for k in probed
+                                                                         if k.startswith(("cell", "count")))
+    with pytest.raises(UsageError, match="kind: shapes"):
+        from PIL import Image
+        Image.new("RGB", (24, 24), "red").save(tmp_path / "x.png")
+        (tmp_path / "d.jsonl").write_text('{"image": "x.png", "question": "What?", "answer": "red"}\n' * 4)
+        stage.run(config(checkpoint, tmp_path / "d", vision=vision,
+                         phases=[{**phases[0], "sources": [{"kind": "jsonl", "path": str(tmp_path / "d.jsonl")}]}]))
+
+
 def test_own_images_are_scored_on_their_held_out_share(checkpoint, tmp_path):
     """A recipe on the user's own images is evaluated on the held-out part of them, not on the built-in shapes."""
     from PIL import Image

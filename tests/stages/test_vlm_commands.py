@@ -31,6 +31,11 @@ def test_scores_per_type_hallucination_and_composition(monkeypatch):
     assert scores["composition_accuracy"] == pytest.approx(
         sum(e.type != "exists" or e.answer == "yes" for e in composition) / 6)
     assert len(samples) == 66 and sum(s.get("composition", False) for s in samples) == 6
+    # question-only: each question asked about the next example's image, so this model answers that one's truth
+    blind = [said[id(examples[(i + 1) % 60].pixels)].lower() == e.answer.lower() for i, e in enumerate(examples)]
+    assert scores["question_only"]["accuracy"] == pytest.approx(sum(blind) / 60) and sum(blind) < 30
+    assert scores["question_only"]["per_type"]["count"] == pytest.approx(
+        sum(b for b, e in zip(blind, examples, strict=True) if e.type == "count") / 10)
     flat = vqa_eval.metrics(scores)
     assert flat["count"] == 1.0 and flat["count_chance"] == pytest.approx(1 / 3) and "hallucination_rate" in flat
 
