@@ -123,11 +123,13 @@ class Cells:
     def __init__(self, phase, model, tok, seed: int):
         import torch
 
+        from mmctl.data.shapes import COLOURS, KINDS, MOST
         from mmctl.models.cells import CellHeads
 
         self.phase = phase
         torch.manual_seed(seed)
-        self.trained = CellHeads(model.vision_tower, model.vision.feature_layer).to(next(model.parameters()).device)
+        self.trained = CellHeads(model.vision_tower, model.vision.feature_layer, len(COLOURS) + 1, len(KINDS) + 1,
+                                 MOST).to(next(model.parameters()).device)
 
     def encode(self, example: vqa.Example) -> tuple[list[int], list[int]]:
         """The scene's 19 labels in a row's place (`mmctl.data.shapes.labels`)."""

@@ -167,9 +167,9 @@ def test_set_reaches_into_a_list_item():
 
     path = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "align-vision.yaml"
     cfg = recipe.load(path, AlignVisionRecipe, ["phases[0].train.steps=7", "phases[-1].sources[0].items=9",
-                                                "phases[0].trainable={language_model: 0.5}"], stage="align-vision")
-    assert (cfg.phases[0].train.steps, cfg.phases[0].sources[0].items) == (7, 9)
-    assert cfg.phases[0].trainable == {"language_model": 0.5}
+                                                "phases[-1].trainable={language_model: 0.5}"], stage="align-vision")
+    assert (cfg.phases[0].train.steps, cfg.phases[-1].sources[0].items) == (7, 9) and len(cfg.phases) == 2
+    assert cfg.phases[-1].trainable == {"language_model": 0.5}
     for override, message in (("phases[3].name=x", "phases has no item 3"), ("phases[a].name=x", "NAME or NAME[INDEX]"),
                               ("vision[0].x=1", "vision has no item 0"), ("phases[0].name.x=1", "not a section"),
                               ("phases[0].sources[0].items.x=1", "not a section")):

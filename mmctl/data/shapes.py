@@ -35,6 +35,7 @@ TYPES = ("count", "colour", "shape", "position", "relation", "exists")
 CHANCE = {"count": 1 / 3, "colour": 1 / len(COLOURS), "shape": 1 / len(KINDS), "position": 1 / 9,
           "relation": 1 / 2, "exists": 1 / 2}
 BACKGROUND = (235, 235, 235)
+MOST = 3  # shapes in a scene at most (at least 1)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Shape:
 def scene(rng: random.Random, split: str) -> list[Shape]:
     """1–3 shapes in distinct cells with distinct colour–kind names; a test scene holds one held-out pair, a train
     scene none."""
-    n = rng.randint(1, 3)
+    n = rng.randint(1, MOST)
     cells = rng.sample(range(9), n)
     allowed = [(c, k) for c in COLOURS for k in KINDS if (c, k) not in HELD_OUT]
     names = rng.sample(allowed, n)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 def probe(vision, feature_layer: int, size: int, train: int = 2000, test: int = 1000, seed: int = 0) -> dict:
     """Held-out accuracy of linear classifiers on the frozen encoder's features: cell colour, cell shape, count."""
     from mmctl.data import vqa
-    from mmctl.data.shapes import COLOURS, KINDS, labels
+    from mmctl.data.shapes import COLOURS, KINDS, MOST, labels
     from mmctl.models.cells import pool
 
     examples = vqa.shapes(train + test, 7_000_003 + seed, "train", size)  # a seed no training source uses
@@ -33,7 +33,7 @@ def probe(vision, feature_layer: int, size: int, train: int = 2000, test: int = 
     occupied = y[te, :9].flatten() > 0
     colour = _fit(cells[tr].flatten(0, 1), y[tr, :9].flatten(), cells[te].flatten(0, 1), len(COLOURS) + 1)
     kind = _fit(cells[tr].flatten(0, 1), y[tr, 9:18].flatten(), cells[te].flatten(0, 1), len(KINDS) + 1)
-    count = _fit(whole[tr], y[tr, 18], whole[te], 3)
+    count = _fit(whole[tr], y[tr, 18], whole[te], MOST)
     return {"cell_colour": float((colour == y[te, :9].flatten())[occupied].float().mean()),
             "cell_shape": float((kind == y[te, 9:18].flatten())[occupied].float().mean()),
             "count": float((count == y[te, 18]).float().mean()), "train_images": train, "test_images": test}

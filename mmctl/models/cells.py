@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctl.data.shapes import COLOURS, KINDS
 from mmctl.models.vit import ViT, init_weights
 
 GRID = 3
@@ -34,21 +33,22 @@ def pool(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CellHeads(nn.Module):
-    """The ViT being trained and three linear heads: cell colour (empty + 5), cell kind (empty + 3), count (1–3)."""
+    """The ViT being trained and three linear heads: cell colour, cell kind (each class 0 = empty) and the count
+    (class 0 = one shape); the class counts are the scene generator's (`mmctl.data.shapes`)."""
 
-    def __init__(self, vision: ViT, feature_layer: int):
+    def __init__(self, vision: ViT, feature_layer: int, colours: int, kinds: int, counts: int):
         super().__init__()
         self.vision_tower = vision
         self.feature_layer = feature_layer
         width = vision.cfg.hidden_size
-        self.colour = nn.Linear(width, len(COLOURS) + 1)
-        self.kind = nn.Linear(width, len(KINDS) + 1)
-        self.count = nn.Linear(width, 3)
+        self.colour = nn.Linear(width, colours)
+        self.kind = nn.Linear(width, kinds)
+        self.count = nn.Linear(width, counts)
         for head in (self.colour, self.kind, self.count):
             init_weights(head)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits: colour (B, 9, 6), kind (B, 9, 4), count (B, 3)."""
+        """Logits: colour (B, 9, colours), kind (B, 9, kinds), count (B, counts)."""
         cells, whole = pool(self.vision_tower.features(pixels, self.feature_layer))
         return self.colour(cells), self.kind(cells), self.count(whole)
 
