@@ -51,9 +51,10 @@ def load(cfg, device):
     return model, tok
 
 
-def adapt(model, cfg) -> None:
-    """Make `model` train as `cfg.method` says, in place: nothing to do for full; adapters for lora; a 4-bit base
-    and adapters for qlora. Seeded: the adapters' A matrices are random (and dropout draws from the same seed)."""
+def adapt(model, cfg, tok) -> None:
+    """Make `model` train as `cfg.method` says, in place: nothing to do for full; adapters (and any trainable token
+    rows) for lora; a 4-bit base and the same for qlora. Seeded: the adapters' A matrices are random (and dropout
+    draws from the same seed)."""
     import torch
 
     from mmctl.models import lora
@@ -63,7 +64,7 @@ def adapt(model, cfg) -> None:
     if cfg.method == "qlora":
         bnb.to_4bit(model, cfg.qlora)
     if cfg.method in ("lora", "qlora"):
-        lora.apply_lora(model, cfg.lora)
+        lora.apply_lora(model, cfg.lora, lora.token_ids(tok, cfg.lora.trainable_tokens))
     model.train()
 
 

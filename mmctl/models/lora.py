@@ -12,6 +12,11 @@ layer as `base_layer` beside `lora_A` and `lora_B`; `save_adapter` writes `adapt
 QLoRA is this with a frozen base in 4 bits (`mmctl/quant/bnb.py` swaps the layers before they are wrapped):
 the adapters are the same, and merging dequantizes W first.
 
+LoRA trains no embedding, so a token whose row the task needs changed — a chat marker the base never saw, a digit
+whose meaning sharpens — stays as the base left it. `trainable_tokens` trains those rows alone (PEFT's
+`trainable_token_indices`, saved so PEFT loads it): the embedding stays frozen, the listed rows' new values are
+parameters written over it on the fly, and a head tied to the embedding reads the same new rows (as PEFT's does).
+
 Leaves out: DoRA, LoRA on embeddings, per-module ranks (PEFT's rank_pattern), bias training.
 """
 
@@ -44,6 +49,9 @@ class LoRAConfig:
     target_modules: list[str] = option(TARGETS, "module names to wrap (the last part of the name): default every "
                                                 "attention and MLP projection")
     rslora: bool = option(False, "rank-stabilised scaling alpha / √r (Kalajdzievski 2023)")
+    trainable_tokens: list[str] = option([], "tokens whose embedding rows train beside the adapters (PEFT's "
+                                             "trainable_token_indices), each one token of the base's tokenizer: the "
+                                             "chat markers, the digits, …")
 
     @property
     def scaling(self) -> float:
@@ -96,8 +104,57 @@ class LoRALinear(nn.Module):
         return merged
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Freeze `model` and wrap every nn.Linear whose name ends in one of cfg.target_modules; returns their names."""
+class TrainableTokens(nn.Module):
+    """A frozen nn.Embedding whose rows `indices` train (PEFT's TrainableTokensLayer): `delta` holds those rows'
+    values (PEFT's name; values, not differences), written over the base's rows on the fly."""
+
+    def __init__(self, base: nn.Embedding, indices: list[int]):
+        super().__init__()
+        self.base_layer = base
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=base.weight.device),
+                             persistent=False)
+        self.delta = nn.Parameter(base.weight.detach()[self.indices].clone())
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer.weight
+        return self.base_layer.weight.index_copy(0, self.indices, self.delta.to(self.base_layer.weight.dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
+
+
+class TiedHead(nn.Module):
+    """An LM head tied to a TrainableTokens embedding: the logits read the same rows, trained ones included."""
+
+    def __init__(self, tokens: TrainableTokens):
+        super().__init__()
+        self._tokens = [tokens]  # a plain list: the embedding's parameters stay registered once, under its name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self._tokens[0].weight)
+
+
+def token_ids(tok, tokens: list[str]) -> list[int]:
+    """The ids of `lora.trainable_tokens`: a special token by its string, any other by its one-token encoding."""
+    ids = []
+    for t in tokens:
+        found = tok.token_id(t)
+        if found is None:
+            encoded = tok.encode(t)
+            if len(encoded) != 1:
+                raise UsageError(f"lora.trainable_tokens: {t!r} is {len(encoded)} tokens of the base's tokenizer, "
+                                 "not one")
+            found = encoded[0]
+        ids.append(found)
+    return sorted(set(ids))
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, trainable_ids: list[int] = ()) -> list[str]:
+    """Freeze `model` and wrap every nn.Linear whose name ends in one of cfg.target_modules, and the embedding's
+    rows `trainable_ids` (a tied head reads them too); returns the wrapped layers' names."""
     model.requires_grad_(False)
     shared = {}  # parameters used under two names (a head tied to the embeddings)
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -114,6 +171,14 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     missing = sorted(set(cfg.target_modules) - {n.rsplit(".", 1)[-1] for n in wrapped})
     if missing:
         raise UsageError(f"lora.target_modules: no linear layer is named {', '.join(missing)}")
+    if trainable_ids:
+        embed = model.model.embed_tokens
+        tied = getattr(model, "lm_head", None) is not None and model.lm_head.weight is embed.weight
+        if max(trainable_ids) >= embed.num_embeddings or min(trainable_ids) < 0:
+            raise UsageError(f"trainable token ids must be below the vocabulary size ({embed.num_embeddings})")
+        model.model.embed_tokens = TrainableTokens(embed, list(trainable_ids))
+        if tied:
+            model.lm_head = TiedHead(model.model.embed_tokens)
     return wrapped
 
 
@@ -121,7 +186,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
 def disabled(model: nn.Module) -> Iterator[None]:
     """Run `model` as its base inside this block: every adapter skipped (an RL run's reference model without a
     second copy in memory, as PEFT's `disable_adapter()`)."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear | TrainableTokens)]
     for m in layers:
         m.enabled = False
     try:
@@ -132,18 +197,36 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every LoRALinear by its merged nn.Linear, in place: the model's names are the base's again."""
+    """Replace every LoRALinear by its merged nn.Linear and trained token rows by a plain embedding (the head
+    tied to it again), in place: the model's names are the base's again."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, module.merged())
+    tokens = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if isinstance(tokens, TrainableTokens):
+        embed = tokens.base_layer
+        with torch.no_grad():
+            embed.weight.copy_(tokens.weight)
+        model.model.embed_tokens = embed
+        if isinstance(model.lm_head, TiedHead):
+            model.lm_head = nn.Linear(embed.embedding_dim, embed.num_embeddings, bias=False,
+                                      device=embed.weight.device, dtype=embed.weight.dtype)
+            model.lm_head.weight = embed.weight
     return model
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights under PEFT's names."""
+    """The adapters' weights (and trained token rows) under PEFT's names."""
     return {f"base_model.model.{name}": p.detach() for name, p in model.named_parameters()
-            if name.endswith(("lora_A.weight", "lora_B.weight"))}
+            if name.endswith(("lora_A.weight", "lora_B.weight"))} | {
+        f"base_model.model.{name}.token_adapter.trainable_tokens_delta": m.delta.detach()
+        for name, m in model.named_modules() if isinstance(m, TrainableTokens)}
+
+
+def _param_name(peft_name: str) -> str:
+    """A PEFT tensor name → this model's parameter name."""
+    return peft_name.removeprefix("base_model.model.").replace(".token_adapter.trainable_tokens_delta", ".delta")
 
 
 def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, base_model: str | None = None) -> Path:
@@ -157,7 +240,9 @@ def save_adapter(model: nn.Module, out: str | Path, cfg: LoRAConfig, base_model:
               "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
               "target_modules": names, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
               "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-              "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False}
+              "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False,
+              "trainable_token_indices": next((m.indices.tolist() for m in model.modules()
+                                               if isinstance(m, TrainableTokens)), None)}
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -184,9 +269,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
 
     fields = {"r": config.get("r"), "alpha": config.get("lora_alpha"), "dropout": config.get("lora_dropout") or 0.0,
               "target_modules": config.get("target_modules"), "rslora": config.get("use_rslora", False)}
+    rows = config.get("trainable_token_indices") or []
+    if isinstance(rows, dict) and set(rows) <= {"embed_tokens"}:
+        rows = rows.get("embed_tokens") or []
+    if not isinstance(rows, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in rows):
+        raise DataError(f"{path / ADAPTER_CONFIG}: trainable_token_indices must be a list of token ids (or "
+                        "{\"embed_tokens\": [ids]})")
     try:  # the adapter's config is input data: its problems are exit 3, like a checkpoint's config.json
         cfg = recipe.build(LoRAConfig, fields, recipe.Source(str(path / ADAPTER_CONFIG), {}, set()))
-        apply_lora(model, cfg)
+        apply_lora(model, cfg, sorted(set(rows)))
     except UsageError as e:
         raise DataError(*(f"{path / ADAPTER_CONFIG}: {p}" for p in e.problems)) from None
     expected = {name: tuple(t.shape) for name, t in adapter_tensors(model).items()}
@@ -194,5 +285,5 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoRAConfig:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in tensors.items():
-            params[name.removeprefix("base_model.model.")].copy_(tensor)
+            params[_param_name(name)].copy_(tensor)
     return cfg

@@ -75,7 +75,7 @@ def dpo(cfg: DPORecipe, job: Job) -> dict:
 
     model, tok = finetune.load(cfg, job.device)
     (train, val), stats = pairs(cfg, model, tok)  # on-policy pairs come from the model before it changes
-    finetune.adapt(model, cfg)
+    finetune.adapt(model, cfg, tok)
     precision = pick_precision(cfg.train.precision, job.device)
     train_rows, val_rows = (rl_pairs.rows(part, tok, model, cfg.train.seq_len, finetune.pad_id(tok), precision,
                                           job.device) for part in (train, val))

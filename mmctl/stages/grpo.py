@@ -90,7 +90,7 @@ def grpo(cfg: GRPORecipe, job: Job) -> dict:
     correct = reward_fns.correct(g.rewards)
     model, tok = finetune.load(cfg, job.device)
     (train, val), stats = problems(cfg, tok)
-    finetune.adapt(model, cfg)
+    finetune.adapt(model, cfg, tok)
     precision = pick_precision(cfg.train.precision, job.device)
     per_micro, accum = micro_batches(cfg.train, job.dist.world)
     if (per_micro * accum) % g.group_size:

@@ -81,7 +81,7 @@ def sft(cfg: SFTRecipe, job: Job) -> dict:
 
     model, tok = finetune.load(cfg, job.device)
     train_rows, val_rows, stats, _ = rows(cfg, tok)
-    finetune.adapt(model, cfg)
+    finetune.adapt(model, cfg, tok)
     precision = pick_precision(cfg.train.precision, job.device)
     parts = Parts(model, _batches(cfg, train_rows, finetune.pad_id(tok), job.dist), trained_token_loss,
                   evaluate=lambda step: evaluation(model, tok, val_rows, cfg, job.device, precision),

@@ -84,3 +84,57 @@ def test_under_autocast_the_adapter_keeps_the_base_layers_dtype():
     layer = lora.LoRALinear(torch.nn.Linear(32, 16), r=4, scaling=2.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # an fp32 input, as an RMSNorm hands it on
         assert layer(torch.randn(3, 32)).dtype == layer.base_layer(torch.randn(3, 32)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_trainable_token_rows_cross_with_peft_merge_and_disable(tmp_path, tied):
+    """`trainable_tokens`: only the listed rows and the adapters train; PEFT's `trainable_token_indices` adapter
+    gives the same logits both ways (a tied head reads the new rows, as PEFT's does); merged equals unmerged;
+    `disabled` is the base."""
+    import dataclasses
+
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    ours = Transformer(dataclasses.replace(CFG, tie_embeddings=tied)).eval()
+    checkpoints.save(ours, tmp_path / "base")
+    reference = checkpoints.load_lm(tmp_path / "base").eval()
+    cfg = lora.LoRAConfig(r=4, alpha=8)
+    lora.apply_lora(ours, cfg, [3, 17, 40])
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in trainable if n.endswith(("lora_A.weight", "lora_B.weight"))} | {
+        "model.embed_tokens.delta"}
+    trained_adapters(ours)
+    with torch.no_grad():
+        ours.model.embed_tokens.delta.normal_(0, 1.0)
+        with lora.disabled(ours):
+            assert torch.equal(ours(IDS), reference(IDS))
+    lora.save_adapter(ours, tmp_path / "adapter", cfg, base_model=str(tmp_path / "base"))
+    hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf_base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        expected = ours(IDS)
+        assert (theirs(input_ids=IDS).logits - expected).abs().max() <= 1e-5
+    theirs.save_pretrained(tmp_path / "from-peft")
+    again = checkpoints.load_lm(tmp_path / "base").eval()
+    lora.load_adapter(again, tmp_path / "from-peft")
+    with torch.no_grad():
+        assert (again(IDS) - expected).abs().max() <= 1e-5
+        merged = lora.merge(ours)
+        assert (merged(IDS) - expected).abs().max() <= 1e-5
+    assert set(merged.state_dict()) == set(reference.state_dict())
+    assert (merged.lm_head.weight is merged.model.embed_tokens.weight) == tied
+
+
+def test_trainable_tokens_are_one_token_each():
+    class Tok:  # a tokenizer's two lookups: a special token by its string, any other by encoding
+        def token_id(self, t):
+            return {"<|user|>": 4}.get(t)
+
+        def encode(self, t):
+            return [ord(c) for c in t]
+
+    assert lora.token_ids(Tok(), ["7", "<|user|>", "7"]) == [4, 55]
+    with pytest.raises(UsageError, match="'so' is 2 tokens"):
+        lora.token_ids(Tok(), ["so"])

@@ -73,6 +73,37 @@ def test_lora_writes_a_peft_adapter_and_a_merged_model(checkpoint, tmp_path, mon
         assert (auto(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-4
 
 
+def test_lora_with_trainable_tokens_moves_those_rows_only(checkpoint, tmp_path):
+    """`lora.trainable_tokens`: the chat markers' and a digit's embedding rows train beside the adapters; the
+    merged model changes those rows and no other, and PEFT's load of the adapter equals the merged model."""
+    import peft
+    import transformers
+
+    from mmctl import checkpoints
+    from mmctl.errors import UsageError
+    from mmctl.models import lora
+
+    cfg = config(checkpoint, tmp_path / "t", method="lora")
+    cfg.lora.trainable_tokens = ["<|user|>", "<|assistant|>", "<|end|>", "7"]
+    sft.run(cfg)
+    tok = checkpoints.load(checkpoint)[1]
+    rows = lora.token_ids(tok, cfg.lora.trainable_tokens)
+    before = checkpoints.load_lm(checkpoint).model.embed_tokens.weight
+    after = checkpoints.load_lm(tmp_path / "t" / "model").model.embed_tokens.weight
+    changed = (before != after).any(1).nonzero().flatten().tolist()
+    assert changed == rows and len(rows) == 4
+    ids = torch.tensor([rows + [5, 9, 11]])
+    base = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "t" / "adapter").eval()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "t" / "model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (adapted(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max() <= 1e-4
+    bad = config(checkpoint, tmp_path / "u", method="lora")
+    bad.lora.trainable_tokens = ["so far away"]
+    with pytest.raises(UsageError, match="trainable_tokens: 'so far away' is"):
+        sft.run(bad)
+
+
 def test_qlora_merges_its_adapter_into_the_dequantized_base(checkpoint, tmp_path):
     pytest.importorskip("bitsandbytes")
     from mmctl import checkpoints
@@ -104,27 +135,32 @@ def test_qlora_without_bitsandbytes_says_how_to_install_it(checkpoint, tmp_path,
     assert not (tmp_path / "q" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "lora-tokens"])
 def test_interrupt_and_resume_equals_uninterrupted(checkpoint, tmp_path, monkeypatch, method):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
     from mmctl.train import loss
 
-    sft.run(config(checkpoint, tmp_path / "full", method))
-    real = loss.linear_cross_entropy
+    def make(out):
+        cfg = config(checkpoint, out, method.removesuffix("-tokens"))
+        cfg.lora.trainable_tokens = ["<|user|>", "<|assistant|>", "7"] if method.endswith("-tokens") else []
+        return cfg
+
+    sft.run(make(tmp_path / "full"))
+    real = loss.token_loss
     calls = []
 
     def interrupting(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:  # during step 4 of 6 (one call per step; evaluation's come after step 3)
+        calls.append(torch.is_grad_enabled())
+        if sum(calls) == 4:  # during step 4 of 6 (one training call per step; evaluation's run without grad)
             signal.raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loss, "linear_cross_entropy", interrupting)
+    monkeypatch.setattr(loss, "token_loss", interrupting)
     with pytest.raises(Interrupted):
-        sft.run(config(checkpoint, tmp_path / "part", method))
-    monkeypatch.setattr(loss, "linear_cross_entropy", real)
-    sft.run(config(checkpoint, tmp_path / "part", method))
+        sft.run(make(tmp_path / "part"))
+    monkeypatch.setattr(loss, "token_loss", real)
+    sft.run(make(tmp_path / "part"))
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
     full = (tmp_path / "full" / "model" / "model.safetensors").read_bytes()
     assert (tmp_path / "part" / "model" / "model.safetensors").read_bytes() == full
