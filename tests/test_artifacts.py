@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -104,6 +105,39 @@ def test_run_up_to_date_rule(tmp_path):
     run({"a": 1}).begin()  # a re-run claims the directory: the manifest is gone at once (kept in previous/)
     assert not (out / "manifest.json").exists()
     assert json.loads((out / "previous" / "manifest.json").read_text())["results"] == {"tokens": 5}
+
+
+def test_an_unchanged_input_file_is_not_read_again(tmp_path, monkeypatch):
+    """A re-run hashes only the files whose size or modification time changed since this dir's last run (a file
+    rewritten with the same size but a new time is read again)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (corpus / name).write_text(name * 100)
+    out = tmp_path / "out"
+    read = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
+
+    def run():
+        return StageDir(out, "tokenize", {"a": 1}, inputs={"data": corpus}, seed=1)
+
+    first = run()
+    first.begin()
+    first.finish({})
+    digest = first.inputs["data"]["sha256"]
+    del first
+    assert sorted(read) == ["a.txt", "b.txt"]
+    read.clear()
+    again = run()
+    assert again.up_to_date() and again.inputs["data"]["sha256"] == digest and read == []
+    del again
+    stat = (corpus / "b.txt").stat()
+    (corpus / "b.txt").write_text("B" * stat.st_size)  # the same size, other bytes …
+    os.utime(corpus / "b.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # … and a later time
+    changed = run()
+    assert read == ["b.txt"] and not changed.up_to_date()
+    assert changed.inputs["data"]["sha256"] == artifacts.sha256_path(corpus)
 
 
 def test_missing_input_is_a_data_error(tmp_path):

@@ -20,7 +20,9 @@ from mmctl.tokenizer.shards import Shards
 
 
 class TokenWindows:
-    """Windows of `seq_len + 1` tokens (inputs and their next-token targets)."""
+    """Windows of `seq_len + 1` tokens (inputs and their next-token targets). Its whole state is one probability
+    per shard — no per-document index — so a corpus of 1e8 documents costs what one of ten does; the tokens stay
+    in the shards' memory maps and are paged in as rows read them."""
 
     def __init__(self, shards: Shards, seq_len: int, seed: int):
         self.shards, self.seq_len, self.seed = shards, seq_len, seed
