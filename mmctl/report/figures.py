@@ -35,8 +35,11 @@ def series(runs: list[StageRun]) -> dict:
         evaluation = run.results.get("evaluation")
         per_type = evaluation.get("per_type") if isinstance(evaluation, dict) else None
         if run.stage == "align-vision" and isinstance(per_type, dict):
-            out["vision"][run.name] = {t: (v.get("accuracy"), v.get("chance")) for t, v in per_type.items()
-                                       if isinstance(v, dict)}
+            blind = evaluation.get("question_only")
+            blind = blind.get("per_type") if isinstance(blind, dict) else None
+            blind = blind if isinstance(blind, dict) else {}
+            out["vision"][run.name] = {t: (v.get("accuracy"), v.get("chance"), blind.get(t))
+                                       for t, v in per_type.items() if isinstance(v, dict)}
         rows = quantize_rows(run.results)[0] if run.stage == "quantize" else []
         if rows:
             out["quantize"][run.name] = [(r.get("name"), r["bytes"], r["perplexity"]) for r in rows
@@ -119,11 +122,14 @@ def draw(data: dict, attention: dict, out: Path) -> list[tuple[str, str]]:
         for ax, (run, per_type) in zip(axes, data["vision"].items(), strict=False):
             names = list(per_type)
             ax.bar(names, [per_type[n][0] if _finite(per_type[n][0]) else 0 for n in names], label="accuracy")
-            ax.scatter(names, [per_type[n][1] if per_type[n][1] is not None else float("nan") for n in names],
+            ax.scatter(names, [per_type[n][1] if _finite(per_type[n][1]) else float("nan") for n in names],
                        color="black", marker="_", s=400, label="chance", zorder=3)
+            if any(_finite(per_type[n][2]) for n in names):
+                ax.scatter(names, [per_type[n][2] if _finite(per_type[n][2]) else float("nan") for n in names],
+                           color="tab:red", marker="x", s=60, label="question-only (another image)", zorder=4)
             ax.set(title=run, ylim=(0, 1), ylabel="accuracy")
             ax.legend()
-        save(fig, "vision.png", "The VLM's accuracy per question type, with chance")
+        save(fig, "vision.png", "The VLM's accuracy per question type, with chance and the question-only baseline")
     if "quantize" in data:
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for rows in data["quantize"].values():

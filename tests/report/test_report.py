@@ -72,7 +72,7 @@ def test_every_figures_data_comes_from_the_logs(out):
     assert data["grpo"]["rl-grpo"] == {"reward": [(1, 0.1), (2, 0.3)], "kl": [(1, 0.01), (2, 0.02)],
                                        "completion_length": [(1, 3.0), (2, 2.5)]}
     assert "dpo" not in data
-    assert data["vision"]["align-vision"] == {"count": (0.5, 1 / 3), "colour": (0.7, 0.2)}
+    assert data["vision"]["align-vision"] == {"count": (0.5, 1 / 3, 0.34), "colour": (0.7, 0.2, 0.21)}
     assert data["quantize"]["quantize"] == [("unquantized", 4 * 2**20, 2.0), ("rtn-8bit", 2**20, 2.02)]
     assert data["account"]["pretrain"] == {"tok_s": (3000.0, 900.0), "memory": (100.0, 250.0)}
 
