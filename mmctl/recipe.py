@@ -348,7 +348,18 @@ def _convert(value: Any, typ: Any, path: str, source: Source, problems: list[str
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        typ = inner[0] if len(inner) == 1 else typ
+        if len(inner) > 1:  # e.g. int | Literal["auto"]: the first alternative that takes the value
+            for alternative in inner:
+                trial: list[str] = []
+                converted = _convert(value, alternative, path, source, trial)
+                if not trial:
+                    return converted
+            names = [" | ".join(map(str, typing.get_args(a))) if typing.get_origin(a) is Literal else
+                     {int: "an integer", float: "a number", str: "a string"}.get(a, getattr(a, "__name__", str(a)))
+                     for a in inner]
+            problems.append(f"{where}: expected {' or '.join(names)}, got {_describe(value)}")
+            return _BAD
+        typ = inner[0]
         origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin is Literal:
         if value in args and type(value) is type(args[args.index(value)]):

@@ -53,6 +53,8 @@ class TokenizerSection:
 @dataclass
 class ShardsSection:
     shard_tokens: int = option(50_000_000, "tokens per shard file at most (a longer document gets its own)", ge=1)
+    workers: int | Literal["auto"] = option(1, "processes encoding documents (auto: one per CPU); the shards are "
+                                               "the same for any number (mmctl/tokenizer/workers.py)", ge=1, le=1024)
 
 
 @dataclass
@@ -117,38 +119,27 @@ def make_tokenizer(cfg: TokenizeRecipe, out: Path) -> tuple[bpe.Tokenizer, float
 def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, out: Path) -> dict:
     """Encode every document (each followed by <|eos|>) into shards in directory `out`, and report on the
     corpus."""
+    from mmctl.tokenizer import workers
+
     out.mkdir(parents=True)
     writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
     stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
     seen = np.zeros(tok.vocab_size, dtype=bool)
-    encode_seconds, total_bytes = 0.0, 0
-    batch: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        nonlocal encode_seconds
-        start = time.perf_counter()
-        encoded = tok.encode_batch([doc for _, doc in batch], dtype=writers["train"].dtype)
-        encode_seconds += time.perf_counter() - start
-        for (split, doc), ids in zip(batch, encoded, strict=True):
-            writers[split].add(np.append(ids, np.asarray(tok.eos_id, dtype=ids.dtype)))
-            s = stats[split]
-            s["documents"] += 1
-            s["tokens"] += len(ids) + 1
-            s["bytes"] += len(doc.encode("utf-8"))
-            if split == "train":
-                seen[ids] = True
-        batch.clear()
-
+    processes = workers.count(cfg.shards.workers)
+    start = time.perf_counter()
     with Progress(None, "encode") as progress:
-        for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction):
-            batch.append((split, doc))
-            total_bytes += len(doc.encode("utf-8"))
-            if len(batch) == BATCH:
-                flush()
-                progress.update(sum(s["documents"] for s in stats.values()),
-                                MB_s=total_bytes / 1e6 / max(encode_seconds, 1e-9))
-        if batch:
-            flush()
+        for batch, encoded in workers.encode_in_order(tok, _batches(cfg), writers["train"].dtype, processes):
+            for (split, doc), ids in zip(batch, encoded, strict=True):
+                writers[split].add(np.append(ids, np.asarray(tok.eos_id, dtype=ids.dtype)))
+                s = stats[split]
+                s["documents"] += 1
+                s["tokens"] += len(ids) + 1
+                s["bytes"] += len(doc.encode("utf-8"))
+                if split == "train":
+                    seen[ids] = True
+            progress.update(sum(s["documents"] for s in stats.values()),
+                            MB_s=sum(s["bytes"] for s in stats.values()) / 1e6 / (time.perf_counter() - start))
+    seconds = time.perf_counter() - start
     entries = {split: writers[split].close() for split in SPLITS}
     write_manifest(out, tok.sha256, tok.vocab_size, tok.eos_id, entries)
     train = stats["train"]
@@ -157,8 +148,21 @@ def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, out: Path) -> dict:
         "splits": stats,
         "bytes_per_token": train["bytes"] / max(train["tokens"] - train["documents"], 1),
         "vocab_coverage": float(seen.sum()) / max(tok.vocab_size - special, 1),
-        "encode_mb_per_s": total_bytes / 1e6 / max(encode_seconds, 1e-9),
+        "encode_mb_per_s": sum(s["bytes"] for s in stats.values()) / 1e6 / max(seconds, 1e-9),
+        "encode_workers": processes,
     }
+
+
+def _batches(cfg: TokenizeRecipe):
+    """The mixture's (split, document) pairs, BATCH at a time."""
+    batch: list[tuple[str, str]] = []
+    for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction):
+        batch.append((split, doc))
+        if len(batch) == BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def render(result: StageResult) -> None:
@@ -176,5 +180,6 @@ def render(result: StageResult) -> None:
     console.print(f"tokenizer: {tok['vocab_size']} tokens{trained}; "
                   f"bytes per token {results['bytes_per_token']:.2f}; "
                   f"vocabulary used {100 * results['vocab_coverage']:.1f}%; "
-                  f"encode {results['encode_mb_per_s']:.1f} MB/s")
+                  f"encode {results['encode_mb_per_s']:.1f} MB/s"
+                  + (f" ({results['encode_workers']} processes)" if results.get("encode_workers", 1) > 1 else ""))
     console.print("longest tokens: " + "  ".join(repr(t) for t in tok["longest_tokens"]), soft_wrap=True)

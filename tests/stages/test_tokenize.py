@@ -59,6 +59,23 @@ def test_same_recipe_and_seed_give_byte_identical_outputs(tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_worker_processes_write_the_same_shards_as_one(tmp_path, monkeypatch):
+    """Encoding in two processes, batches of 50 documents (8 batches in flight at most 4), gives byte-identical
+    shards and the same corpus report as one process."""
+    monkeypatch.setattr(tokenize, "BATCH", 50)
+    one = tokenize.run(config(tmp_path, "one"))
+    cfg = config(tmp_path, "two")
+    cfg.shards.workers = 2
+    two = tokenize.run(cfg)
+    assert two.results["encode_workers"] == 2 and one.results["encode_workers"] == 1
+    assert two.results["splits"] == one.results["splits"] and two.results["vocab_coverage"] == one.results[
+        "vocab_coverage"]
+    names = sorted(p.name for p in (one.out / "shards").iterdir())
+    assert names == sorted(p.name for p in (two.out / "shards").iterdir()) and len(names) > 3
+    for name in names:
+        assert (one.out / "shards" / name).read_bytes() == (two.out / "shards" / name).read_bytes(), name
+
+
 def test_rerun_is_up_to_date_until_an_input_changes(tmp_path):
     cfg = config(tmp_path)
     tokenize.run(cfg)
