@@ -44,43 +44,49 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 class ShardWriter:
     """Collects one split's documents into shards of at most `shard_tokens` tokens (a longer document gets a
-    shard of its own)."""
+    shard of its own). Each document goes to the shard's temporary file as it comes — memory holds one document,
+    not a shard — and the header, written last at the file's start, makes it whole."""
 
     def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
         self.directory, self.split, self.vocab_size = Path(directory), split, vocab_size
         self.shard_tokens = shard_tokens
         self.dtype = dtype_for(vocab_size)
         self.entries: list[dict] = []
-        self._docs: list[np.ndarray] = []
-        self._tokens = 0
+        self._file = None
+        self._tokens = self._docs = 0
 
     def add(self, ids: np.ndarray) -> None:
         """One document's ids, already ending with <|eos|>."""
         if self._tokens and self._tokens + len(ids) > self.shard_tokens:
             self._flush()
-        self._docs.append(ids.astype(self.dtype, copy=False))
+        if self._file is None:
+            self._file = open(self._tmp(), "wb")  # noqa: SIM115 - closed by _flush
+            self._file.seek(HEADER.size)
+        self._file.write(ids.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
         self._tokens += len(ids)
+        self._docs += 1
 
     def close(self) -> list[dict]:
-        if self._docs:
+        if self._file is not None:
             self._flush()
         return self.entries
 
+    def _tmp(self) -> Path:
+        return self.directory / f".{self.split}-{len(self.entries):05d}.bin.tmp"
+
     def _flush(self) -> None:
-        tokens = np.concatenate(self._docs)
         name = f"{self.split}-{len(self.entries):05d}.bin"
-        header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, len(tokens), self.vocab_size, len(self._docs))
-        body = tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        tmp = self.directory / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        f, tmp = self._file, self._tmp()
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self._tokens, self.vocab_size, self._docs))
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        with open(tmp, "rb") as done:
+            digest = hashlib.file_digest(done, "sha256").hexdigest()
         os.replace(tmp, self.directory / name)
-        self.entries.append({"file": name, "tokens": int(len(tokens)), "documents": len(self._docs),
-                             "sha256": hashlib.sha256(header + body).hexdigest()})
-        self._docs, self._tokens = [], 0
+        self.entries.append({"file": name, "tokens": self._tokens, "documents": self._docs, "sha256": digest})
+        self._file, self._tokens, self._docs = None, 0, 0
 
 
 def write_manifest(directory: Path, tokenizer_sha256: str, vocab_size: int, eos_id: int,
