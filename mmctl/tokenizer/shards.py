@@ -156,15 +156,19 @@ class Shards:
                                 ("document count", docs, entry["documents"])):
             if got != want:
                 raise DataError(f"{path}: header {name} {got}, manifest says {want}")
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != entry["sha256"]:
-            raise DataError(f"{path}: sha256 {digest[:12]}…, manifest says {entry['sha256'][:12]}… (corrupt)")
+        digest, largest = hashlib.sha256(), -1
+        with open(path, "rb") as f:  # one pass, 16 MiB at a time: checking a shard never holds it in memory
+            digest.update(f.read(HEADER.size))
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+                largest = max(largest, int(np.frombuffer(chunk, dtype=f"<u{itemsize}").max()))
+        if digest.hexdigest() != entry["sha256"]:
+            raise DataError(f"{path}: sha256 {digest.hexdigest()[:12]}…, manifest says {entry['sha256'][:12]}… "
+                            "(corrupt)")
+        if largest >= self.vocab_size:
+            raise DataError(f"{path}: token id {largest} is outside the vocabulary ({self.vocab_size})")
         # A read-only memory map: the corpus is paged in as training reads it, never loaded whole.
-        tokens = np.memmap(path, dtype=np.dtype(f"<u{itemsize}"), mode="r", offset=HEADER.size, shape=(count,))
-        if count and int(tokens.max()) >= self.vocab_size:
-            raise DataError(f"{path}: token id {int(tokens.max())} is outside the vocabulary ({self.vocab_size})")
-        return tokens
+        return np.memmap(path, dtype=np.dtype(f"<u{itemsize}"), mode="r", offset=HEADER.size, shape=(count,))
 
     def documents_of(self, shard: int) -> list[np.ndarray]:
         """The documents of one shard, each ending with <|eos|>."""
