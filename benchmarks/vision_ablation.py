@@ -1,19 +1,20 @@
 #!/usr/bin/env python
 """The tiny VLM's ablation: what each design choice of recipes/tiny/align-vision.yaml is worth, measured.
 
-Each variant is the tiny recipe with one change (`--set` overrides), trained for `--steps` steps (the recipe's
-1,200 by default; fewer for a quick look) from the same sft model with the same seed, and scored on the same
+Each variant is the tiny recipe with one change (`--set` overrides), its questions phase trained for `--steps`
+steps (the recipe's 600 by default) from the same pretrained model with the same seed, and scored on the same
 600 held-out shapes questions:
-  baseline          the recipe: 9 tokens per image (16-px patches, mlp projector), last ViT layer, loss on the
-                    answer, the ViT frozen at its random initialization
+  baseline          the recipe: the ViT taught the scenes' labels first (the `cells` stage 0), then frozen; 9
+                    tokens per image (16-px patches, mlp projector), last ViT layer, loss on the answer
+  random-vit        no stage 0: the questions phase in front of the ViT at its random initialization
   earlier-layer     the projector reads ViT hidden state 1 (after the first block) instead of the last
   pixel-shuffle     8-px patches (36) folded 2 × 2 by pixel_shuffle: 9 tokens again, each from 4 patches
   mlp-36-tokens     8-px patches through the mlp projector: 36 tokens per image
   question-loss     the loss also on the question's tokens (never the image's)
-  stage-0-siglip    a SigLIP phase first (300 steps, captions, ViT against a text tower), then the ViT frozen
+  stage-0-siglip    a SigLIP stage 0 instead (300 steps, captions, ViT against a text tower), then the ViT frozen
   vit-trained       the ViT trained too, at a tenth of the learning rate
   no-vit-mixing     the projector reads hidden state 0: each patch's own embedding, before any attention
-Run from the repository root after `make -C recipes/tiny out/sft/manifest.json`: `python
+Run from the repository root after `make -C recipes/tiny out/pretrain/manifest.json`: `python
 benchmarks/vision_ablation.py [--steps N] [--only NAME ...] [--threads T]`; prints a markdown table (accuracy per
 question type, tokens per image, seconds per step). Each variant writes recipes/tiny/out/ablation/<steps>-steps/<name>/.
 """
@@ -37,9 +38,10 @@ VARIANTS = {
     "earlier-layer": ["vision.feature_layer=1"],
     "pixel-shuffle": ["vision.encoder.patch_size=8", "vision.projector.kind=pixel_shuffle"],
     "mlp-36-tokens": ["vision.encoder.patch_size=8"],
-    "question-loss": ["phases[0].train_on_question=true"],
+    "random-vit": ["RANDOM"],
+    "question-loss": ["phases[-1].train_on_question=true"],
     "stage-0-siglip": ["SIGLIP"],
-    "vit-trained": ["phases[0].trainable={multi_modal_projector: 1.0, language_model: 1.0, vision_tower: 0.1}"],
+    "vit-trained": ["phases[-1].trainable={multi_modal_projector: 1.0, language_model: 1.0, vision_tower: 0.1}"],
     "no-vit-mixing": ["vision.feature_layer=0"],
 }
 
@@ -48,7 +50,7 @@ def questions_phase(steps: int) -> str:
     """The recipe's questions phase as flow YAML, with `steps`."""
     import yaml
 
-    phase = yaml.safe_load((TINY / "align-vision.yaml").read_text())["phases"][0]
+    phase = yaml.safe_load((TINY / "align-vision.yaml").read_text())["phases"][-1]
     phase["train"]["steps"] = steps
     phase["train"]["eval_every"] = phase["train"]["checkpoint_every"] = steps
     return json.dumps(phase)
@@ -56,11 +58,13 @@ def questions_phase(steps: int) -> str:
 
 def run(name: str, steps: int, threads: int) -> dict:
     out = TINY / "out" / "ablation" / f"{steps}-steps" / name
-    sets = [f"run.out={out}", f"phases[0].train.steps={steps}", f"phases[0].train.eval_every={steps}",
-            f"phases[0].train.checkpoint_every={steps}"]
+    sets = [f"run.out={out}", f"phases[-1].train.steps={steps}", f"phases[-1].train.eval_every={steps}",
+            f"phases[-1].train.checkpoint_every={steps}"]
     for change in VARIANTS[name]:
         if change == "SIGLIP":
             sets = [f"run.out={out}", "phases=" + SIGLIP.replace("{QUESTIONS}", questions_phase(steps))]
+        elif change == "RANDOM":
+            sets = [f"run.out={out}", f"phases=[{questions_phase(steps)}]"]
         else:
             sets.append(change)
     argv = [sys.executable, "-m", "mmctl", "align-vision", "align-vision.yaml", "--json"]
@@ -77,7 +81,7 @@ def run(name: str, steps: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
