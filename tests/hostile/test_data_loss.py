@@ -137,15 +137,16 @@ def test_kill_9_inside_a_quantization_leaves_a_run_that_finishes_on_the_next_try
 
     out = world["root"] / "quantize"
     before = snapshot(out)
-    recipe = {**world["quantize"], "methods": [{"method": "rtn", "bits": 8, "name": "new-a"},
-                                               {"method": "rtn", "bits": 4, "group": 32, "name": "new-b"}]}
+    more = [{"method": "rtn", "bits": bits, "group": group, "name": f"new-{bits}-{group}"}  # work left after the
+            for bits in (4, 3, 2) for group in (16, 32, 64)]                                # first: time to kill it
+    recipe = {**world["quantize"], "methods": [{"method": "rtn", "bits": 8, "name": "new-a"}, *more]}
     path = write(tmp_path / "q.yaml", recipe)
     proc = subprocess.Popen([sys.executable, "-m", "mmctl", "quantize", str(path)], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (out / ".pending" / "new-a" / "config.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run never wrote its first method"
-        time.sleep(0.05)
+        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()  # a run was under way: the directory is not finished …
@@ -155,4 +156,4 @@ def test_kill_9_inside_a_quantization_leaves_a_run_that_finishes_on_the_next_try
     done = mmctl("quantize", str(path))
     assert done.returncode == 0, done.stderr[-2000:]
     names = {p.name for p in out.iterdir()}
-    assert {"new-a", "new-b", "manifest.json"} <= names and not {"previous", ".pending", ".backup"} & names
+    assert {"new-a", "new-2-64", "manifest.json"} <= names and not {"previous", ".pending", ".backup"} & names
