@@ -256,9 +256,11 @@ def account(
         raise typer.Exit(1)
 
 
-def _stage_command(name: str, help: str, *, device: bool = True, training: bool = False, body=None) -> None:
+def _stage_command(name: str, help: str, *, device: bool = True, training: bool = False, resumes: bool = False,
+                   body=None) -> None:
     """Register `mmctl NAME RECIPE`: the options every stage command shares (--set, --dry-run, --force, --json; a
-    stage that runs a model: --device; a training stage: --fresh, --force-resume), then `_run_stage`."""
+    stage that runs a model: --device; a training stage: --fresh, --force-resume; another stage that resumes
+    unfinished work: --fresh), then `_run_stage`."""
     import inspect
 
     def command(recipe_path: Path = RECIPE_ARG, set_: list[str] = SET, dry_run: bool = DRY_RUN,
@@ -266,11 +268,13 @@ def _stage_command(name: str, help: str, *, device: bool = True, training: bool 
                 overrides: list[str] = (), **extra) -> None:
         if body is not None and body(str(recipe_path), [*overrides, *set_], as_json, **extra):
             return
-        options = {"fresh": fresh, "force_resume": force_resume} if training else {}
+        options = {"fresh": fresh, "force_resume": force_resume} if training else {"fresh": fresh} if resumes else {}
         _run_stage(name, str(recipe_path), [*overrides, *set_], dry_run, force=force, json=as_json, **options)
 
     params = list(inspect.signature(command, eval_str=True).parameters.values())
-    keep = [p for p in params if p.kind is not p.VAR_KEYWORD and (training or p.name not in ("fresh", "force_resume"))]
+    shown = {"fresh", "force_resume"} if training else {"fresh"} if resumes else set()
+    keep = [p for p in params if p.kind is not p.VAR_KEYWORD and (p.name in shown or p.name not in ("fresh",
+                                                                                                   "force_resume"))]
     if body is not None:
         keep += [p for p in inspect.signature(body, eval_str=True).parameters.values()][3:]
     command.__signature__ = inspect.Signature(keep)
@@ -301,8 +305,8 @@ def _sft_inspect(recipe_path: str, overrides: list[str], as_json: bool,
     return True
 
 
-_stage_command("tokenize", "Train a byte-level BPE tokenizer and encode corpora into verified token shards.",
-               device=False)
+_stage_command("tokenize", "Train a byte-level BPE tokenizer and encode corpora into verified token shards; a "
+               "killed or interrupted run continues from its last finished shard.", device=False, resumes=True)
 _stage_command("pretrain", "Train a Llama-style decoder from scratch; resumes from the newest checkpoint in the "
                            "output directory.", training=True)
 _stage_command("sft", "Fine-tune a checkpoint on conversations (full, LoRA or QLoRA), the loss on the assistant's "

@@ -71,6 +71,7 @@ class Job:
         self._begun = False
         self._loggers = None  # TensorBoard / W&B, when a training section asks for them (mmctl/train/loggers.py)
         self.peak_flops = 0.0  # the device's measured matmul FLOP/s, when a training reports MFU
+        self.saved_work = False  # set by a body that saved resumable work of its own (tokenize's checkpoints/)
 
     @property
     def out(self) -> Path:
@@ -179,9 +180,12 @@ class Job:
             self._loggers.log(record, to)
 
     def _saved_progress(self) -> bool:
-        """Whether the run saved a checkpoint newer than the ones its directories held as it began."""
+        """Whether the run saved a checkpoint newer than the ones its directories held as it began (or other
+        resumable work)."""
         from mmctl.train import checkpoint
 
+        if self.saved_work:
+            return True
         for d, before in self._checkpoints.items():
             done = checkpoint.complete(d)
             if done and _step(done[0]) != before:

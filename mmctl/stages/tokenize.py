@@ -8,6 +8,9 @@ longest tokens and the encode throughput.
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -16,8 +19,10 @@ from typing import Literal
 
 import numpy as np
 
+from mmctl.artifacts import atomic_write_json
 from mmctl.console import Progress, console
 from mmctl.data.sources import FILE_KINDS, TextSource, files, mixture
+from mmctl.errors import DataError, MmctlError
 from mmctl.recipe import option
 from mmctl.runtime import RunConfig
 from mmctl.stages import Job, Options, StageResult
@@ -86,13 +91,64 @@ def run(cfg: TokenizeRecipe, options: Options = Options()) -> StageResult:
 
 def tokenize(cfg: TokenizeRecipe, job: Job) -> dict:
     job.begin()
-    tok, train_seconds = make_tokenizer(cfg, job.product("tokenizer"))
-    results = encode(cfg, tok, job.product("shards"))
+    work = Work(job)
+    tok, train_seconds = work.tokenizer(cfg)
+    results = encode(cfg, tok, work)
     results["tokenizer"] = {"vocab_size": tok.vocab_size, "sha256": tok.sha256, "train_seconds": train_seconds,
                             "longest_tokens": bpe.longest_tokens(tok)}
+    for name in ("tokenizer", "shards"):  # the finished work becomes the run's products
+        (work.dir / name).rename(job.product(name))
     for split in SPLITS:  # every shard in place and as its manifest says, before the stage's manifest says done
         Shards(job.product("shards"), split, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size)
+    shutil.rmtree(work.dir)
     return results
+
+
+class Work:
+    """A run's work in progress, in `<out>/checkpoints/`: the tokenizer, the shards so far and `progress.json`
+    (how many of the mixture's documents they hold, each split's shard state, the corpus counts), saved each time
+    a shard is finished. A run killed or interrupted leaves it there; the next run of the same recipe on the same
+    inputs continues from it (any other run, or `--fresh`, starts over). A finished run publishes it and removes
+    it."""
+
+    def __init__(self, job: Job):
+        self.dir, self.job = job.out / "checkpoints", job
+        recipe = {**job.dir.recipe, "shards": {k: v for k, v in job.dir.recipe["shards"].items() if k != "workers"}}
+        recipe["run"] = {k: v for k, v in recipe["run"].items() if k != "device"}  # (same shards either way)
+        self.fingerprint = {"recipe": recipe, "inputs": {k: v["sha256"] for k, v in job.dir.inputs.items()}}
+        self.progress: dict | None = None
+        try:
+            saved = json.loads((self.dir / "progress.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and saved.get("fingerprint") == self.fingerprint and not job.options.fresh:
+            self.progress = saved
+        elif self.dir.exists():
+            why = "--fresh" if job.options.fresh else "another recipe or other inputs" if saved else "incomplete"
+            console.print(f"note: starting over: {self.dir} held an unfinished run ({why})")
+            shutil.rmtree(self.dir)
+
+    def tokenizer(self, cfg: TokenizeRecipe) -> tuple[bpe.Tokenizer, float | None]:
+        if self.progress is not None:
+            try:
+                tok = bpe.load(self.dir / "tokenizer")
+            except MmctlError:
+                tok = None
+            if tok is not None and tok.sha256 == self.progress["tokenizer_sha256"]:
+                return tok, self.progress["train_seconds"]
+            console.print(f"note: starting over: {self.dir / 'tokenizer'} is not the one saved with the progress")
+            self.progress = None
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        tok, seconds = make_tokenizer(cfg, self.dir / "tokenizer")
+        (self.dir / "shards").mkdir()
+        self.save({"tokenizer_sha256": tok.sha256, "train_seconds": seconds, "documents": 0, "splits": None})
+        return tok, seconds
+
+    def save(self, progress: dict) -> None:
+        self.progress = {"fingerprint": self.fingerprint, **progress}
+        atomic_write_json(self.dir / "progress.json", self.progress)
+        self.job.saved_work = True  # a failure from here on leaves the directory to this run, to be continued
 
 
 def make_tokenizer(cfg: TokenizeRecipe, out: Path) -> tuple[bpe.Tokenizer, float | None]:
@@ -116,19 +172,34 @@ def make_tokenizer(cfg: TokenizeRecipe, out: Path) -> tuple[bpe.Tokenizer, float
     return bpe.load(out), seconds
 
 
-def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, out: Path) -> dict:
-    """Encode every document (each followed by <|eos|>) into shards in directory `out`, and report on the
-    corpus."""
+def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, work: Work) -> dict:
+    """Encode every document (each followed by <|eos|>) into shards in `work.dir / "shards"` — continuing from the
+    saved progress, if any — and report on the corpus."""
     from mmctl.tokenizer import workers
 
-    out.mkdir(parents=True)
-    writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
+    out, saved = work.dir / "shards", work.progress
     stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
     seen = np.zeros(tok.vocab_size, dtype=bool)
+    position = 0  # documents of the mixture already in the shards
+    if saved["splits"]:
+        try:
+            writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens,
+                                          saved["splits"][split]["writer"]) for split in SPLITS}
+        except DataError as e:
+            raise DataError(f"{e.problems[0]} (the unfinished run in {work.dir} cannot continue: --fresh "
+                            "starts over)") from None
+        stats = {split: saved["splits"][split]["stats"] for split in SPLITS}
+        seen = np.unpackbits(np.frombuffer(base64.b64decode(saved["seen"]), dtype=np.uint8))[:tok.vocab_size] > 0
+        position = saved["documents"]
+        console.print(f"resuming: {position:,} documents already encoded in {work.dir} (--fresh starts over)")
+    else:
+        writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
     processes = workers.count(cfg.shards.workers)
+    shards_done, bytes_before = sum(len(w.entries) for w in writers.values()), sum(s["bytes"] for s in stats.values())
     start = time.perf_counter()
     with Progress(None, "encode") as progress:
-        for batch, encoded in workers.encode_in_order(tok, _batches(cfg), writers["train"].dtype, processes):
+        for batch, encoded in workers.encode_in_order(tok, _batches(cfg, position), writers["train"].dtype,
+                                                      processes):
             for (split, doc), ids in zip(batch, encoded, strict=True):
                 writers[split].add(np.append(ids, np.asarray(tok.eos_id, dtype=ids.dtype)))
                 s = stats[split]
@@ -137,8 +208,13 @@ def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, out: Path) -> dict:
                 s["bytes"] += len(doc.encode("utf-8"))
                 if split == "train":
                     seen[ids] = True
-            progress.update(sum(s["documents"] for s in stats.values()),
-                            MB_s=sum(s["bytes"] for s in stats.values()) / 1e6 / (time.perf_counter() - start))
+                position += 1
+                if sum(len(w.entries) for w in writers.values()) > shards_done:  # a shard finished: save progress
+                    shards_done += 1
+                    work.save({**saved, "documents": position, "seen": base64.b64encode(np.packbits(seen)).decode(),
+                               "splits": {k: {"writer": w.state(), "stats": stats[k]} for k, w in writers.items()}})
+            progress.update(position, MB_s=(sum(s["bytes"] for s in stats.values()) - bytes_before) / 1e6
+                            / (time.perf_counter() - start))
     seconds = time.perf_counter() - start
     entries = {split: writers[split].close() for split in SPLITS}
     write_manifest(out, tok.sha256, tok.vocab_size, tok.eos_id, entries)
@@ -148,15 +224,16 @@ def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, out: Path) -> dict:
         "splits": stats,
         "bytes_per_token": train["bytes"] / max(train["tokens"] - train["documents"], 1),
         "vocab_coverage": float(seen.sum()) / max(tok.vocab_size - special, 1),
-        "encode_mb_per_s": sum(s["bytes"] for s in stats.values()) / 1e6 / max(seconds, 1e-9),
+        "encode_mb_per_s": (sum(s["bytes"] for s in stats.values()) - bytes_before) / 1e6 / max(seconds, 1e-9),
         "encode_workers": processes,
+        "resumed_at_document": saved["documents"] if saved["splits"] else None,
     }
 
 
-def _batches(cfg: TokenizeRecipe):
-    """The mixture's (split, document) pairs, BATCH at a time."""
+def _batches(cfg: TokenizeRecipe, skip: int = 0):
+    """The mixture's (split, document) pairs after the first `skip`, BATCH at a time."""
     batch: list[tuple[str, str]] = []
-    for split, _, doc in mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction):
+    for split, _, doc in itertools.islice(mixture(cfg.data.sources, cfg.run.seed, cfg.data.val_fraction), skip, None):
         batch.append((split, doc))
         if len(batch) == BATCH:
             yield batch

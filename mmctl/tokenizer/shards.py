@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -45,15 +46,52 @@ def dtype_for(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Collects one split's documents into shards of at most `shard_tokens` tokens (a longer document gets a
     shard of its own). Each document goes to the shard's temporary file as it comes — memory holds one document,
-    not a shard — and the header, written last at the file's start, makes it whole."""
+    not a shard — and the header, written last at the file's start, makes it whole.
 
-    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
+    `state()` says where the split stands (its bytes synced to disk); a writer made with that `state` continues
+    from there, dropping whatever was written after it, so a killed encode resumes into the same files."""
+
+    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int, state: dict | None = None):
         self.directory, self.split, self.vocab_size = Path(directory), split, vocab_size
         self.shard_tokens = shard_tokens
         self.dtype = dtype_for(vocab_size)
         self.entries: list[dict] = []
         self._file = None
         self._tokens = self._docs = 0
+        if state is not None:
+            self._restore(state)
+
+    def state(self) -> dict:
+        """The finished shards and the open one's counts, its bytes on disk before this returns."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return {"entries": list(self.entries), "tokens": self._tokens, "documents": self._docs}
+
+    def _restore(self, state: dict) -> None:
+        """Continue from `state`: shards finished after it are dropped (or reopened: the one that was open) and
+        the open shard is cut back to its length then. DataError if the files no longer hold that state."""
+        self.entries, self._tokens, self._docs = list(state["entries"]), state["tokens"], state["documents"]
+        for entry in self.entries:
+            path = self.directory / entry["file"]
+            if not path.is_file() or path.stat().st_size != HEADER.size + entry["tokens"] * self.dtype.itemsize:
+                raise DataError(f"{path}: missing or not the size the resume state records")
+        tmp, n = self._tmp(), len(self.entries)
+        if self._tokens and not tmp.exists() and (self.directory / f"{self.split}-{n:05d}.bin").exists():
+            os.replace(self.directory / f"{self.split}-{n:05d}.bin", tmp)  # it was finished after the state
+        for path in self.directory.iterdir():
+            later = re.fullmatch(rf"\.?{self.split}-(\d+)\.bin(\.tmp)?", path.name)
+            if later and int(later[1]) >= n and path != tmp:
+                path.unlink()
+        if not self._tokens:
+            tmp.unlink(missing_ok=True)
+            return
+        size = HEADER.size + self._tokens * self.dtype.itemsize
+        if not tmp.is_file() or tmp.stat().st_size < size:
+            raise DataError(f"{tmp}: shorter than the {size} bytes the resume state records")
+        self._file = open(tmp, "r+b")  # noqa: SIM115 - closed by _flush
+        self._file.truncate(size)
+        self._file.seek(size)
 
     def add(self, ids: np.ndarray) -> None:
         """One document's ids, already ending with <|eos|>."""

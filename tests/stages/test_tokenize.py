@@ -70,10 +70,7 @@ def test_worker_processes_write_the_same_shards_as_one(tmp_path, monkeypatch):
     assert two.results["encode_workers"] == 2 and one.results["encode_workers"] == 1
     assert two.results["splits"] == one.results["splits"] and two.results["vocab_coverage"] == one.results[
         "vocab_coverage"]
-    names = sorted(p.name for p in (one.out / "shards").iterdir())
-    assert names == sorted(p.name for p in (two.out / "shards").iterdir()) and len(names) > 3
-    for name in names:
-        assert (one.out / "shards" / name).read_bytes() == (two.out / "shards" / name).read_bytes(), name
+    same_shards(one.out, two.out)
 
 
 def test_rerun_is_up_to_date_until_an_input_changes(tmp_path):
@@ -111,6 +108,107 @@ def test_a_failed_encode_leaves_nothing_that_looks_finished(tmp_path, monkeypatc
     assert not (out / ".shards.tmp" / "manifest.json").exists()
 
 
+
+
+def same_shards(a, b) -> None:
+    names = sorted(p.name for p in (a / "shards").iterdir())
+    assert names == sorted(p.name for p in (b / "shards").iterdir()) and len(names) > 3
+    for name in names:
+        assert (a / "shards" / name).read_bytes() == (b / "shards" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("where", ["finishing a shard", "saving the progress"])
+def test_an_interrupted_run_continues_from_its_last_saved_shard(tmp_path, monkeypatch, where):
+    """Interrupted as its third shard is finished — or after a shard was finished but before the progress was
+    saved, so the saved state's open shard is finished on disk and a later one is open — the next run continues
+    from the saved progress (not from zero) and writes the shards and report of a run never interrupted."""
+    whole = tokenize.run(config(tmp_path, "whole"))
+    calls = []
+
+    def interrupt_third(original):
+        def wrapper(self, *args):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return original(self, *args)
+        return wrapper
+
+    target = (tokenize.ShardWriter, "_flush") if where == "finishing a shard" else (tokenize.Work, "save")
+    with monkeypatch.context() as m:
+        m.setattr(*target, interrupt_third(getattr(*target)))
+        with pytest.raises(KeyboardInterrupt):
+            tokenize.run(config(tmp_path))
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists() and not (out / "shards").exists()
+    saved = json.loads((out / "checkpoints" / "progress.json").read_text())
+    assert saved["documents"] > 0
+    resumed = tokenize.run(config(tmp_path))
+    assert resumed.results["resumed_at_document"] == saved["documents"]
+    assert resumed.results["splits"] == whole.results["splits"]
+    assert resumed.results["vocab_coverage"] == whole.results["vocab_coverage"]
+    same_shards(resumed.out, whole.out)
+    tokenizer = "tokenizer/tokenizer.json"
+    assert (out / tokenizer).read_bytes() == (whole.out / tokenizer).read_bytes()
+    assert not (out / "checkpoints").exists()
+
+
+def test_another_recipe_or_fresh_starts_over(tmp_path, monkeypatch):
+    def interrupt_second_save(self, progress):
+        if progress["splits"] is not None:
+            raise KeyboardInterrupt
+        original(self, progress)
+
+    original = tokenize.Work.save
+    for change in ("another seed", "--fresh"):
+        with monkeypatch.context() as m:
+            m.setattr(tokenize.Work, "save", interrupt_second_save)
+            with pytest.raises(KeyboardInterrupt):
+                tokenize.run(config(tmp_path))
+        cfg = config(tmp_path)
+        options = tokenize.Options()
+        if change == "another seed":
+            cfg.run.seed = 2
+        else:
+            options = tokenize.Options(fresh=True)
+        assert (tmp_path / "out" / "checkpoints" / "progress.json").exists()
+        result = tokenize.run(cfg, options)
+        assert result.results["resumed_at_document"] is None
+
+
+@pytest.mark.slow
+def test_kill_9_mid_corpus_continues_from_the_last_shard(tmp_path):
+    """SIGKILL once a shard is finished and saved: the next `mmctl tokenize` says it resumes, and its shards are
+    byte for byte those of a run never killed."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.cli import ENV
+
+    base = tokenize.run(config(tmp_path, "tok")).out / "tokenizer"
+    for out in ("whole", "killed"):
+        (tmp_path / f"{out}.yaml").write_text(yaml.safe_dump({
+            "stage": "tokenize", "run": {"out": str(tmp_path / out)},
+            "data": {"sources": [{"kind": "stories", "documents": 20000}], "val_fraction": 0.05},
+            "tokenizer": {"path": str(base)}, "shards": {"shard_tokens": 100_000}}))
+    assert mmctl("tokenize", str(tmp_path / "whole.yaml")).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "mmctl", "tokenize", str(tmp_path / "killed.yaml")], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress, deadline = tmp_path / "killed" / "checkpoints" / "progress.json", time.time() + 300
+    while not (progress.exists() and json.loads(progress.read_text())["splits"]):
+        assert proc.poll() is None and time.time() < deadline, "the run never saved a finished shard"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "manifest.json").exists()
+    done = mmctl("tokenize", str(tmp_path / "killed.yaml"))
+    assert done.returncode == 0 and "resuming:" in done.stderr, done.stderr[-2000:]
+    resumed = json.loads((tmp_path / "killed" / "manifest.json").read_text())["results"]
+    assert 0 < resumed["resumed_at_document"] < 20000
+    same_shards(tmp_path / "whole", tmp_path / "killed")
 
 
 @pytest.mark.parametrize("sources, code, fragment", [
