@@ -23,14 +23,13 @@ from mmctl.errors import DataError, UsageError
 from mmctl.recipe import option
 
 FILE_KINDS = ("text", "jsonl", "parquet", "datasets")
-GENERATORS = ("stories", "arithmetic")
 
 
 @dataclass
 class TextSource(Source):
-    kind: Literal["text", "jsonl", "parquet", "datasets", "pydoc", "stories", "arithmetic"] = option(
-        None, "text | jsonl | parquet | datasets | pydoc (Python's reference text) | stories | arithmetic",
-        required=True)
+    kind: Literal["text", "jsonl", "parquet", "datasets", "pydoc", "stories", "story-questions", "arithmetic"] = option(
+        None, "text | jsonl | parquet | datasets | pydoc (Python's reference text) | stories | story-questions (a "
+              "story, a question about it and its answer) | arithmetic", required=True)
     path: str | None = option(None, "file, glob or directory (text, jsonl, parquet); a save_to_disk directory or "
                                     "hf:org/name (datasets)")
     field: str = option("text", "the jsonl field, parquet column or datasets column that holds the text")
@@ -64,6 +63,11 @@ def _read(source: TextSource, seed: int) -> Iterator[str]:
         from mmctl.data.synthetic import stories
 
         yield from stories(source.documents, seed)
+    elif source.kind == "story-questions":
+        from mmctl.data.synthetic import story_questions
+
+        yield from (f"{story}\nQuestion: {question}\nAnswer: {answer}"
+                    for story, question, answer in story_questions(source.documents, seed))
     elif source.kind == "arithmetic":
         from mmctl.data.synthetic import arithmetic
 

@@ -1,8 +1,9 @@
 """Generation tasks: greedy completions through `mmctl.generate`, answer extraction, exact match.
 
 Prompts are batched (left-padded by the decoder); completions stop at a stop string (a newline by default) or
-`max_new_tokens`. Reports exact match with its standard error, and the decoder's time to first token and decode
-tokens/s.
+`max_new_tokens`. Reports exact match with its standard error — and per `group`, when items name one (the
+built-in arithmetic's operation, story-questions' kind of question) — and the decoder's time to first token and
+decode tokens/s.
 
 Test-time compute (`eval.samples: N`): beside the greedy answer, N sampled answers per item (`eval.temperature`),
 scored two ways for every k = 1, 2, 4, …, N:
@@ -52,6 +53,7 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
         return scored
 
     per_k: dict[str, list[float]] = {}
+    groups: dict[str, list[float]] = {}  # exact match per item "group" (arithmetic: the operation)
     for b in range(0, len(items), batch_size):
         batch = items[b:b + batch_size]
         greedy = answers(batch, sampling)
@@ -60,8 +62,11 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
             drawn = answers(batch, replace(sampling, temperature=temperature, seed=seed * 1_000_003 + b), samples)
         for i, (item, (text, predicted, right)) in enumerate(zip(batch, greedy, strict=True)):
             correct.append(float(right))
+            if "group" in item:
+                groups.setdefault(str(item["group"]), []).append(float(right))
             record = {"prompt": item["prompt"], "target": item["answer"], "completion": text,
-                      "prediction": predicted, "exact_match": correct[-1]}
+                      "prediction": predicted, "exact_match": correct[-1],
+                      **({"group": item["group"]} if "group" in item else {})}
             if samples:
                 mine = drawn[i * samples:(i + 1) * samples]
                 for name, value in test_time_scores([p for _, p, _ in mine], [r for *_, r in mine]).items():
@@ -74,6 +79,9 @@ def evaluate(model, tok, task: TaskConfig, items: list[dict], *, batch_size: int
     metrics = {"exact_match": mean(correct), "exact_match_stderr": stderr(correct)}
     for name, values in per_k.items():
         metrics |= {name: mean(values), f"{name}_stderr": stderr(values)}
+    if groups:
+        metrics["groups"] = {g: {"exact_match": mean(v), "exact_match_stderr": stderr(v), "n": len(v)}
+                             for g, v in groups.items()}
     return {**metrics, "n": len(items), "format": "chat" if chat else "plain"}, samples_out
 
 

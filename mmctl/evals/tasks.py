@@ -132,6 +132,8 @@ def generation_item(item: dict, where: str) -> dict:
         return {**item, "prompt": jsonl.field(item, "question", str, where), "answer": answer}
     for key, kind in GEN_FIELDS.items():
         jsonl.field(item, key, kind, where)
+    if "group" in item:  # optional: exact match is reported per group too
+        jsonl.field(item, "group", str, where)
     return item
 
 
@@ -198,12 +200,13 @@ def builtin_items(name: str, n: int, seed: int = BUILTIN_SEED) -> list[dict]:
 
     rng = random.Random(f"{name}:{seed}")
     if name == "arithmetic":  # "question" is what a chat model is asked, as a user turn
-        return [{"prompt": f"Question: {p.question}\nAnswer:", "question": p.question, "answer": p.answer}
-                for p in arithmetic_problems(n, seed, split="test")]
+        return [{"prompt": f"Question: {p.question}\nAnswer:", "question": p.question, "answer": p.answer,
+                 "group": p.question.split()[3]} for p in arithmetic_problems(n, seed, split="test")]
     if name == "story-questions":
-        from mmctl.data.synthetic import story_questions
+        from mmctl.data.synthetic import QUESTIONS, story_questions
 
-        return [{"prompt": f"{story}\nQuestion: {q}\nAnswer:", "question": f"{story}\n\nQuestion: {q}", "answer": a}
+        return [{"prompt": f"{story}\nQuestion: {q}\nAnswer:", "question": f"{story}\n\nQuestion: {q}", "answer": a,
+                 "group": next(key for template, key in QUESTIONS if q.startswith(template.partition("{")[0]))}
                 for story, q, a in story_questions(n, seed)]
     if name == "arithmetic-mc":
         items = []

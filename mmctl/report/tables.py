@@ -84,10 +84,11 @@ def _headline(stage: str, m: dict) -> str:
 
 
 def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
-    """Every finished eval run's scores merged: {columns: [task], rows: [{checkpoint, label, stage, cells: {task:
-    (value, stderr, metric)}, samples}]}, the checkpoints in curriculum order (base → sft → rl → quantized)."""
+    """Every finished eval run's scores merged: {columns: [task], chance: {task: chance}, rows: [{checkpoint,
+    label, stage, cells: {task: (value, stderr, metric)}, groups: {task: {group: value}}, samples}]}, the
+    checkpoints in curriculum order (base → sft → rl → quantized)."""
     made_by = {run.path.resolve(): run.stage for run in runs}
-    rows, columns = {}, []
+    rows, columns, chance = {}, [], {}
     for run in runs:
         if run.stage != "eval" or run.status != "finished":
             continue
@@ -98,6 +99,7 @@ def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
                 continue
             row = rows.setdefault(checkpoint, {"checkpoint": checkpoint, "label": _label(checkpoint),
                                                "stage": _stage_of(checkpoint, run.path, made_by), "cells": {},
+                                               "groups": {},
                                                "samples": _relative(samples, relative_to) if samples.is_file()
                                                else None})
             tasks = scored.get("tasks") if isinstance(scored, dict) else None
@@ -107,11 +109,16 @@ def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
                 if metric is None or task in row["cells"]:  # a checkpoint two evals scored: the first run's cell
                     continue
                 row["cells"][task] = (result[metric], result.get(f"{metric}_stderr"), metric)
+                groups = result.get("groups")
+                if isinstance(groups, dict):
+                    row["groups"][task] = {str(g): v.get(metric) for g, v in groups.items() if isinstance(v, dict)}
+                if isinstance(result.get("chance"), int | float):
+                    chance.setdefault(task, result["chance"])
                 if task not in columns:
                     columns.append(task)
     order = {stage: i for i, stage in enumerate(CURRICULUM)}
     ordered = sorted(rows.values(), key=lambda r: order.get(r["stage"], len(order)))
-    return {"columns": columns, "rows": ordered}
+    return {"columns": columns, "chance": chance, "rows": ordered}
 
 
 def _label(checkpoint: str) -> str:

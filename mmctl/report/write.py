@@ -45,11 +45,14 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
     if table["rows"]:
         lines += ["", "## Evaluation, side by side", "",
                   "Each cell: the task's headline metric (exact match, multiple-choice accuracy, or bits per byte "
-                  "for perplexity tasks — lower is better) ± its standard error.", "",
-                  "| checkpoint | stage | " + " | ".join(table["columns"]) + " | samples |",
-                  "|---|---|" + "---|" * len(table["columns"]) + "---|"]
+                  "for perplexity tasks — lower is better) ± its standard error; a guess's score beside a "
+                  "multiple-choice task's name, and a generation task's score per group of items (arithmetic: "
+                  "per operation) in the column after it.", "",
+                  "| checkpoint | stage | " + " | ".join(_headers(table)) + " | samples |",
+                  "|---|---|" + "---|" * len(_headers(table)) + "---|"]
         for row in table["rows"]:
-            cells = [_score(row["cells"].get(task)) for task in table["columns"]]
+            cells = [c for task in table["columns"] for c in [_score(row["cells"].get(task))]
+                     + ([_groups(row["groups"].get(task), _grouped(table)[task])] if task in _grouped(table) else [])]
             link = f"[samples]({row['samples']})" if row["samples"] else ""
             lines.append(f"| {row['label']} | {row['stage']} | " + " | ".join(cells) + f" | {link} |")
     for run, e in data["vision"].items():
@@ -127,6 +130,28 @@ def _duration(seconds) -> str:
     if seconds is None:
         return ""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _grouped(table: dict) -> dict[str, list[str]]:
+    """The tasks some checkpoint has per-group scores for, and their groups (sorted)."""
+    groups = {t: sorted({g for row in table["rows"] for g in row["groups"].get(t) or {}}) for t in table["columns"]}
+    return {t: names for t, names in groups.items() if names}
+
+
+def _headers(table: dict) -> list[str]:
+    """Each task's column (with a guess's score, when it has one), and its per-group column if it has one."""
+    headers = []
+    for task in table["columns"]:
+        chance = table["chance"].get(task)
+        headers.append(task + (f" (chance {chance:.2f})" if chance is not None else ""))
+        if task in _grouped(table):
+            headers.append(f"{task}: {' / '.join(_grouped(table)[task])}")
+    return headers
+
+
+def _groups(scores: dict | None, names: list[str]) -> str:
+    """Per-group scores in the header's order: "0.61 / 0.47 / 0.29" (— where a checkpoint has none)."""
+    return " / ".join(number(scores.get(g), ".2f") for g in names) if scores else ""
 
 
 def _score(cell, stderr: bool = True) -> str:

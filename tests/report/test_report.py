@@ -55,8 +55,9 @@ def out(tmp_path):
             {"rows": [{"name": "unquantized", "method": "none", "bytes": 4 * 2**20, "bits": 32, "perplexity": 2.0},
                       {"name": "rtn-8bit", "method": "rtn", "bytes": 2**20, "bits": 8.1, "perplexity": 2.02}]}, [])
     run_dir(root, "eval", "eval", {"checkpoints": {
-        "out/quantize/rtn-8bit": {"tasks": {"arithmetic-mc": {"acc": 0.3, "acc_stderr": 0.05}}},
-        "out/rl-grpo/model": {"tasks": {"arithmetic": {"exact_match": 0.2, "exact_match_stderr": 0.01}}},
+        "out/quantize/rtn-8bit": {"tasks": {"arithmetic-mc": {"acc": 0.3, "acc_stderr": 0.05, "chance": 0.25}}},
+        "out/rl-grpo/model": {"tasks": {"arithmetic": {"exact_match": 0.2, "exact_match_stderr": 0.01, "groups": {
+            "+": {"exact_match": 0.3, "n": 5}, "*": {"exact_match": 0.1, "n": 5}}}}},
         "out/pretrain/model": {"tasks": {"arithmetic": {"exact_match": 0.05, "exact_match_stderr": 0.01},
                                          "stories-ppl": {"bits_per_byte": 0.19}}}}}, [])
     (root / "eval" / "samples.jsonl").write_text("{}\n")
@@ -101,6 +102,8 @@ def test_the_eval_table_runs_base_then_rl_then_quantized(out, monkeypatch):
     assert table["columns"] == ["arithmetic-mc", "arithmetic", "stories-ppl"]
     assert table["rows"][0]["cells"]["arithmetic"] == (0.05, 0.01, "exact_match")
     assert table["rows"][0]["samples"] == "../out/eval/samples.jsonl"
+    assert table["rows"][1]["groups"] == {"arithmetic": {"+": 0.3, "*": 0.1}} and table["chance"] == {
+        "arithmetic-mc": 0.25}
 
 
 def test_floors_pass_fail_and_name_what_is_missing(out, tmp_path):
@@ -138,6 +141,9 @@ def test_the_command_writes_the_report_and_fails_on_a_missed_floor(out, tmp_path
     assert "| sft | " in text and "unfinished" in text and "| tokenize | | not run |" in text
     assert "![Training and validation loss against tokens](loss.png)" in text
     assert "| count | 0.50 | 0.34 | 0.33 |" in text and "cell shape 0.97, count 0.99" in text
+    assert "| checkpoint | stage | arithmetic-mc (chance 0.25) | arithmetic | arithmetic: * / + | stories-ppl |" in text
+    assert "| rl-grpo | rl |  | 0.200 ± 0.010 | 0.10 / 0.30 |  |" in text  # (no per-group scores: an empty cell)
+    assert "| pretrain | pretrain |  | 0.050 ± 0.010 |  | 0.190 |" in text
     result = mmctl("report", str(out), "--out", str(tmp_path / "r2"), "--no-attention", "--floors", str(bad))
     assert result.returncode == 3
     assert "floor missed: pretrain final.val_loss = 1.25, floor ≤ 1.0 (far under unigram)" in result.stderr

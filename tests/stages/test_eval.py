@@ -102,3 +102,23 @@ def test_samples_per_item_give_pass_and_majority_from_the_recorded_answers(check
     assert metrics["pass@1"] == pytest.approx(sum(map(sum, right)) / 128) and metrics["pass@1"] > 0
     assert metrics["pass@8"] == pytest.approx(sum(map(any, right)) / 16)
     assert metrics["pass@8"] > metrics["pass@1"]
+
+
+def test_items_with_a_group_are_scored_per_group_too(checkpoint, tmp_path):
+    """Exact match per `group` (the built-in arithmetic's operation; any JSONL item's optional field) is the
+    mean over that group's recorded answers."""
+    items = tmp_path / "letters.jsonl"
+    items.write_text("".join(json.dumps({"prompt": f"Say {c}:", "answer": c, "group": "vowel" if c in "aeiou" else
+                                         "consonant"}) + "\n" for c in "etaoinshrdlucmfw"))
+    task = {"kind": "generation", "data": str(items), "extract": "regex:([a-z])", "max_new_tokens": 6}
+    data = {"run": {"out": str(tmp_path / "g"), "device": "cpu"}, "checkpoints": [str(checkpoint)],
+            "tasks": [task, {"builtin": "arithmetic", "items": 6, "max_new_tokens": 3}], "eval": {"batch_size": 8}}
+    result = stage.run(recipe.build(stage.EvalRecipe, data, recipe.Source("r", {}, set())))
+    tasks = result.results["checkpoints"][str(checkpoint)]["tasks"]
+    records = [json.loads(line) for line in (tmp_path / "g" / "samples.jsonl").read_text().splitlines()]
+    for group in ("vowel", "consonant"):
+        mine = [r["exact_match"] for r in records if r.get("group") == group]
+        assert tasks["letters"]["groups"][group]["n"] == len(mine) == (5 if group == "vowel" else 11)
+        assert tasks["letters"]["groups"][group]["exact_match"] == pytest.approx(sum(mine) / len(mine))
+    assert set(tasks["arithmetic"]["groups"]) <= {"+", "-", "*"}
+    assert sum(g["n"] for g in tasks["arithmetic"]["groups"].values()) == 6
