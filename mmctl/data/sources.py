@@ -29,7 +29,7 @@ FILE_KINDS = ("text", "jsonl", "parquet", "datasets")
 class TextSource(Source):
     kind: Literal["text", "jsonl", "parquet", "datasets", "pydoc", "stories", "story-questions", "arithmetic"] = option(
         None, "text | jsonl | parquet | datasets | pydoc (Python's reference text) | stories | story-questions (a "
-              "story, a question about it and its answer) | arithmetic", required=True)
+              "story, then each question about it and its answer) | arithmetic", required=True)
     path: str | None = option(None, "file, glob or directory (text, jsonl, parquet); a save_to_disk directory or "
                                     "hf:org/name (datasets)")
     field: str = option("text", "the jsonl field, parquet column or datasets column that holds the text")
@@ -64,10 +64,10 @@ def _read(source: TextSource, seed: int) -> Iterator[str]:
 
         yield from stories(source.documents, seed)
     elif source.kind == "story-questions":
-        from mmctl.data.synthetic import story_questions
+        from mmctl.data.synthetic import story_quiz
 
-        yield from (f"{story}\nQuestion: {question}\nAnswer: {answer}"
-                    for story, question, answer in story_questions(source.documents, seed))
+        for story, quiz in story_quiz(source.documents, seed):
+            yield story + "".join(f"\nQuestion: {question}\nAnswer: {answer}" for question, answer in quiz)
     elif source.kind == "arithmetic":
         from mmctl.data.synthetic import arithmetic
 

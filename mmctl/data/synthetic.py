@@ -86,6 +86,16 @@ QUESTIONS = [  # (question about the hero, the fact that answers it)
 ]
 
 
+def story_quiz(n: int, seed: int) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """`n` (story, [(question, answer)] — every question of QUESTIONS, in a seeded order) pairs about fresh
+    stories: dense supervision, four answers read off each story rather than one."""
+    rng = random.Random(f"story-quiz:{seed}")
+    for _ in range(n):
+        story, facts = _story_and_facts(rng)
+        asked = rng.sample(QUESTIONS, len(QUESTIONS))
+        yield story, [(question.format(hero=facts["hero"]), facts[key]) for question, key in asked]
+
+
 def story_questions(n: int, seed: int) -> Iterator[tuple[str, str, str]]:
     """`n` (story, question, one-word answer) triples about fresh stories: who helped, what was found, where,
     which animal — answers read off the story, so they are exact."""

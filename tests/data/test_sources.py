@@ -63,6 +63,19 @@ def test_builtin_sources_are_deterministic():
     assert len(documents(TextSource(kind="pydoc", documents=3), 0)) == 3
 
 
+def test_story_questions_are_a_story_then_its_questions_and_answers_read_off_it():
+    """In eval's plain story-questions format, the answers after each question (TinyStories-Instruct's idea:
+    questions inside the pretraining text); all four questions per story, fresh stories in every seed."""
+    docs = documents(TextSource(kind="story-questions", documents=40), 0)
+    assert len(docs) == 40 and docs != documents(TextSource(kind="story-questions", documents=40), 1)
+    for doc in docs:
+        story, *lines = doc.split("\n")
+        questions, answers = lines[0::2], lines[1::2]
+        assert len(questions) == len(answers) == 4 and len({q.split()[2] for q in questions}) == 4
+        assert all(q.startswith("Question: ") and q.endswith("?") for q in questions)
+        assert all(a.startswith("Answer: ") and a.removeprefix("Answer: ") in story for a in answers)
+
+
 @pytest.mark.parametrize("make, fragment", [
     (lambda p: TextSource(kind="text", path=str(p / "missing.txt")), "missing.txt: no such file"),
     (lambda p: TextSource(kind="text", path=str(p / "*.md")), "the glob matched nothing"),
