@@ -50,9 +50,13 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
                   "per operation) in the column after it.", "",
                   "| checkpoint | stage | " + " | ".join(_headers(table)) + " | samples |",
                   "|---|---|" + "---|" * len(_headers(table)) + "---|"]
+        grouped = _grouped(table)
         for row in table["rows"]:
-            cells = [c for task in table["columns"] for c in [_score(row["cells"].get(task))]
-                     + ([_groups(row["groups"].get(task), _grouped(table)[task])] if task in _grouped(table) else [])]
+            cells = []
+            for task in table["columns"]:
+                cells.append(_score(row["cells"].get(task)))
+                if task in grouped:
+                    cells.append(_groups(row["groups"].get(task), grouped[task]))
             link = f"[samples]({row['samples']})" if row["samples"] else ""
             lines.append(f"| {row['label']} | {row['stage']} | " + " | ".join(cells) + f" | {link} |")
     for run, e in data["vision"].items():
@@ -140,12 +144,12 @@ def _grouped(table: dict) -> dict[str, list[str]]:
 
 def _headers(table: dict) -> list[str]:
     """Each task's column (with a guess's score, when it has one), and its per-group column if it has one."""
-    headers = []
+    headers, grouped = [], _grouped(table)
     for task in table["columns"]:
         chance = table["chance"].get(task)
         headers.append(task + (f" (chance {chance:.2f})" if chance is not None else ""))
-        if task in _grouped(table):
-            headers.append(f"{task}: {' / '.join(_grouped(table)[task])}")
+        if task in grouped:
+            headers.append(f"{task}: {' / '.join(grouped[task])}")
     return headers
 
 
