@@ -272,9 +272,8 @@ def _stage_command(name: str, help: str, *, device: bool = True, training: bool 
         _run_stage(name, str(recipe_path), [*overrides, *set_], dry_run, force=force, json=as_json, **options)
 
     params = list(inspect.signature(command, eval_str=True).parameters.values())
-    shown = {"fresh", "force_resume"} if training else {"fresh"} if resumes else set()
-    keep = [p for p in params if p.kind is not p.VAR_KEYWORD and (p.name in shown or p.name not in ("fresh",
-                                                                                                   "force_resume"))]
+    hidden = set() if training else {"force_resume"} if resumes else {"fresh", "force_resume"}
+    keep = [p for p in params if p.kind is not p.VAR_KEYWORD and p.name not in hidden]
     if body is not None:
         keep += [p for p in inspect.signature(body, eval_str=True).parameters.values()][3:]
     command.__signature__ = inspect.Signature(keep)

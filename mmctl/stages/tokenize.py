@@ -180,20 +180,18 @@ def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, work: Work) -> dict:
     out, saved = work.dir / "shards", work.progress
     stats = {split: {"documents": 0, "tokens": 0, "bytes": 0} for split in SPLITS}
     seen = np.zeros(tok.vocab_size, dtype=bool)
-    position = 0  # documents of the mixture already in the shards
-    if saved["splits"]:
-        try:
-            writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens,
-                                          saved["splits"][split]["writer"]) for split in SPLITS}
-        except DataError as e:
-            raise DataError(f"{e.problems[0]} (the unfinished run in {work.dir} cannot continue: --fresh "
-                            "starts over)") from None
+    resumed = saved["splits"] is not None
+    try:
+        writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens,
+                                      saved["splits"][split]["writer"] if resumed else None) for split in SPLITS}
+    except DataError as e:
+        raise DataError(f"{e.problems[0]} (the unfinished run in {work.dir} cannot continue: --fresh starts "
+                        "over)") from None
+    position = saved["documents"]  # documents of the mixture already in the shards
+    if resumed:
         stats = {split: saved["splits"][split]["stats"] for split in SPLITS}
         seen = np.unpackbits(np.frombuffer(base64.b64decode(saved["seen"]), dtype=np.uint8))[:tok.vocab_size] > 0
-        position = saved["documents"]
         console.print(f"resuming: {position:,} documents already encoded in {work.dir} (--fresh starts over)")
-    else:
-        writers = {split: ShardWriter(out, split, tok.vocab_size, cfg.shards.shard_tokens) for split in SPLITS}
     processes = workers.count(cfg.shards.workers)
     shards_done, bytes_before = sum(len(w.entries) for w in writers.values()), sum(s["bytes"] for s in stats.values())
     start = time.perf_counter()
@@ -226,7 +224,7 @@ def encode(cfg: TokenizeRecipe, tok: bpe.Tokenizer, work: Work) -> dict:
         "vocab_coverage": float(seen.sum()) / max(tok.vocab_size - special, 1),
         "encode_mb_per_s": (sum(s["bytes"] for s in stats.values()) - bytes_before) / 1e6 / max(seconds, 1e-9),
         "encode_workers": processes,
-        "resumed_at_document": saved["documents"] if saved["splits"] else None,
+        "resumed_at_document": saved["documents"] if resumed else None,
     }
 
 

@@ -77,8 +77,8 @@ class ShardWriter:
             if not path.is_file() or path.stat().st_size != HEADER.size + entry["tokens"] * self.dtype.itemsize:
                 raise DataError(f"{path}: missing or not the size the resume state records")
         tmp, n = self._tmp(), len(self.entries)
-        if self._tokens and not tmp.exists() and (self.directory / f"{self.split}-{n:05d}.bin").exists():
-            os.replace(self.directory / f"{self.split}-{n:05d}.bin", tmp)  # it was finished after the state
+        if self._tokens and not tmp.exists() and (self.directory / self._name(n)).exists():
+            os.replace(self.directory / self._name(n), tmp)  # it was finished after the state
         for path in self.directory.iterdir():
             later = re.fullmatch(rf"\.?{self.split}-(\d+)\.bin(\.tmp)?", path.name)
             if later and int(later[1]) >= n and path != tmp:
@@ -109,11 +109,14 @@ class ShardWriter:
             self._flush()
         return self.entries
 
+    def _name(self, index: int) -> str:
+        return f"{self.split}-{index:05d}.bin"
+
     def _tmp(self) -> Path:
-        return self.directory / f".{self.split}-{len(self.entries):05d}.bin.tmp"
+        return self.directory / f".{self._name(len(self.entries))}.tmp"
 
     def _flush(self) -> None:
-        name = f"{self.split}-{len(self.entries):05d}.bin"
+        name = self._name(len(self.entries))
         f, tmp = self._file, self._tmp()
         f.seek(0)
         f.write(HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self._tokens, self.vocab_size, self._docs))
