@@ -41,7 +41,8 @@ def score(model, tok, task, options: ScoringConfig, seed: int, stats: dict, chat
         items = [item["text"] for item in items]
     extra = {"chat": chat} if kind != "perplexity" else {}
     if kind == "generation":
-        extra |= {"samples": options.samples, "temperature": options.temperature}
+        extra |= {"samples": options.samples if task.samples is None else task.samples,
+                  "temperature": options.temperature}
     return module.evaluate(model, tok, task, items, batch_size=options.batch_size, seed=seed, stats=stats,
                            **extra)
 

@@ -57,8 +57,12 @@ class TaskConfig:
                                          "(the first group, or the whole match); unset: last_number (the first word "
                                          "for story-questions)")
     items: int = option(500, "built-in tasks: how many items to generate", ge=1, le=100_000)
+    samples: int | None = option(None, "generation: answers sampled per item beside the greedy one, scored as "
+                                       "pass@k and maj@k; unset: eval.samples", ge=0, le=1024)
 
     def check(self) -> list[tuple[str, str]]:
+        if self.samples and self.task_kind not in (None, "generation"):
+            return [("samples", f"only a generation task samples answers (this one is {self.task_kind})")]
         if self.builtin:
             return [("data", "a built-in task takes no data")] if self.data else []
         if not self.kind:

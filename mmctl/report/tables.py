@@ -85,8 +85,8 @@ def _headline(stage: str, m: dict) -> str:
 
 def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
     """Every finished eval run's scores merged: {columns: [task], chance: {task: chance}, rows: [{checkpoint,
-    label, stage, cells: {task: (value, stderr, metric)}, groups: {task: {group: value}}, samples}]}, the
-    checkpoints in curriculum order (base → sft → rl → quantized)."""
+    label, stage, cells: {task: (value, stderr, metric)}, groups: {task: {group: value}}, sampled: {task: {"pass@k":
+    value}}, samples}]}, the checkpoints in curriculum order (base → sft → rl → quantized)."""
     made_by = {run.path.resolve(): run.stage for run in runs}
     rows, columns, chance = {}, [], {}
     for run in runs:
@@ -99,14 +99,19 @@ def eval_table(runs: list[StageRun], relative_to: Path | None = None) -> dict:
                 continue
             row = rows.setdefault(checkpoint, {"checkpoint": checkpoint, "label": _label(checkpoint),
                                                "stage": _stage_of(checkpoint, run.path, made_by), "cells": {},
-                                               "groups": {},
+                                               "groups": {}, "sampled": {},
                                                "samples": _relative(samples, relative_to) if samples.is_file()
                                                else None})
             tasks = scored.get("tasks") if isinstance(scored, dict) else None
             for task, result in (tasks if isinstance(tasks, dict) else {}).items():
                 metric = next((m for m in ("exact_match", "acc", "accuracy", "bits_per_byte")
                                if isinstance(result, dict) and m in result), None)
-                if metric is None or task in row["cells"]:  # a checkpoint two evals scored: the first run's cell
+                if metric is None:
+                    continue
+                passes = {m: v for m, v in result.items() if m.startswith("pass@") and not m.endswith("_stderr")}
+                if passes and task not in row["sampled"]:  # answers sampled beside the greedy one (eval.samples)
+                    row["sampled"][task] = passes
+                if task in row["cells"]:  # a checkpoint two evals scored: the first run's cell
                     continue
                 row["cells"][task] = (result[metric], result.get(f"{metric}_stderr"), metric)
                 groups = result.get("groups")

@@ -47,16 +47,19 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
                   "Each cell: the task's headline metric (exact match, multiple-choice accuracy, or bits per byte "
                   "for perplexity tasks — lower is better) ± its standard error; a guess's score beside a "
                   "multiple-choice task's name, and a generation task's score per group of items (arithmetic: "
-                  "per operation) in the column after it.", "",
+                  "per operation) in the column after it — then, where answers were sampled (`eval.samples`), "
+                  "pass@1 and pass@N: the chance that one sampled answer, or any of N, is right.", "",
                   "| checkpoint | stage | " + " | ".join(_headers(table)) + " | samples |",
                   "|---|---|" + "---|" * len(_headers(table)) + "---|"]
-        grouped = _grouped(table)
+        grouped, sampled = _grouped(table), _sampled(table)
         for row in table["rows"]:
             cells = []
             for task in table["columns"]:
                 cells.append(_score(row["cells"].get(task)))
                 if task in grouped:
                     cells.append(_groups(row["groups"].get(task), grouped[task]))
+                if task in sampled:
+                    cells.append(_groups(row["sampled"].get(task), sampled[task]))
             link = f"[samples]({row['samples']})" if row["samples"] else ""
             lines.append(f"| {row['label']} | {row['stage']} | " + " | ".join(cells) + f" | {link} |")
     for run, e in data["vision"].items():
@@ -142,19 +145,32 @@ def _grouped(table: dict) -> dict[str, list[str]]:
     return {t: names for t, names in groups.items() if names}
 
 
+def _sampled(table: dict) -> dict[str, list[str]]:
+    """The tasks some checkpoint has sampled answers for, and the pass@k shown: pass@1 and the largest k."""
+    out = {}
+    for task in table["columns"]:
+        ks = {int(m.removeprefix("pass@")) for row in table["rows"] for m in row["sampled"].get(task) or {}}
+        if ks:
+            out[task] = [f"pass@{k}" for k in sorted({min(ks), max(ks)})]
+    return out
+
+
 def _headers(table: dict) -> list[str]:
-    """Each task's column (with a guess's score, when it has one), and its per-group column if it has one."""
-    headers, grouped = [], _grouped(table)
+    """Each task's column (with a guess's score, when it has one), and its per-group and pass@k columns if it has
+    them."""
+    headers, grouped, sampled = [], _grouped(table), _sampled(table)
     for task in table["columns"]:
         chance = table["chance"].get(task)
         headers.append(task + (f" (chance {chance:.2f})" if chance is not None else ""))
         if task in grouped:
             headers.append(f"{task}: {' / '.join(grouped[task])}")
+        if task in sampled:
+            headers.append(f"{task} sampled: {' / '.join(sampled[task])}")
     return headers
 
 
 def _groups(scores: dict | None, names: list[str]) -> str:
-    """Per-group scores in the header's order: "0.61 / 0.47 / 0.29" (— where a checkpoint has none)."""
+    """Scores in the header's order: "0.61 / 0.47 / 0.29" (empty where a checkpoint has none)."""
     return " / ".join(number(scores.get(g), ".2f") for g in names) if scores else ""
 
 

@@ -61,6 +61,10 @@ def out(tmp_path):
         "out/pretrain/model": {"tasks": {"arithmetic": {"exact_match": 0.05, "exact_match_stderr": 0.01},
                                          "stories-ppl": {"bits_per_byte": 0.19}}}}}, [])
     (root / "eval" / "samples.jsonl").write_text("{}\n")
+    run_dir(root, "eval-rl", "eval", {"checkpoints": {  # the same items, with answers sampled too: pass@k joins the row
+        "out/rl-grpo/model": {"tasks": {"arithmetic": {"exact_match": 0.21, "exact_match_stderr": 0.01, "pass@1": 0.15,
+                                                       "pass@1_stderr": 0.02, "pass@2": 0.25, "pass@4": 0.35,
+                                                       "maj@4": 0.2}}}}}, [])
     (root / "notes").mkdir()  # not a run dir: ignored
     return root
 
@@ -80,7 +84,7 @@ def test_every_figures_data_comes_from_the_logs(out):
 
 def test_stages_are_shown_finished_unfinished_running_or_not_run(out):
     found = runs.find([out])
-    assert [r.name for r in found] == ["pretrain", "sft", "rl-grpo", "align-vision", "quantize", "eval"]
+    assert [r.name for r in found] == ["pretrain", "sft", "rl-grpo", "align-vision", "quantize", "eval", "eval-rl"]
     data = build(found)
     by_run = {Path(s["run"]).name: s for s in data["stages"]}
     assert by_run["sft"]["status"] == "unfinished" and by_run["sft"]["headline"] == "stopped at step 5 (loss 4.000)"
@@ -104,6 +108,8 @@ def test_the_eval_table_runs_base_then_rl_then_quantized(out, monkeypatch):
     assert table["rows"][0]["samples"] == "../out/eval/samples.jsonl"
     assert table["rows"][1]["groups"] == {"arithmetic": {"+": 0.3, "*": 0.1}} and table["chance"] == {
         "arithmetic-mc": 0.25}
+    assert table["rows"][1]["sampled"] == {"arithmetic": {"pass@1": 0.15, "pass@2": 0.25, "pass@4": 0.35}}
+    assert table["rows"][0]["sampled"] == {}
 
 
 def test_floors_pass_fail_and_name_what_is_missing(out, tmp_path):
@@ -141,9 +147,10 @@ def test_the_command_writes_the_report_and_fails_on_a_missed_floor(out, tmp_path
     assert "| sft | " in text and "unfinished" in text and "| tokenize | | not run |" in text
     assert "![Training and validation loss against tokens](loss.png)" in text
     assert "| count | 0.50 | 0.34 | 0.33 |" in text and "cell shape 0.97, count 0.99" in text
-    assert "| checkpoint | stage | arithmetic-mc (chance 0.25) | arithmetic | arithmetic: * / + | stories-ppl |" in text
-    assert "| rl-grpo | rl |  | 0.200 ± 0.010 | 0.10 / 0.30 |  |" in text  # (no per-group scores: an empty cell)
-    assert "| pretrain | pretrain |  | 0.050 ± 0.010 |  | 0.190 |" in text
+    assert ("| checkpoint | stage | arithmetic-mc (chance 0.25) | arithmetic | arithmetic: * / + | "
+            "arithmetic sampled: pass@1 / pass@4 | stories-ppl |") in text
+    assert "| rl-grpo | rl |  | 0.200 ± 0.010 | 0.10 / 0.30 | 0.15 / 0.35 |  |" in text
+    assert "| pretrain | pretrain |  | 0.050 ± 0.010 |  |  | 0.190 |" in text  # (none: empty cells)
     result = mmctl("report", str(out), "--out", str(tmp_path / "r2"), "--no-attention", "--floors", str(bad))
     assert result.returncode == 3
     assert "floor missed: pretrain final.val_loss = 1.25, floor ≤ 1.0 (far under unigram)" in result.stderr

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmctl import recipe  # noqa: E402
+from mmctl.errors import UsageError  # noqa: E402
 from mmctl.stages import eval as stage  # noqa: E402
 
 
@@ -102,6 +103,24 @@ def test_samples_per_item_give_pass_and_majority_from_the_recorded_answers(check
     assert metrics["pass@1"] == pytest.approx(sum(map(sum, right)) / 128) and metrics["pass@1"] > 0
     assert metrics["pass@8"] == pytest.approx(sum(map(any, right)) / 16)
     assert metrics["pass@8"] > metrics["pass@1"]
+
+
+def test_a_tasks_own_samples_override_the_runs(checkpoint, tmp_path):
+    """`samples` on a task samples that task alone (the tiny pipeline's pass@k on arithmetic only); 0 turns the
+    run's `eval.samples` off for it; a task that generates nothing cannot sample."""
+    tasks = [{"builtin": "arithmetic", "items": 4, "max_new_tokens": 3, "samples": 2},
+             {"builtin": "arithmetic", "name": "unset", "items": 4, "max_new_tokens": 3},
+             {"builtin": "arithmetic", "name": "greedy", "items": 4, "max_new_tokens": 3, "samples": 0}]
+    data = {"run": {"out": str(tmp_path / "o"), "device": "cpu"}, "checkpoints": [str(checkpoint)], "tasks": tasks,
+            "eval": {"batch_size": 8, "samples": 4}}
+    result = stage.run(recipe.build(stage.EvalRecipe, data, recipe.Source("r", {}, set())))
+    scored = result.results["checkpoints"][str(checkpoint)]["tasks"]
+    assert {m for m in scored["arithmetic"] if m.startswith("pass@")} == {"pass@1", "pass@2", "pass@1_stderr",
+                                                                           "pass@2_stderr"}
+    assert "pass@4" in scored["unset"] and not any(m.startswith("pass@") for m in scored["greedy"])
+    data["tasks"] = [{"builtin": "stories-ppl", "samples": 2}]
+    with pytest.raises(UsageError, match="only a generation task samples answers"):
+        recipe.build(stage.EvalRecipe, data, recipe.Source("r", {}, set()))
 
 
 def test_items_with_a_group_are_scored_per_group_too(checkpoint, tmp_path):
