@@ -57,9 +57,9 @@ def markdown(data: dict, figures: list[tuple[str, str]], notes: list[str], sourc
             for task in table["columns"]:
                 cells.append(_score(row["cells"].get(task)))
                 if task in grouped:
-                    cells.append(_groups(row["groups"].get(task), grouped[task]))
+                    cells.append(_in_order(row["groups"].get(task), grouped[task]))
                 if task in sampled:
-                    cells.append(_groups(row["sampled"].get(task), sampled[task]))
+                    cells.append(_in_order(row["sampled"].get(task), sampled[task]))
             link = f"[samples]({row['samples']})" if row["samples"] else ""
             lines.append(f"| {row['label']} | {row['stage']} | " + " | ".join(cells) + f" | {link} |")
     for run, e in data["vision"].items():
@@ -169,7 +169,7 @@ def _headers(table: dict) -> list[str]:
     return headers
 
 
-def _groups(scores: dict | None, names: list[str]) -> str:
+def _in_order(scores: dict | None, names: list[str]) -> str:
     """Scores in the header's order: "0.61 / 0.47 / 0.29" (empty where a checkpoint has none)."""
     return " / ".join(number(scores.get(g), ".2f") for g in names) if scores else ""
 
